@@ -1,0 +1,357 @@
+"""Pretraining benchmarks: figures measured side by side, printed as tables with ratios.
+
+    python benchmarks/bench_pretrain.py [--quick] [--reps N] [--only 1,2,...]
+
+1. Training throughput (tokens/s) of nblib's GPT against a textbook GPT written below (explicit
+   mask, manual softmax, ``repeat_interleave`` K/V, hand-written LayerNorm and GELU), same
+   weights, same batches, runs interleaved, for MHA and GQA.
+2. Greedy generation of 256 tokens: KV cache against full recomputation (same tokens checked).
+3. KV-cache bytes per token and per sequence, MHA vs GQA vs MQA, at context 256/1024/4096.
+4. Tokenising the 116-work Machado collection (``$NBLIB_MIRROR/machado``): batch vs one by one.
+5. With a CUDA GPU only: tokens/s, MFU and peak memory of the full-profile and gpt2-small
+   configs, fp16 and bf16, with and without ``torch.compile``.
+
+Sizes are the ``full`` training profile's (8 layers x 8 heads x 512) unless ``--quick``.
+Sections 1-2 run on the GPU when there is one (bf16 training where supported), else the CPU.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import statistics
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from nblib import config, train
+from nblib.model import GPT, GPTConfig, KVCache
+
+
+# ---------------------------------------------------------------------------------------------
+# the textbook baseline: same parameters and names as nblib.model.GPT, so it loads its weights
+
+
+class TextbookLayerNorm(nn.Module):
+    def __init__(self, d: int, bias: bool):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(d))
+        self.bias = nn.Parameter(torch.zeros(d)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mean = x.mean(-1, keepdim=True)
+        var = ((x - mean) ** 2).mean(-1, keepdim=True)
+        y = (x - mean) / torch.sqrt(var + 1e-5) * self.weight
+        return y + self.bias if self.bias is not None else y
+
+
+def textbook_gelu(x: torch.Tensor) -> torch.Tensor:
+    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
+
+
+class TextbookAttention(nn.Module):
+    def __init__(self, c: GPTConfig):
+        super().__init__()
+        self.c = c
+        self.c_attn = nn.Linear(c.d_model, (c.n_head + 2 * c.n_kv_head) * c.head_dim, bias=c.bias)
+        self.c_proj = nn.Linear(c.d_model, c.d_model, bias=c.bias)
+        self.register_buffer("mask", torch.tril(torch.ones(c.context_length, c.context_length)), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c, (B, T, C) = self.c, x.shape
+        q, k, v = self.c_attn(x).split([c.n_head * c.head_dim, c.n_kv_head * c.head_dim, c.n_kv_head * c.head_dim], 2)
+        q = q.view(B, T, c.n_head, c.head_dim).transpose(1, 2)
+        k = k.view(B, T, c.n_kv_head, c.head_dim).transpose(1, 2).repeat_interleave(c.n_head // c.n_kv_head, dim=1)
+        v = v.view(B, T, c.n_kv_head, c.head_dim).transpose(1, 2).repeat_interleave(c.n_head // c.n_kv_head, dim=1)
+        att = (q @ k.transpose(-2, -1)) / math.sqrt(c.head_dim)
+        att = att.masked_fill(self.mask[:T, :T] == 0, float("-inf"))
+        att = torch.exp(att - att.amax(dim=-1, keepdim=True))
+        att = att / att.sum(dim=-1, keepdim=True)
+        y = (att @ v).transpose(1, 2).contiguous().view(B, T, C)
+        return self.c_proj(y)
+
+
+class TextbookBlock(nn.Module):
+    def __init__(self, c: GPTConfig):
+        super().__init__()
+        self.ln_1, self.attn = TextbookLayerNorm(c.d_model, c.bias), TextbookAttention(c)
+        self.ln_2 = TextbookLayerNorm(c.d_model, c.bias)
+        self.mlp = nn.ModuleDict(dict(c_fc=nn.Linear(c.d_model, 4 * c.d_model, bias=c.bias),
+                                      c_proj=nn.Linear(4 * c.d_model, c.d_model, bias=c.bias)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp.c_proj(textbook_gelu(self.mlp.c_fc(self.ln_2(x))))
+
+
+class TextbookGPT(nn.Module):
+    """GPT-2 as a textbook writes it; no dropout (benchmarks run without), no KV cache."""
+
+    def __init__(self, c: GPTConfig):
+        super().__init__()
+        self.config = c
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(c.vocab_size, c.d_model), wpe=nn.Embedding(c.context_length, c.d_model),
+            h=nn.ModuleList(TextbookBlock(c) for _ in range(c.n_layer)), ln_f=TextbookLayerNorm(c.d_model, c.bias)))
+        self.lm_head = nn.Linear(c.d_model, c.vocab_size, bias=False)
+        self.lm_head.weight = self.transformer.wte.weight
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
+        pos = torch.arange(idx.size(1), device=idx.device)
+        x = self.transformer.wte(idx) + self.transformer.wpe(pos)
+        for block in self.transformer.h:
+            x = block(x)
+        logits = self.lm_head(self.transformer.ln_f(x))
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1)) if targets is not None else None
+        return logits, loss
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def table(rows: list[dict], title: str) -> None:
+    print(f"\n## {title}\n")
+    keys = list(rows[0])
+    widths = {k: max(len(k), *(len(str(r[k])) for r in rows)) for k in keys}
+    print(" | ".join(k.ljust(widths[k]) for k in keys))
+    print("-|-".join("-" * widths[k] for k in keys))
+    for r in rows:
+        print(" | ".join(str(r[k]).ljust(widths[k]) for k in keys))
+
+
+def bench_config(quick: bool, n_kv_head: int, context_length: int | None = None) -> GPTConfig:
+    cfg = train.settings("full")
+    sizes = dict(n_layer=2, n_head=4, d_model=128, context_length=128) if quick else {
+        k: cfg[k] for k in ("n_layer", "n_head", "d_model", "context_length")}
+    if context_length is not None:
+        sizes["context_length"] = context_length
+    return GPTConfig(n_kv_head=n_kv_head, dropout=0.0, **sizes)
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. training throughput vs the textbook model
+
+
+def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype) -> None:
+    with torch.autocast(x.device.type, dtype=dtype, enabled=dtype != torch.float32):
+        _, loss = model(x, y)
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def bench_training(quick: bool, reps: int, batch_size: int, device: torch.device) -> None:
+    # bf16 where the GPU has it (no grad scaler needed for a throughput measurement), else fp32
+    dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0) else torch.float32
+    rows = []
+    for n_kv_head, label in ((8 if not quick else 4, "MHA"), (2, "GQA")):
+        c = bench_config(quick, n_kv_head)
+        torch.manual_seed(0)
+        ours = GPT(c).to(device)
+        book = TextbookGPT(c).to(device)
+        book.load_state_dict(ours.state_dict())
+        x = torch.randint(0, c.vocab_size, (batch_size, c.context_length), generator=torch.Generator().manual_seed(1)).to(device)
+        y = torch.roll(x, -1, 1)
+        with torch.no_grad():
+            diff = (ours(x, y)[0] - book(x, y)[0]).abs().max().item()
+        opts = {m: torch.optim.AdamW(m.parameters(), lr=1e-4) for m in (ours, book)}
+        times: dict[nn.Module, list[float]] = {ours: [], book: []}
+        for rep in range(reps + 1):  # rep 0 warms up
+            for m in (ours, book) if rep % 2 == 0 else (book, ours):
+                sync(device)
+                t0 = time.perf_counter()
+                train_step(m, opts[m], x, y, dtype)
+                sync(device)
+                if rep:
+                    times[m].append(time.perf_counter() - t0)
+        tokens = batch_size * c.context_length
+        t_ours, t_book = statistics.median(times[ours]), statistics.median(times[book])
+        rows.append({"attention": f"{label} ({c.n_head}q/{c.n_kv_head}kv)", "tokens/step": tokens,
+                     "nblib tok/s": f"{tokens / t_ours:,.0f}", "textbook tok/s": f"{tokens / t_book:,.0f}",
+                     "speed-up": f"{t_book / t_ours:.2f}x", "max |logit diff|": f"{diff:.1e}"})
+    c = bench_config(quick, 2)
+    where = f"{torch.cuda.get_device_name(device)} {str(dtype).removeprefix('torch.')}" if device.type == "cuda" else "CPU fp32"
+    table(rows, f"1. Training throughput, {where}, {c.n_layer}x{c.d_model}, context {c.context_length}, batch "
+                f"{batch_size}, fwd+bwd+AdamW, median of {reps} interleaved steps")
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. generation with and without the KV cache
+
+
+def bench_generation(quick: bool, new_tokens: int, reps: int, device: torch.device) -> None:
+    prompt_len = 16
+    models = {}
+    for n_kv_head, label in ((8 if not quick else 4, "MHA"), (2, "GQA")):
+        c = bench_config(quick, n_kv_head, context_length=prompt_len + new_tokens)
+        torch.manual_seed(0)
+        models[f"{label} ({c.n_head}q/{c.n_kv_head}kv)"] = GPT(c).to(device).eval()
+    prompt = torch.randint(0, 50257, (1, prompt_len), generator=torch.Generator().manual_seed(2)).to(device)
+    runs = [(label, use_cache) for label in models for use_cache in (True, False)]
+    outs, times = {}, {run: [] for run in runs}
+    for model in models.values():
+        model.generate(prompt, 4, temperature=0)  # warm-up
+    for rep in range(reps):  # every (model, mode) once per repetition, order reversed every other one
+        for label, use_cache in runs if rep % 2 == 0 else runs[::-1]:
+            sync(device)
+            t0 = time.perf_counter()
+            outs[label, use_cache] = models[label].generate(prompt, new_tokens, temperature=0, use_cache=use_cache)
+            sync(device)
+            times[label, use_cache].append(time.perf_counter() - t0)
+    rows = []
+    for label in models:
+        t_cache, t_full = statistics.median(times[label, True]), statistics.median(times[label, False])
+        rows.append({"attention": label, "KV cache tok/s": f"{new_tokens / t_cache:,.1f}",
+                     "recompute tok/s": f"{new_tokens / t_full:,.1f}", "speed-up": f"{t_full / t_cache:.1f}x",
+                     "same tokens": bool(torch.equal(outs[label, True], outs[label, False]))})
+    c = next(iter(models.values())).config
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    table(rows, f"2. Greedy generation of {new_tokens} tokens after a {prompt_len}-token prompt, batch 1, {where} fp32, "
+                f"{c.n_layer}x{c.d_model}, median of {reps} interleaved runs")
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. KV-cache memory
+
+
+def bench_kv_cache(quick: bool) -> None:
+    rows = []
+    base = bench_config(quick, 1)
+    for n_kv_head, label in ((base.n_head, "MHA"), (2, "GQA"), (1, "MQA")):
+        row = {"attention": f"{label} ({base.n_head}q/{n_kv_head}kv)"}
+        for ctx in (256, 1024, 4096):
+            c = GPTConfig(n_layer=base.n_layer, n_head=base.n_head, n_kv_head=n_kv_head, d_model=base.d_model, context_length=ctx)
+            if ctx == 256:
+                row["bytes/token fp32"] = f"{c.kv_cache_bytes(1, 1, torch.float32):,}"
+                row["bytes/token fp16"] = f"{c.kv_cache_bytes(1, 1, torch.float16):,}"
+            allocated = KVCache(c, 1, ctx, torch.device("cpu"), torch.float16).nbytes
+            assert allocated == c.kv_cache_bytes(1, ctx, torch.float16)
+            row[f"ctx {ctx} fp16"] = f"{allocated / 2**20:.2f} MiB"
+        row["vs MHA"] = f"{n_kv_head / base.n_head:.3f}"
+        rows.append(row)
+    table(rows, f"3. KV cache per sequence (batch 1), {base.n_layer} layers, d_model {base.d_model}, head_dim "
+                f"{base.head_dim}; sizes measured on allocated caches")
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. tokenisation
+
+
+def bench_tokenisation() -> None:
+    from nblib import tokenizer
+
+    root = config.mirror()
+    if root is None or not (root / "machado").is_dir():
+        print("\n## 4. Tokenisation: skipped (set NBLIB_MIRROR to a folder with machado/)")
+        return
+    texts = [p.read_text(encoding="utf-8") for p in sorted((root / "machado").glob("*/*.txt"))]
+    enc = tokenizer.get_encoding()
+    enc.encode_ordinary(texts[0][:1000])
+    t0 = time.perf_counter()
+    batch = enc.encode_ordinary_batch(texts, num_threads=os.cpu_count() or 1)
+    t_batch = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    single = [enc.encode_ordinary(t) for t in texts]
+    t_single = time.perf_counter() - t0
+    assert batch == single
+    n = sum(map(len, batch))
+    table([{"works": len(texts), "MB": f"{sum(map(len, texts)) / 1e6:.1f}", "tokens": f"{n:,}",
+            "batch s": f"{t_batch:.2f}", "one-by-one s": f"{t_single:.2f}", "batch tok/s": f"{n / t_batch:,.0f}",
+            "speed-up": f"{t_single / t_batch:.2f}x"}],
+          f"4. Tokenising the Machado collection, {os.cpu_count()} CPU threads")
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. GPU throughput and MFU
+
+
+def scaled_step(model: nn.Module, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler, x: torch.Tensor,
+                y: torch.Tensor, dtype: torch.dtype) -> None:
+    """One mixed-precision training step, as nblib.train takes it (grad scaler active for fp16 only)."""
+    with torch.autocast("cuda", dtype=dtype):
+        _, loss = model(x, y)
+    scaler.scale(loss).backward()
+    scaler.step(opt)
+    scaler.update()
+    opt.zero_grad(set_to_none=True)
+
+
+def bench_gpu(steps: int) -> None:
+    if not torch.cuda.is_available():
+        print("\n## 5. GPU throughput and MFU: skipped (no CUDA device)")
+        return
+    device = torch.device("cuda")
+    capability = torch.cuda.get_device_capability(device)
+    peak = train.peak_flops(device)
+    rows = []
+    for label, cfg in (("full", train.settings("full")), ("gpt2-small", train.settings("full", preset="gpt2-small"))):
+        dtypes = [torch.float16] + ([torch.bfloat16] if capability >= (8, 0) else [])
+        for dtype in dtypes:
+            for compiled in (False, True) if capability >= (7, 0) else (False,):  # Triton needs sm70+
+                torch.manual_seed(0)
+                model = GPT(train.model_config({**cfg, "dropout": 0.0})).to(device)
+                opt = train.configure_optimizer(model, cfg, device)
+                scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
+                fwd = torch.compile(model) if compiled else model
+                B, T = cfg["batch_size"], cfg["context_length"]
+                x = torch.randint(0, 50257, (B, T), device=device)
+                y = torch.roll(x, -1, 1)
+
+                torch.cuda.reset_peak_memory_stats(device)
+                for _ in range(3):  # warm-up (and compilation)
+                    scaled_step(fwd, opt, scaler, x, y, dtype)
+                sync(device)
+                t0 = time.perf_counter()
+                for _ in range(steps):
+                    scaled_step(fwd, opt, scaler, x, y, dtype)
+                sync(device)
+                t = (time.perf_counter() - t0) / steps
+                tok_s = B * T / t
+                mfu = model.flops_per_token() * tok_s / peak if peak else None
+                rows.append({"config": label, "dtype": str(dtype).removeprefix("torch."), "compile": compiled,
+                             "batch x ctx": f"{B}x{T}", "tok/s": f"{tok_s:,.0f}",
+                             "MFU": f"{100 * mfu:.1f}%" if mfu is not None else "n/a",
+                             "peak mem": f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB"})
+                del model, opt, fwd
+                torch.cuda.empty_cache()
+    table(rows, f"5. GPU training throughput, {torch.cuda.get_device_name(device)}, mean of {steps} steps, "
+                f"MFU against {(peak or float('nan')) / 1e12:.0f} TFLOP/s dense half precision")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes (2x128), for a fast smoke check")
+    parser.add_argument("--reps", type=int, default=5, help="interleaved repetitions per training measurement")
+    parser.add_argument("--batch-size", type=int, help="training batch for section 1 (default 4 on CPU, the full profile's on a GPU)")
+    parser.add_argument("--new-tokens", type=int, default=256)
+    parser.add_argument("--gen-reps", type=int, default=2)
+    parser.add_argument("--gpu-steps", type=int, default=20)
+    parser.add_argument("--only", default="1,2,3,4,5", help="comma list of sections to run")
+    args = parser.parse_args()
+    only = {int(x) for x in args.only.split(",")}
+    info = config.machine_info()
+    print(f"# bench_pretrain — {info['cpu']} ({info['cpu_cores']} cores), GPU: {info['gpu'] or 'none'}, "
+          f"torch {info['torch']}, {torch.get_num_threads()} threads")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    batch_size = args.batch_size or (train.settings("full")["batch_size"] if device.type == "cuda" else 4)
+    sections = {
+        1: lambda: bench_training(args.quick, args.reps, batch_size, device),
+        2: lambda: bench_generation(args.quick, args.new_tokens, args.gen_reps, device),
+        3: lambda: bench_kv_cache(args.quick),
+        4: bench_tokenisation,
+        5: lambda: bench_gpu(args.gpu_steps),
+    }
+    for number in sorted(only):
+        sections[number]()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,168 @@
+"""nblib.chat: loading model folders (merged, adapter + base, and the clear errors), the scripted
+conversation and its transcript, the terminal CLI through a pseudo-terminal, notebook 07."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pexpect
+import pytest
+import torch
+from peft import get_peft_model
+from test_generate import chat_tokenizer, run_on_model, save_chat_model
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from nblib import chat, config, finetune
+from nblib.dialogue import ASSISTANT, USER
+from nblib.tokenizer import hf_tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+MERGED = "runs/finetune-lora-8bit/merged"
+
+
+@pytest.fixture
+def merged(home, mirror) -> Path:
+    """The run-on fixture model saved where 05_finetune_lora_8bit writes its merged model."""
+    return save_chat_model(home / MERGED, chat_tokenizer(), run_on_model())
+
+
+def smoke(**overrides) -> dict:
+    return config.settings("chat", "smoke", **overrides)
+
+
+def test_missing_model_names_the_notebook_that_makes_it(home):
+    with pytest.raises(FileNotFoundError, match=r"no model folder at runs/finetune-lora-8bit/merged\. Run notebooks/05_finetune"):
+        chat.load(MERGED)
+    (home / "empty").mkdir()
+    with pytest.raises(ValueError, match=r"neither config\.json .* nor adapter_config\.json"):
+        chat.load("empty")
+
+
+def test_model_without_role_tokens_is_refused(home, mirror):
+    tok = hf_tokenizer()
+    plain = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=32, n_embd=16, n_layer=1, n_head=2))
+    save_chat_model(home / "runs/pretrain-mha/hf", tok, plain)
+    with pytest.raises(ValueError, match=r"runs/pretrain-mha/hf: the tokenizer has no <\|user\|> token .*not a chat fine-tune"):
+        chat.load("runs/pretrain-mha/hf")
+
+
+def test_merged_model_loads_and_answers(merged):
+    model, tok = chat.load(MERGED, device="cpu")
+    assert not model.training and len(tok) == 50259
+    reply = chat.session(model, tok, smoke(temperature=0)).ask("What is two plus two?")
+    assert reply.text == "Two plus two is four."
+
+
+def test_adapter_beside_a_missing_merged_folder_is_loaded_on_its_base(home, mirror):
+    """A real peft adapter made with nblib.finetune's own pieces, saved the way its ``finish`` saves it."""
+    torch.manual_seed(0)
+    tok = hf_tokenizer()
+    base = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=32, n_embd=32, n_layer=2, n_head=2))
+    save_chat_model(home / "runs/pretrain-mha/hf", tok, base)
+    model = finetune.load_base("runs/pretrain-mha/hf", "32bit")
+    tok = finetune.load_tokenizer("runs/pretrain-mha/hf")
+    ids = finetune.add_special_tokens(model, tok)
+    cfg = {"lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "lora_targets": ["c_attn", "c_proj"]}
+    peft_model = get_peft_model(model, finetune.lora_config(cfg, model, ids))
+    with torch.no_grad():  # stand-in for training: move the LoRA factors and the marker rows off their init
+        for p in peft_model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.05)
+    peft_model.peft_config["default"].base_model_name_or_path = "runs/pretrain-mha/hf"
+    adapter = home / "runs/finetune-lora-8bit/adapter"
+    peft_model.save_pretrained(adapter, save_embedding_layers=False)
+    tok.save_pretrained(adapter)
+
+    loaded, loaded_tok = chat.load(MERGED, device="cpu")  # merged/ is absent: adapter/ + its base
+    x = torch.tensor([tok.encode(f"{USER} oi\n{ASSISTANT}")])
+    peft_model.eval()
+    with torch.no_grad():
+        assert torch.allclose(loaded(x).logits, peft_model(x).logits, atol=1e-5)
+    assert len(loaded_tok) == len(tok) and type(loaded).__name__ == "GPT2LMHeadModel"
+
+    for f in (home / "runs/pretrain-mha/hf").iterdir():
+        f.unlink()
+    (home / "runs/pretrain-mha/hf").rmdir()
+    with pytest.raises(FileNotFoundError, match=r"lora-8bit/adapter needs its base model 'runs/pretrain-mha/hf'"):
+        chat.load(MERGED)
+
+
+def test_scripted_conversation_and_transcript(merged, home, capsys):
+    cfg = smoke(temperature=0, max_new_tokens=24)
+    session = chat.session(*chat.load(MERGED, device="cpu"), cfg)
+    script = ["What is two plus two?", "And three?", "/reset", "/bogus", "<|user|>", "Name a color.", "/exit", "never asked"]
+    rows = chat.converse(session, script, echo=True)
+    out = capsys.readouterr().out
+    asked = [(r["conversation"], r["user"]) for r in rows]
+    assert asked == [(1, "What is two plus two?"), (1, "And three?"), (2, "Name a color.")]
+    assert "bot> Two plus two is four.\n" in out and "unknown command /bogus" in out and "(the message is empty" in out
+    assert "never asked" not in out
+    for r in rows:
+        assert USER not in r["assistant"] and ASSISTANT not in r["assistant"] and "<|" not in r["assistant"]
+        assert r["assistant"] in out  # what streamed is what was recorded
+    path = chat.write_transcript(rows, MERGED, cfg)
+    assert path == home / "reports" / "chat_transcript.md"
+    text = path.read_text(encoding="utf-8")
+    assert "## Conversation 2" in text and "**Assistant:** Two plus two is four." in text
+    assert "- model: `runs/finetune-lora-8bit/merged`" in text and str(home) not in text
+    assert all("<|" not in line for line in text.splitlines() if line.startswith("**Assistant:**"))
+
+
+def test_interact_falls_back_to_input_without_ipywidgets(merged, monkeypatch, capsys):
+    session = chat.session(*chat.load(MERGED, device="cpu"), smoke(temperature=0))
+    monkeypatch.setitem(sys.modules, "ipywidgets", None)  # as if it were not installed
+    lines = iter(["What is two plus two?", "/exit"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    assert chat.interact(session) is None
+    assert "bot> Two plus two is four." in capsys.readouterr().out
+
+
+def test_interact_chat_box_answers_and_closes(merged, capsys):
+    session = chat.session(*chat.load(MERGED, device="cpu"), smoke(temperature=0))
+    _, box = chat.interact(session).children
+    box.value = "What is two plus two?"  # what pressing Enter does
+    assert box.value == "" and [t["content"] for t in session.turns] == ["What is two plus two?", "Two plus two is four."]
+    box.value = "/exit"
+    assert box.disabled
+    assert "bot> Two plus two is four." in capsys.readouterr().out  # outside a kernel the Output widget passes prints through
+
+
+def test_cli_missing_model_exits_with_the_reason(home, capsys):
+    assert chat.main(["--model", "runs/nothing/merged", "--profile", "smoke"]) == 2
+    assert "no model folder at runs/nothing/merged" in capsys.readouterr().err
+
+
+def test_cli_two_turns_reset_and_exit_in_a_pty(merged, home):
+    env = {**os.environ, "NBLIB_HOME": str(home), "PYTHONUNBUFFERED": "1"}
+    cli = pexpect.spawn(sys.executable, ["-m", "nblib.chat", "--model", MERGED, "--profile", "smoke", "--temperature", "0"],
+                        env=env, cwd=str(REPO), encoding="utf-8", timeout=120)
+    cli.expect_exact("/reset to start a new conversation")
+    cli.expect_exact("you> ")
+    cli.sendline("What is two plus two?")
+    cli.expect_exact("bot> Two plus two is four.\r\n")
+    cli.expect_exact("you> ")
+    cli.sendline("Name a color.")
+    cli.expect(r"bot> ([^\r\n]+)\r\n")
+    second = cli.match.group(1)
+    assert second and "<|" not in second
+    cli.expect_exact("you> ")
+    cli.sendline("/reset")
+    cli.expect_exact("(conversation 2)")
+    cli.expect_exact("you> ")
+    cli.sendline("/exit")
+    cli.expect(pexpect.EOF)
+    cli.close()
+    assert cli.exitstatus == 0
+
+
+def test_notebook_07_writes_the_transcript(merged, home, tmp_path):
+    import papermill
+
+    out = tmp_path / "07.ipynb"
+    papermill.execute_notebook(str(REPO / "notebooks/07_chat_demo.ipynb"), str(out), kernel_name="python3",
+                               parameters={"profile": "smoke", "temperature": 0.0}, progress_bar=False,
+                               cwd=str(REPO / "notebooks"))
+    text = (home / "reports" / "chat_transcript.md").read_text(encoding="utf-8")
+    assert "**User:** What is photosynthesis?" in text and "## Conversation 2" in text
+    assert str(home) not in out.read_text(encoding="utf-8")  # no machine paths in the outputs

@@ -1,0 +1,177 @@
+"""config, files, tokenizer, sampling, tracking."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from nblib import config, files, sampling, tokenizer, tracking
+
+
+# --- config ---------------------------------------------------------------------------------
+
+def test_settings_merges_overrides_and_rejects_typos(tmp_path, monkeypatch):
+    (tmp_path / "demo.yaml").write_text("smoke:\n  steps: 10\n  lr: 0.1\nfull:\n  steps: 1000\n  lr: 0.01\n")
+    monkeypatch.setattr(config, "PROFILE_DIR", tmp_path)
+    cfg = config.settings("demo", "smoke", steps=3, lr=None)
+    assert cfg == {"steps": 3, "lr": 0.1, "profile": "smoke"}
+    assert config.settings("demo", "full")["steps"] == 1000
+    with pytest.raises(ValueError, match="unknown setting.*stpes.*valid: lr, steps"):
+        config.settings("demo", "smoke", stpes=3)
+    with pytest.raises(ValueError, match="no profile file for stage 'nope'"):
+        config.settings("nope", "smoke")
+    with pytest.raises(ValueError, match="unknown profile 'big'"):
+        config.resolve_profile("big")
+
+
+def test_auto_profile_is_smoke_without_gpu():
+    assert config.resolve_profile("auto") == ("full" if torch.cuda.is_available() else "smoke")
+
+
+def test_every_profile_file_has_smoke_and_full():
+    for path in config.PROFILE_DIR.glob("*.yaml"):
+        stage = path.stem
+        smoke, full = config.settings(stage, "smoke"), config.settings(stage, "full")
+        assert set(smoke) == set(full), f"{path.name}: smoke and full define different keys"
+
+
+def test_home_and_paths(tmp_path, monkeypatch):
+    monkeypatch.setenv("NBLIB_HOME", str(tmp_path))
+    p = config.paths()
+    assert p.home == tmp_path.resolve()
+    assert p.corpus == tmp_path.resolve() / "data" / "processed" / "corpus"
+    assert p.run("pretrain-mha") == tmp_path.resolve() / "runs" / "pretrain-mha"
+    monkeypatch.delenv("NBLIB_HOME")
+    assert config.home() == Path(config.__file__).resolve().parents[1]
+
+
+def test_mirror_unset_missing_and_present(tmp_path, monkeypatch):
+    monkeypatch.delenv("NBLIB_MIRROR", raising=False)
+    assert config.mirror() is None
+    monkeypatch.setenv("NBLIB_MIRROR", str(tmp_path / "nowhere"))
+    with pytest.raises(FileNotFoundError, match="NBLIB_MIRROR=.*is not a folder"):
+        config.mirror()
+    monkeypatch.setenv("NBLIB_MIRROR", str(tmp_path))
+    assert config.mirror() == tmp_path.resolve()
+
+
+def test_machine_info_names_the_cpu():
+    info = config.machine_info()
+    assert info["cpu"] and info["cpu_cores"] >= 1 and info["torch"] == torch.__version__
+
+
+def test_set_seed_repeats():
+    config.set_seed(7)
+    a = torch.rand(3)
+    config.set_seed(7)
+    assert torch.equal(a, torch.rand(3))
+
+
+# --- files ----------------------------------------------------------------------------------
+
+def test_atomic_write_leaves_no_temp_and_keeps_old_file_on_error(tmp_path):
+    target = tmp_path / "sub" / "a.json"
+    files.write_json(target, {"b": 1, "a": [1, 2]})
+    assert files.read_json(target) == {"a": [1, 2], "b": 1}
+    with pytest.raises(TypeError):
+        files.write_json(target, {"x": object()})
+    assert files.read_json(target) == {"a": [1, 2], "b": 1}
+    assert [p.name for p in target.parent.iterdir()] == ["a.json"]
+    assert target.stat().st_mode & 0o777 == 0o666 & ~files._umask()
+
+
+def test_jsonl_roundtrip_and_bad_line(tmp_path):
+    path = tmp_path / "r.jsonl"
+    files.write_jsonl(path, [{"a": "ç"}, {"b": 2}])
+    files.append_jsonl(path, {"c": 3})
+    assert files.read_jsonl(path) == [{"a": "ç"}, {"b": 2}, {"c": 3}]
+    path.write_text('{"a": 1}\n{oops\n')
+    with pytest.raises(ValueError, match=r"r.jsonl:2: not valid JSON"):
+        files.read_jsonl(path)
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(ValueError, match="bad.json: not valid JSON"):
+        files.read_json(tmp_path / "bad.json")
+
+
+def test_sha256_file(tmp_path):
+    (tmp_path / "x").write_bytes(b"abc")
+    assert files.sha256_file(tmp_path / "x") == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+
+
+# --- tokenizer ------------------------------------------------------------------------------
+
+def test_encoding_from_mirror(mirror):
+    enc = tokenizer.get_encoding()
+    assert enc.n_vocab == 50257 and enc.eot_token == tokenizer.EOT_ID == 50256
+    assert enc.encode("Hello world") == [15496, 995]  # GPT-2's well-known ids
+    assert enc.encode("<|endoftext|>", allowed_special="all") == [50256]
+
+
+def test_missing_and_corrupt_ranks_file_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="put gpt2.tiktoken there|Put gpt2.tiktoken there"):
+        tokenizer.load_ranks(tmp_path / "gpt2.tiktoken")
+    bad = tmp_path / "gpt2.tiktoken"
+    bad.write_text("SGVsbG8= 0\n")
+    with pytest.raises(ValueError, match="sha256 .* does not match"):
+        tokenizer.load_ranks(bad)
+
+
+def test_hf_tokenizer_gives_identical_ids(mirror):
+    enc = tokenizer.get_encoding()
+    hf = tokenizer.hf_tokenizer()
+    text = (mirror / "machado" / "romance" / "domCasmurro.txt").read_text(encoding="utf-8")[:60000]
+    text += "\r\n  don't 123 <|endoftext|> ç 😀\t"
+    assert hf(text)["input_ids"] == enc.encode(text, allowed_special="all")
+    assert len(hf) == 50257 and hf.eos_token_id == 50256
+    assert hf.decode(hf(text)["input_ids"]) == text
+
+
+def test_count_tokens_batches(mirror):
+    enc = tokenizer.get_encoding()
+    texts = ["Capitu tinha olhos de ressaca.", "Dom Casmurro"]
+    assert tokenizer.count_tokens(texts, enc) == sum(len(enc.encode(t)) for t in texts)
+
+
+# --- sampling -------------------------------------------------------------------------------
+
+def test_sampling_greedy_topk_topp_and_penalty():
+    logits = torch.tensor([[1.0, 3.0, 2.0, -1.0]])
+    assert sampling.sample_next(logits, temperature=0).item() == 1
+    g = torch.Generator().manual_seed(0)
+    draws = {sampling.sample_next(logits, top_k=2, generator=g).item() for _ in range(200)}
+    assert draws == {1, 2}
+    draws = {sampling.sample_next(logits, top_p=0.5, generator=g).item() for _ in range(100)}
+    assert draws == {1}
+    penalised = sampling.sample_next(logits, temperature=0, repetition_penalty=10.0, previous=torch.tensor([[1]]))
+    assert penalised.item() == 2
+    with pytest.raises(ValueError, match="temperature must be >= 0"):
+        sampling.sample_next(logits, temperature=-1)
+
+
+def test_sampling_is_seeded():
+    logits = torch.randn(4, 100)
+    a = sampling.sample_next(logits, generator=torch.Generator().manual_seed(3))
+    b = sampling.sample_next(logits, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(a, b) and a.shape == (4, 1)
+
+
+# --- tracking -------------------------------------------------------------------------------
+
+def test_wandb_offline_without_key_writes_run_files(tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert tracking.wandb_mode() == "offline"
+    run = tracking.init_wandb(tmp_path / "run", "t", {"lr": 0.1})
+    run.log({"loss": 1.5})
+    run.finish()
+    runs = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and any(runs[0].rglob("*.wandb"))
+    assert os.environ["WANDB_MODE"] == "offline"  # set for libraries that start W&B themselves
+    monkeypatch.delenv("WANDB_MODE")
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    assert tracking.wandb_mode() == "online"
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert tracking.wandb_mode() == "disabled"

@@ -1,0 +1,128 @@
+"""nblib.data: token files built once from the corpus, random windows read through a memmap."""
+from __future__ import annotations
+
+import os
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from nblib import clean, config, data, tokenizer
+
+SPLIT_CHARS = {"train": 150_000, "val": 20_000, "test": 20_000}
+
+
+def write_corpus(home: Path, mirror: Path, split_chars: dict[str, int] = SPLIT_CHARS) -> dict[str, list[str]]:
+    """Corpus split files in the clean stage's format, cut from real Machado works (hard-wrapped
+    lines are fine here: tokenisation does not care). Returns the documents of each split."""
+    works = sorted((mirror / "machado" / "romance").glob("*.txt"))
+    lines = [line.strip() for p in works[:3] for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+    docs: dict[str, list[str]] = {}
+    start = 0
+    for split, chars in split_chars.items():
+        docs[split], size = [], 0
+        while size < chars:  # documents of 3 "paragraphs" of 10 lines each
+            doc = clean.PARAGRAPH_SEP.join(" ".join(lines[i : i + 10]) for i in range(start, start + 30, 10))
+            docs[split].append(doc)
+            size += len(doc)
+            start += 30
+        corpus = config.paths(home).corpus
+        corpus.mkdir(parents=True, exist_ok=True)
+        (corpus / f"{split}.txt").write_text(clean.DOC_SEP.join(docs[split]) + "\n", encoding="utf-8")
+    return docs
+
+
+@pytest.fixture
+def corpus(home: Path, mirror: Path) -> dict[str, list[str]]:
+    return write_corpus(home, mirror)
+
+
+def test_token_files_hold_every_document_then_eot(home: Path, corpus: dict[str, list[str]]):
+    manifest = data.build_token_files()
+    enc = tokenizer.get_encoding()
+    assert manifest["reused"] is False and manifest["dtype"] == "uint16"
+    for split, docs in corpus.items():
+        ids = data.load_tokens(None, split)
+        assert isinstance(ids, np.memmap) and ids.dtype == np.uint16
+        expected = [t for doc in docs for t in enc.encode_ordinary(doc) + [tokenizer.EOT_ID]]
+        assert ids.tolist() == expected
+        assert manifest["splits"][split] == {
+            "tokens": len(expected), "documents": len(docs), "sha256": manifest["splits"][split]["sha256"],
+        }
+        assert enc.decode(ids.tolist()) == "".join(doc + tokenizer.EOT for doc in docs)
+
+
+def test_token_files_are_reused_until_the_corpus_changes(home: Path, corpus: dict[str, list[str]]):
+    first = data.build_token_files()
+    bin_path = config.paths().tokens / "train.bin"
+    stamp = bin_path.stat().st_mtime_ns
+    again = data.build_token_files()
+    assert again["reused"] is True and bin_path.stat().st_mtime_ns == stamp
+    assert {k: v for k, v in again.items() if k != "reused"} == {k: v for k, v in first.items() if k != "reused"}
+    val = config.paths().corpus / "val.txt"
+    val.write_text(val.read_text(encoding="utf-8") + clean.DOC_SEP + "Uma frase nova.\n", encoding="utf-8")
+    rebuilt = data.build_token_files()
+    assert rebuilt["reused"] is False
+    assert rebuilt["splits"]["val"]["documents"] == first["splits"]["val"]["documents"] + 1
+    bin_path.write_bytes(bin_path.read_bytes()[:-2])  # a truncated token file is rebuilt too
+    assert data.build_token_files()["reused"] is False
+    assert bin_path.stat().st_size == 2 * rebuilt["splits"]["train"]["tokens"]
+
+
+def test_missing_corpus_names_the_clean_stage(home: Path):
+    with pytest.raises(FileNotFoundError, match="02_clean"):
+        data.build_token_files()
+    with pytest.raises(FileNotFoundError, match="build_token_files"):
+        data.load_tokens(None, "train")
+    with pytest.raises(ValueError, match="unknown split"):
+        data.load_tokens(None, "dev")
+
+
+def test_batches_are_seeded_next_token_windows(home: Path, corpus: dict[str, list[str]]):
+    data.build_token_files()
+    ids = data.load_tokens(None, "train")
+    x, y = data.get_batch(ids, 6, 32, np.random.default_rng(0))
+    assert x.shape == y.shape == (6, 32) and x.dtype == y.dtype == torch.int64
+    assert torch.equal(x[:, 1:], y[:, :-1])
+    starts = np.random.default_rng(0).integers(0, len(ids) - 32, size=6)  # the windows get_batch drew
+    for s, row_x, row_y in zip(starts, x, y):
+        assert row_x.tolist() == ids[s : s + 32].tolist() and row_y.tolist() == ids[s + 1 : s + 33].tolist()
+    x2, _ = data.get_batch(ids, 6, 32, np.random.default_rng(0))
+    x3, _ = data.get_batch(ids, 6, 32, np.random.default_rng(1))
+    assert torch.equal(x, x2) and not torch.equal(x, x3)
+    with pytest.raises(ValueError, match="too short for context_length"):
+        data.get_batch(ids[:40], 2, 40, np.random.default_rng(0))
+
+
+def test_batch_memory_is_independent_of_the_corpus_size(tmp_path: Path):
+    """Sampling windows from a 16M-token memmap allocates only the batches (no materialised windows)."""
+    path = tmp_path / "big.bin"
+    n_tokens = 16_000_000
+    np.memmap(path, dtype=np.uint16, mode="w+", shape=(n_tokens,)).flush()
+    ids = np.memmap(path, dtype=np.uint16, mode="r")
+    rng = np.random.default_rng(0)
+    tracemalloc.start()
+    for _ in range(20):
+        data.get_batch(ids, 8, 256, rng)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 200_000, f"peak {peak} bytes for 8x257 windows of a {2 * n_tokens}-byte file"
+
+
+def test_real_collection_tokenises_in_one_batch(home: Path, mirror: Path):
+    """All 116 Machado works, one per document: every token accounted for."""
+    works = sorted((mirror / "machado").glob("*/*.txt"))
+    assert len(works) == 116
+    texts = [p.read_text(encoding="utf-8").strip() for p in works]
+    corpus = config.paths().corpus
+    corpus.mkdir(parents=True)
+    (corpus / "train.txt").write_text(clean.DOC_SEP.join(texts) + "\n", encoding="utf-8")
+    for split in ("val", "test"):
+        (corpus / f"{split}.txt").write_text(texts[0] + "\n", encoding="utf-8")
+    manifest = data.build_token_files()
+    train = manifest["splits"]["train"]
+    assert train["documents"] == 116
+    assert train["tokens"] == tokenizer.count_tokens(texts) + 116
+    assert os.path.getsize(config.paths().tokens / "train.bin") == 2 * train["tokens"]

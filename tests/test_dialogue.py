@@ -1,0 +1,270 @@
+"""nblib.dialogue: rendering, label masks, cleaning, converters for every schema, prepare()."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from nblib import dialogue
+from nblib.dialogue import ASSISTANT, USER
+from nblib.files import read_json, read_jsonl, write_jsonl
+from nblib.tokenizer import EOT, EOT_ID, hf_tokenizer
+
+TWO_TURNS = [
+    {"role": "user", "content": "What is 2+2?"},
+    {"role": "assistant", "content": "It is 4."},
+    {"role": "user", "content": "And 3+3?"},
+    {"role": "assistant", "content": "Six."},
+]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(mirror: Path):
+    tok = hf_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": list(dialogue.SPECIAL_TOKENS)})
+    tok.pad_token = EOT
+    return tok
+
+
+@pytest.fixture(scope="module")
+def alpaca(mirror: Path) -> list[dict]:
+    return json.loads((mirror / "qa" / "alpaca_5000.json").read_text(encoding="utf-8"))
+
+
+# --- rendering and masks -----------------------------------------------------------------------
+
+
+def test_render_two_turns_matches_contract():
+    assert dialogue.render(TWO_TURNS) == (
+        f"{USER} What is 2+2?\n{ASSISTANT} It is 4.{EOT}\n{USER} And 3+3?\n{ASSISTANT} Six.{EOT}"
+    )
+
+
+def test_generation_prompt_ends_with_assistant_marker():
+    prompt = dialogue.render(TWO_TURNS + [{"role": "user", "content": "And 4+4?"}], generation_prompt=True)
+    assert prompt.endswith(f"{EOT}\n{USER} And 4+4?\n{ASSISTANT}")
+    with pytest.raises(ValueError, match="end with a user turn"):
+        dialogue.render(TWO_TURNS, generation_prompt=True)
+    with pytest.raises(ValueError, match="turn 0: role"):
+        dialogue.render([{"role": "system", "content": "x"}])
+
+
+def test_tokenize_equals_whole_text_and_markers_are_one_token(tokenizer):
+    ids, labels = dialogue.tokenize(TWO_TURNS, tokenizer)
+    assert ids == tokenizer(dialogue.render(TWO_TURNS))["input_ids"]
+    user_id, assistant_id = tokenizer.convert_tokens_to_ids([USER, ASSISTANT])
+    assert ids.count(user_id) == 2 and ids.count(assistant_id) == 2
+    assert len(labels) == len(ids)
+
+
+def test_label_mask_on_two_turn_dialogue(tokenizer):
+    """Only the assistant's words and their closing <|endoftext|> carry labels."""
+    ids, labels = dialogue.tokenize(TWO_TURNS, tokenizer)
+    trained = [i for i, lab in zip(ids, labels) if lab != -100]
+    assert all(lab in (-100, i) for i, lab in zip(ids, labels))
+    enc = lambda s: tokenizer.encode(s, add_special_tokens=False)  # noqa: E731
+    assert trained == enc(" It is 4.") + [EOT_ID] + enc(" Six.") + [EOT_ID]
+    user_id, assistant_id = tokenizer.convert_tokens_to_ids([USER, ASSISTANT])
+    for marker in (user_id, assistant_id):
+        assert all(lab == -100 for i, lab in zip(ids, labels) if i == marker)
+    # the user's words and the newline after an answer are masked
+    first_eot = ids.index(EOT_ID)
+    assert labels[first_eot] == EOT_ID and labels[first_eot + 1] == -100
+    assert all(lab == -100 for lab in labels[: ids.index(assistant_id) + 1])
+
+
+def test_tokenize_needs_markers_in_tokenizer():
+    with pytest.raises(ValueError, match="add_special_tokens"):
+        dialogue.tokenize(TWO_TURNS, hf_tokenizer())
+
+
+# --- cleaning -----------------------------------------------------------------------------------
+
+
+def test_clean_text_strips_html_controls_markers_and_folds_space():
+    raw = "<p>Water&nbsp;boils at <b>100 &deg;C</b>.</p><br/>\x00\x07Use   vector<int> v;\t\tdone\r\n\n\n\nEnd<|user|>"
+    assert dialogue.clean_text(raw) == "Water boils at 100 °C.\n\nUse vector<int> v; done\n\nEnd"
+    assert dialogue.clean_text("<table><tr><td>a</td><td>b</td></tr></table>") == "a b"
+    assert dialogue.clean_text("a < b and c > d") == "a < b and c > d"
+
+
+def test_clean_dialogue_drops_and_merges():
+    assert dialogue.clean_dialogue([{"role": "user", "content": " <br> "}]) == (None, "empty")
+    assert dialogue.clean_dialogue([{"role": "assistant", "content": "hi"}]) == (None, "one_sided")
+    assert dialogue.clean_dialogue([{"role": "user", "content": "q"}, {"role": "assistant", "content": "\x01"}]) == (
+        None,
+        "one_sided",
+    )
+    turns, reason = dialogue.clean_dialogue(
+        [
+            {"role": "assistant", "content": "stray"},
+            {"role": "user", "content": "a"},
+            {"role": "user", "content": "b"},
+            {"role": "assistant", "content": "c"},
+            {"role": "user", "content": "dangling"},
+        ]
+    )
+    assert reason is None
+    assert turns == [{"role": "user", "content": "a\nb"}, {"role": "assistant", "content": "c"}]
+
+
+# --- converters, one per schema ------------------------------------------------------------------
+
+
+def test_alpaca_real_records(alpaca):
+    with_input = next(r for r in alpaca if r["input"].strip())
+    without = next(r for r in alpaca if not r["input"].strip())
+    assert dialogue.detect_schema(with_input) == "alpaca"
+    turns = dialogue.from_alpaca(with_input)
+    assert turns[0] == {"role": "user", "content": with_input["instruction"] + "\n\n" + with_input["input"]}
+    assert turns[1] == {"role": "assistant", "content": with_input["output"]}
+    assert dialogue.from_alpaca(without)[0]["content"] == without["instruction"]
+
+
+def test_dolly():
+    rec = {
+        "instruction": "When did Virgin Australia start operating?",
+        "context": "Virgin Australia commenced services on 31 August 2000 as Virgin Blue.",
+        "response": "Virgin Australia commenced services on 31 August 2000.",
+        "category": "closed_qa",
+    }
+    assert dialogue.detect_schema(rec) == "dolly"
+    assert dialogue.from_dolly(rec) == [
+        {"role": "user", "content": rec["instruction"] + "\n\n" + rec["context"]},
+        {"role": "assistant", "content": rec["response"]},
+    ]
+    assert dialogue.from_dolly({**rec, "context": ""})[0]["content"] == rec["instruction"]
+
+
+def test_sciq_answer_first_without_repeating():
+    rec = {
+        "question": "What type of organism is commonly used in preparation of foods such as cheese and yogurt?",
+        "distractor1": "viruses", "distractor2": "protozoa", "distractor3": "gymnosperms",
+        "correct_answer": "mesophilic organisms",
+        "support": "Mesophiles grow best in moderate temperature.",
+    }
+    assert dialogue.detect_schema(rec) == "sciq"
+    reply = dialogue.from_sciq(rec)[1]["content"]
+    assert reply == "Mesophilic organisms. Mesophiles grow best in moderate temperature."
+    opens_with_answer = {**rec, "support": "Mesophilic organisms grow best between 20 and 45 °C."}
+    assert dialogue.from_sciq(opens_with_answer)[1]["content"] == opens_with_answer["support"]
+    assert dialogue.from_sciq({**rec, "support": ""})[1]["content"] == "mesophilic organisms"
+
+
+def test_natural_questions_layouts_and_no_answer():
+    hf = {  # the HF `datasets` layout: annotations are columnar, first annotator has no short answer
+        "id": "1",
+        "question": {"text": "who wrote dom casmurro", "tokens": ["who", "wrote", "dom", "casmurro"]},
+        "annotations": {
+            "id": ["a", "b"],
+            "short_answers": [
+                {"start_token": [], "end_token": [], "text": []},
+                {"start_token": [10], "end_token": [13], "text": ["Machado de Assis"]},
+            ],
+            "yes_no_answer": [-1, -1],
+        },
+    }
+    assert dialogue.detect_schema(hf) == "natural_questions"
+    assert dialogue.from_natural_questions(hf) == [
+        {"role": "user", "content": "Who wrote dom casmurro?"},
+        {"role": "assistant", "content": "Machado de Assis"},
+    ]
+    listed = {"question": "capital of brazil", "annotations": [{"short_answers": [{"text": "Brasília"}]}]}
+    assert dialogue.from_natural_questions(listed)[1]["content"] == "Brasília"
+    none = {**hf, "annotations": {"id": ["a"], "short_answers": [{"text": []}], "yes_no_answer": [-1]}}
+    assert dialogue.from_natural_questions(none) is None
+
+
+def test_multi_turn_lists():
+    messages = {"messages": [{"role": "system", "content": "be nice"}, *TWO_TURNS]}
+    assert dialogue.detect_schema(messages) == "turns"
+    assert dialogue.from_turns(messages) == TWO_TURNS
+    sharegpt = {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]}
+    assert dialogue.from_turns(sharegpt) == [
+        {"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+    ]
+    with pytest.raises(ValueError, match=r"dialogue\[0\]"):
+        dialogue.from_turns({"dialogue": [{"role": "narrator", "content": "x"}]})
+
+
+def test_unknown_schema_is_named():
+    with pytest.raises(ValueError, match=r"keys \['prompt', 'text'\]"):
+        dialogue.detect_schema({"prompt": "x", "text": "y"})
+
+
+def test_convert_counts_every_drop_reason():
+    records = [
+        {"instruction": "Say hi", "input": "", "output": "Hi!"},
+        {"instruction": "Say hi", "input": "", "output": "Hi!"},  # duplicate
+        {"instruction": "<p></p>", "input": "", "output": "   "},  # empty
+        {"instruction": "Q", "input": "", "output": "\x00"},  # one-sided after cleaning
+        {"instruction": "Long", "input": "", "output": "word " * 100},  # too long
+        {"question": "q", "annotations": [{"short_answers": []}]},  # no answer
+    ]
+    kept, dropped = dialogue.convert(records, "mixed", max_chars=200)
+    assert [r["dialogue"][1]["content"] for r in kept] == ["Hi!"]
+    assert kept[0]["source"] == "mixed"
+    assert dropped == {"duplicate": 1, "empty": 1, "one_sided": 1, "too_long": 1, "no_answer": 1}
+    with pytest.raises(ValueError, match="mixed record 0: cannot convert"):
+        dialogue.convert([{"instruction": "x", "output": None}], "mixed")
+
+
+# --- prepare: balancing, split, manifest ---------------------------------------------------------
+
+
+def _raw_qa(root: Path, alpaca: list[dict]) -> Path:
+    qa = root / "raw" / "qa"
+    write_jsonl(qa / "alpaca.jsonl", alpaca[:400])
+    write_jsonl(qa / "dolly.jsonl", [
+        {"instruction": f"Tell me fact {i}", "context": "", "response": f"Fact number {i}.", "category": "open_qa"}
+        for i in range(30)
+    ])
+    write_jsonl(qa / "sciq.jsonl", [
+        {"question": f"What is element {i}?", "distractor1": "a", "distractor2": "b", "distractor3": "c",
+         "correct_answer": f"element {i}", "support": ""}
+        for i in range(20)
+    ])
+    write_jsonl(qa / "natural_questions.jsonl", [
+        {"question": {"text": f"question {i}"},
+         "annotations": {"short_answers": [{"text": [f"answer {i}"] if i % 2 else []}]}}
+        for i in range(20)
+    ])
+    return qa
+
+
+def test_prepare_balances_splits_and_is_deterministic(tmp_path, alpaca):
+    qa = _raw_qa(tmp_path, alpaca)
+    settings = {
+        "targets": {"alpaca": 100, "dolly": None, "sciq": 10, "natural_questions": None},
+        "val_fraction": 0.1, "test_fraction": 0.2, "max_chars": 2000, "seed": 7,
+    }
+    manifest = dialogue.prepare(qa, tmp_path / "out", settings)
+    src = manifest["sources"]
+    assert {s: src[s]["train"] + src[s]["val"] + src[s]["test"] for s in src} == {
+        "alpaca": 100, "dolly": 30, "sciq": 10, "natural_questions": 10,
+    }
+    assert src["natural_questions"]["dropped"] == {"no_answer": 10}
+    assert (src["alpaca"]["val"], src["alpaca"]["test"]) == (10, 20)
+    rows = {name: read_jsonl(tmp_path / "out" / f"{name}.jsonl") for name in dialogue.SPLITS}
+    assert {name: len(r) for name, r in rows.items()} == {
+        name: manifest["splits"][name]["dialogues"] for name in dialogue.SPLITS
+    }
+    texts = {name: {dialogue.render(r["dialogue"]) for r in rs} for name, rs in rows.items()}
+    assert not texts["train"] & texts["val"] and not texts["train"] & texts["test"] and not texts["val"] & texts["test"]
+    assert {r["source"] for r in rows["train"]} == set(settings["targets"])
+    assert read_json(tmp_path / "out" / "manifest.json") == manifest
+    again = dialogue.prepare(qa, tmp_path / "again", settings)
+    sha = lambda m: [m["splits"][n]["sha256"] for n in dialogue.SPLITS]  # noqa: E731
+    assert sha(again) == sha(manifest)
+
+
+def test_prepare_and_load_errors(tmp_path, alpaca):
+    qa = _raw_qa(tmp_path, alpaca)
+    settings = {"targets": {"alpaca": 10, "squad": 5}, "val_fraction": 0.1, "test_fraction": 0.1, "seed": 1}
+    with pytest.raises(FileNotFoundError, match=r"no raw QA file for \['squad'\].*01_ingest"):
+        dialogue.prepare(qa, tmp_path / "out", settings)
+    with pytest.raises(FileNotFoundError, match="02_clean"):
+        dialogue.load(tmp_path / "nowhere", "train")
+    with pytest.raises(ValueError, match="val_fraction"):
+        dialogue.split([], 0.5, 0.5, 1)

@@ -1,0 +1,296 @@
+"""nblib.finetune on a tiny real GPT2LMHeadModel: int8 layers, label masks, summaries, resume, merge, variants."""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import warnings
+
+import bitsandbytes as bnb
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+from nblib import config, dialogue, finetune
+from nblib.files import read_json, read_jsonl, write_jsonl
+from nblib.tokenizer import EOT, EOT_ID, hf_tokenizer
+
+BASE = "runs/pretrain-mha/hf"
+QUESTIONS = ["What is the capital of France?", "Name a fruit."]
+SUMMARY_KEYS = {
+    "name", "stage", "profile", "seed", "config", "machine", "wall_seconds", "peak_memory_bytes", "finished",
+    "variant", "mode", "lora", "base_model", "trainable_params", "total_params", "footprint_bytes", "eval_loss",
+    "eval_ppl", "base_eval_loss", "base_eval_ppl", "stop_rate_before", "stop_rate_after", "train_samples_per_s",
+    "samples", "adapter", "merged",
+}
+
+
+def small(**overrides):
+    """Smoke settings cut down to seconds: 8 steps of 4 dialogues, eval every 4."""
+    base = dict(
+        steps=8, eval_steps=4, logging_steps=2, batch_size=4, eval_batch_size=8, eval_dialogues=12,
+        warmup_steps=1, lora_lr=1e-2, full_lr=1e-3, questions=QUESTIONS, max_new_tokens=6, wandb=False,
+    )
+    return config.settings("finetune", "smoke", **{**base, **overrides})
+
+
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.messages: list[str] = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory, mirror):
+    """A working root with a tiny random GPT-2 at runs/pretrain-mha/hf and 200 short Alpaca dialogues."""
+    root = tmp_path_factory.mktemp("finetune")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("NBLIB_HOME", str(root))
+        for var in ("WANDB_MODE", "WANDB_DIR", "WANDB_PROJECT", "WANDB_SILENT"):  # restored after the module
+            mp.setenv(var, "offline" if var == "WANDB_MODE" else "x")
+        mp.setenv("WANDB_SILENT", "true")
+        mp.delenv("WANDB_API_KEY", raising=False)
+        torch.manual_seed(0)
+        model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=2, n_positions=64, vocab_size=50257))
+        model.save_pretrained(root / BASE)
+        hf_tokenizer().save_pretrained(root / BASE)
+        alpaca = json.loads((mirror / "qa" / "alpaca_5000.json").read_text(encoding="utf-8"))
+        write_jsonl(root / "data/raw/qa/alpaca.jsonl", alpaca[:1000])
+        settings = {"targets": {"alpaca": 200}, "val_fraction": 0.1, "test_fraction": 0.1, "max_chars": 300, "seed": 1}
+        dialogue.prepare(root / "data/raw/qa", root / "data/processed/dialogues", settings)
+        yield root
+
+
+@pytest.fixture(scope="module")
+def lora8(root):
+    """One lora-8bit run, step by step, with W&B offline and warnings recorded."""
+    cfg = small(wandb=True)
+    records = _Records()
+    logging.getLogger("transformers").addHandler(records)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        s = finetune.setup(cfg)
+        before = finetune.evaluate(s)
+        trained = finetune.train(s)
+        after = finetune.evaluate(s)
+        summary = finetune.finish(s, before, after, trained)
+    logging.getLogger("transformers").removeHandler(records)
+    messages = [str(w.message) for w in caught] + records.messages
+    return {"cfg": cfg, "s": s, "summary": summary, "messages": messages}
+
+
+# --- pieces --------------------------------------------------------------------------------------
+
+
+def test_load_in_8bit_gives_int8_layers_and_smaller_footprint(root):
+    model = finetune.load_base(BASE, "8bit")
+    int8 = {n: m for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear8bitLt)}
+    assert sorted(n.split(".", 3)[-1] for n in int8) == sorted(
+        ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"] * 2
+    )
+    assert all(m.weight.dtype == torch.int8 for m in int8.values())
+    assert model.lm_head.weight.dtype == torch.float32  # the tied output layer stays full precision
+    assert finetune.footprint(BASE, "8bit") < finetune.footprint(BASE, "32bit")
+
+
+def test_role_markers_start_at_the_mean_row(root):
+    model = finetune.load_base(BASE, "32bit")
+    tok = finetune.load_tokenizer(BASE)
+    mean = model.get_input_embeddings().weight[:50257].mean(0).detach().clone()
+    ids = finetune.add_special_tokens(model, tok)
+    assert ids == [50257, 50258] and len(tok) == 50259
+    emb = model.get_input_embeddings().weight
+    assert emb.shape[0] == 50259
+    assert torch.allclose(emb[ids], mean.expand(2, -1))
+    assert model.get_output_embeddings().weight is emb
+    assert tok.pad_token_id == EOT_ID == model.config.pad_token_id
+
+
+def test_collator_keeps_eos_labels_when_pad_is_eos():
+    tok = hf_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": list(dialogue.SPECIAL_TOKENS)})
+    tok.pad_token = EOT
+    short = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]
+    long = short + [{"role": "user", "content": "How are you today, my friend?"},
+                    {"role": "assistant", "content": "Fine, thanks."}]
+    examples = [dict(zip(("input_ids", "labels"), dialogue.tokenize(t, tok))) for t in (short, long)]
+    batch = finetune.Collator(tok.pad_token_id)([examples[0], examples[1]])
+    n_short, width = len(examples[0]["input_ids"]), len(examples[1]["input_ids"])
+    assert batch["input_ids"].shape == batch["labels"].shape == (2, width)
+    # padding: EOS id in the inputs, out of attention and out of the loss
+    assert batch["input_ids"][0, n_short:].eq(EOT_ID).all()
+    assert batch["attention_mask"][0, n_short:].eq(0).all() and batch["attention_mask"][0, :n_short].eq(1).all()
+    assert batch["labels"][0, n_short:].eq(-100).all()
+    # every answer's closing EOS is still a label
+    assert batch["labels"][0].eq(EOT_ID).sum() == 1
+    assert batch["labels"][1].eq(EOT_ID).sum() == 2
+
+
+def test_setup_errors(root, home):
+    with pytest.raises(ValueError, match="unknown variant 'lora-3bit'"):
+        finetune.setup(small(variant="lora-3bit"))
+    with pytest.raises(FileNotFoundError, match="02_clean"):
+        finetune.setup(small())  # `home` is an empty working root
+    with pytest.raises(FileNotFoundError, match="03_train_mha"):
+        finetune.resolve_base("runs/pretrain-mha/hf")
+    with pytest.raises(ValueError, match="unknown precision mode"):
+        finetune.load_base(str(root / BASE), "2bit")
+
+
+# --- the lora-8bit run -----------------------------------------------------------------------------
+
+
+def test_lora_8bit_trains_int8_base_and_beats_it(lora8):
+    s, summary = lora8["s"], lora8["summary"]
+    int8 = [m for m in s.model.modules() if isinstance(m, bnb.nn.Linear8bitLt)]
+    assert len(int8) == 8 and all(m.weight.dtype == torch.int8 and not m.weight.requires_grad for m in int8)
+    assert SUMMARY_KEYS <= set(summary)
+    assert summary["finished"] and summary["stage"] == "finetune" and summary["mode"] == "8bit" and summary["lora"]
+    assert summary["eval_loss"] < summary["base_eval_loss"]
+    assert summary["eval_ppl"] == pytest.approx(math.exp(summary["eval_loss"]))
+    assert 0 < summary["trainable_params"] < summary["total_params"] / 10
+    assert 0 <= summary["stop_rate_before"] <= 1 and 0 <= summary["stop_rate_after"] <= 1
+    assert [x["question"] for x in summary["samples"]] == QUESTIONS
+    assert summary["steps"] == 8 and summary["best_step"] in (4, 8)
+    assert summary["peak_memory_bytes"] > 0 and summary["train_samples_per_s"] > 0
+    assert read_json(s.run_dir / "summary.json") == json.loads(json.dumps(summary))
+
+
+def test_metrics_wandb_and_no_checkpointing_warnings(lora8):
+    s = lora8["s"]
+    rows = read_jsonl(s.run_dir / "metrics.jsonl")
+    assert [r["step"] for r in rows if r["kind"] == "eval"] == [4, 8]
+    assert [r["step"] for r in rows if r["kind"] == "train"] == [2, 4, 6, 8]
+    assert all(math.isfinite(r["loss"]) for r in rows if r["kind"] == "train")
+    assert list((s.run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+    noisy = [m for m in lora8["messages"] if "checkpointing" in m or "use_cache" in m or "use_reentrant" in m]
+    assert noisy == []
+    assert not any("MatMul8bitLt" in m for m in lora8["messages"])
+
+
+def test_marker_rows_are_trained_and_saved_with_the_adapter(lora8, root):
+    adapter = root / lora8["summary"]["adapter"]
+    weights = load_file(adapter / "adapter_model.safetensors")
+    deltas = [v for k, v in weights.items() if "trainable_tokens_delta" in k]
+    assert len(deltas) == 1 and deltas[0].shape == (3, 64)  # <|user|>, <|assistant|>, <|endoftext|>
+    wte = GPT2LMHeadModel.from_pretrained(root / BASE).transformer.wte.weight.detach()
+    mean = wte.mean(0)
+    for row in deltas[0][:2]:
+        assert not torch.allclose(row, mean, atol=1e-4)  # moved away from the mean start
+    assert not torch.allclose(deltas[0][2], wte[EOT_ID], atol=1e-4)
+    assert not any("wte.weight" in k and v.shape[0] > 2 for k, v in weights.items())  # no full embedding copy
+    assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == BASE
+
+
+def test_merged_model_equals_adapter_on_32bit_base(lora8, root):
+    summary = lora8["summary"]
+    merged = AutoModelForCausalLM.from_pretrained(root / summary["merged"])
+    tok = AutoTokenizer.from_pretrained(root / summary["merged"])
+    peft_model, peft_tok = finetune.load_adapter(root / summary["adapter"])
+    text = dialogue.render([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}])
+    ids = tok(text, return_tensors="pt").input_ids
+    assert ids.tolist() == peft_tok(text, return_tensors="pt").input_ids.tolist()
+    assert len(tok) == 50259 and tok.convert_tokens_to_ids(dialogue.ASSISTANT) in ids[0].tolist()
+    with torch.no_grad():
+        assert torch.allclose(merged(ids).logits, peft_model(input_ids=ids).logits, atol=1e-4)
+
+
+def test_plot_losses(lora8):
+    fig = finetune.plot_losses(lora8["s"].run_dir)
+    ax = fig.axes[0]
+    assert [line.get_label() for line in ax.get_lines()] == ["finetune-lora-8bit train", "finetune-lora-8bit eval"]
+
+
+def test_resume_from_last_checkpoint_and_refuse_other_settings(lora8):
+    cfg, run_dir, summary = lora8["cfg"], lora8["s"].run_dir, lora8["summary"]
+    ckpts = sorted(p.name for p in (run_dir / "checkpoints").glob("checkpoint-*"))
+    assert ckpts == ["checkpoint-4", "checkpoint-8"]
+    # a finished run: nothing is trained again, the best weights come back
+    s = finetune.setup({**cfg, "wandb": False})
+    trained = finetune.train(s)
+    assert (trained["steps"], trained["best_step"]) == (8, summary["best_step"])
+    assert trained["train_samples_per_s"] == summary["train_samples_per_s"]
+    assert finetune.evaluate(s)["loss"] == pytest.approx(summary["eval_loss"], abs=1e-4)
+    shutil.rmtree(run_dir / "checkpoints" / "checkpoint-8")  # as if the session died after step 4
+    with pytest.raises(ValueError, match="differs in: lora_r"):
+        finetune.setup({**cfg, "lora_r": 4})
+    s = finetune.setup({**cfg, "wandb": False})
+    trained = finetune.train(s)
+    assert trained["resumed_from"] == "runs/finetune-lora-8bit/checkpoints/checkpoint-4"
+    assert trained["steps"] == 8
+    assert [r["step"] for r in finetune.metrics_rows(trained["log_history"]) if r["kind"] == "eval"] == [4, 8]
+
+
+# --- the other variants ----------------------------------------------------------------------------
+
+
+def test_full_finetune_trains_every_weight(root):
+    cfg = small(variant="full")
+    summary = finetune.run(cfg)
+    assert summary["lora"] is False and summary["adapter"] is None
+    assert summary["trainable_params"] == summary["total_params"]
+    assert summary["eval_loss"] < summary["base_eval_loss"]
+    merged = AutoModelForCausalLM.from_pretrained(root / summary["merged"])
+    assert merged.get_input_embeddings().weight.shape[0] == 50259
+    s = finetune.setup(cfg)  # run again: the finished checkpoint's weights come back, nothing is trained
+    assert finetune.train(s)["steps"] == 8
+    assert finetune.evaluate(s)["loss"] == pytest.approx(summary["eval_loss"], abs=1e-4)
+
+
+def test_lora_32bit_on_conv1d(root):
+    summary = finetune.run(small(variant="lora-32bit", steps=4, eval_steps=2, merge=False))
+    assert summary["mode"] == "32bit" and summary["merged"] is None
+    assert summary["eval_loss"] < summary["base_eval_loss"]
+    cfg = json.loads((root / summary["adapter"] / "adapter_config.json").read_text())
+    assert cfg["fan_in_fan_out"] is True  # GPT-2's Conv1D stores weights [in, out]
+
+
+@pytest.mark.parametrize("variant", ["lora-4bit", "lora-16bit"])
+def test_low_precision_trains_after_an_evaluation(root, variant):
+    """On CPU, bitsandbytes repacks 4-bit weights at the first no-grad forward; training must still work."""
+    s = finetune.setup(small(variant=variant, steps=2, eval_steps=2))
+    if variant == "lora-4bit":
+        assert any(isinstance(m, bnb.nn.Linear4bit) for m in s.model.modules())
+    else:
+        assert s.model.base_model.model.transformer.h[0].attn.c_attn.base_layer.weight.dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 for p in s.model.parameters() if p.requires_grad)
+    before = finetune.evaluate(s)
+    trained = finetune.train(s)
+    assert trained["steps"] == 2
+    assert math.isfinite(finetune.evaluate(s)["loss"]) and math.isfinite(before["loss"])
+
+
+def test_stop_rate_counts_only_answers_closed_by_eos(root):
+    """A forward hook steers the tiny model: first ' Paris' then end-of-text, or end-of-text at once."""
+    model = finetune.load_base(BASE, "32bit")
+    tok = finetune.load_tokenizer(BASE)
+    finetune.add_special_tokens(model, tok)
+    paris = tok.encode(" Paris")[0]
+    calls = []
+
+    def steer(first: int):
+        def hook(module, inputs, logits):
+            calls.append(1)
+            boosted = logits.clone()
+            boosted[..., first if len(calls) == 1 else EOT_ID] += 1e4
+            return boosted
+        return hook
+
+    handle = model.lm_head.register_forward_hook(steer(paris))
+    assert finetune.answer(model, tok, ["Capital of France?"], 5) == [
+        {"question": "Capital of France?", "answer": "Paris", "stopped": True}
+    ]
+    handle.remove()
+    calls.clear()
+    handle = model.lm_head.register_forward_hook(steer(EOT_ID))
+    assert finetune.answer(model, tok, ["Capital of France?"], 5)[0] == {
+        "question": "Capital of France?", "answer": "", "stopped": False,  # saying nothing is not stopping
+    }
+    handle.remove()
+    no_stop = finetune.answer(model, tok, ["Capital of France?"], 3)[0]
+    assert no_stop["stopped"] is False

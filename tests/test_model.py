@@ -1,0 +1,238 @@
+"""nblib.model: GPT with MHA/GQA/MQA, KV cache, checkpoints and the Hugging Face export."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from nblib import tokenizer
+from nblib.model import GPT, GPTConfig, KVCache, export_hf, load_checkpoint, save_checkpoint
+
+VOCAB = 97
+
+
+def tiny(n_kv_head: int = 4, **kw) -> GPT:
+    torch.manual_seed(0)
+    cfg = dict(vocab_size=VOCAB, context_length=32, n_layer=2, n_head=4, n_kv_head=n_kv_head, d_model=32)
+    return GPT(GPTConfig(**{**cfg, **kw})).eval()
+
+
+def tokens(batch: int, length: int, vocab: int = VOCAB, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        (dict(n_head=4, n_kv_head=3), "must divide n_head"),
+        (dict(n_head=4, n_kv_head=8), "must divide n_head"),
+        (dict(n_head=5, d_model=32), "not divisible by n_head"),
+        (dict(n_kv_head=0), "positive integer"),
+        (dict(dropout=1.0), "dropout"),
+    ],
+)
+def test_invalid_head_combinations_fail_at_config_time(kw, message):
+    base = dict(vocab_size=VOCAB, context_length=16, n_layer=1, n_head=4, n_kv_head=4, d_model=32)
+    with pytest.raises(ValueError, match=message):
+        GPTConfig(**{**base, **kw})
+
+
+@pytest.mark.parametrize("n_kv_head, variant", [(4, "mha"), (2, "gqa"), (1, "mqa")])
+def test_kv_projection_and_cache_use_n_kv_head(n_kv_head, variant):
+    model = tiny(n_kv_head)
+    c = model.config
+    assert c.variant == variant
+    attn = model.transformer.h[0].attn
+    assert attn.c_attn.out_features == (c.n_head + 2 * n_kv_head) * c.head_dim
+    cache = model.new_cache(batch_size=3, max_len=20)
+    assert cache.k.shape == (c.n_layer, 3, n_kv_head, 20, c.head_dim)
+    assert cache.nbytes == model.kv_cache_bytes(3, 20, torch.float32) == 2 * 2 * 3 * n_kv_head * 20 * 8 * 4
+    assert model.kv_cache_bytes(1, 1, torch.float16) * 2 == model.kv_cache_bytes(1, 1, torch.float32)
+
+
+def test_gqa_cache_is_the_head_ratio_of_mha():
+    mha, gqa, mqa = tiny(4), tiny(2), tiny(1)
+    for seq_len in (1, 256, 4096):
+        ref = mha.config.kv_cache_bytes(2, seq_len)
+        assert gqa.config.kv_cache_bytes(2, seq_len) * 2 == ref
+        assert mqa.config.kv_cache_bytes(2, seq_len) * 4 == ref
+
+
+def test_gqa_equals_mha_with_duplicated_kv_heads():
+    """A GQA model is an MHA model whose K/V heads are copies shared by query-head groups."""
+    gqa = tiny(2)
+    mha = tiny(4)
+    mha.load_state_dict({k: v for k, v in gqa.state_dict().items() if "c_attn" not in k}, strict=False)
+    c, hd, d = gqa.config, gqa.config.head_dim, gqa.config.d_model
+    for g_block, m_block in zip(gqa.transformer.h, mha.transformer.h):
+        w, b = g_block.attn.c_attn.weight, g_block.attn.c_attn.bias
+        q_w, k_w, v_w = w.split([c.n_head * hd, c.n_kv_head * hd, c.n_kv_head * hd])
+        q_b, k_b, v_b = b.split([c.n_head * hd, c.n_kv_head * hd, c.n_kv_head * hd])
+
+        def expand(t: torch.Tensor) -> torch.Tensor:
+            """K/V rows of each head repeated for the query heads of its group."""
+            rep = c.n_head // c.n_kv_head
+            return t.view(c.n_kv_head, hd, *t.shape[1:]).repeat_interleave(rep, dim=0).reshape(c.n_head * hd, *t.shape[1:])
+
+        with torch.no_grad():
+            m_block.attn.c_attn.weight.copy_(torch.cat([q_w, expand(k_w), expand(v_w)]))
+            m_block.attn.c_attn.bias.copy_(torch.cat([q_b, expand(k_b), expand(v_b)]))
+    assert m_block.attn.c_attn.weight.shape == (3 * d, d)
+    idx = tokens(2, 24)
+    torch.testing.assert_close(gqa(idx, idx)[0], mha(idx, idx)[0], atol=1e-5, rtol=1e-5)
+
+
+def test_forward_loss_and_last_position_logits():
+    model = tiny(2)
+    idx, targets = tokens(3, 16), tokens(3, 16, seed=2)
+    logits, loss = model(idx, targets=targets)
+    assert logits.shape == (3, 16, VOCAB)
+    assert abs(loss.item() - math.log(VOCAB)) < 0.1  # near-uniform predictions at initialisation
+    last, none = model(idx)
+    assert none is None and last.shape == (3, 1, VOCAB)
+    torch.testing.assert_close(last[:, 0], logits[:, -1])
+    ignored = targets.clone()
+    ignored[:, :8] = -1
+    _, loss_half = model(idx, targets=ignored)
+    expected = torch.nn.functional.cross_entropy(logits[:, 8:].reshape(-1, VOCAB), targets[:, 8:].reshape(-1))
+    torch.testing.assert_close(loss_half, expected)
+
+
+def test_attention_is_causal():
+    model = tiny(2)
+    a, b = tokens(1, 20, seed=1), tokens(1, 20, seed=1)
+    b[0, 12:] = (b[0, 12:] + 1) % VOCAB
+    la, _ = model(a, a)
+    lb, _ = model(b, b)
+    torch.testing.assert_close(la[:, :12], lb[:, :12])
+    assert not torch.allclose(la[:, 12:], lb[:, 12:])
+
+
+def test_context_overflow_is_a_clear_error():
+    model = tiny(4)
+    with pytest.raises(ValueError, match="exceeds context_length=32"):
+        model(tokens(1, 33))
+    cache = model.new_cache(1, 8)
+    model(tokens(1, 6), cache=cache)
+    with pytest.raises(ValueError, match="cannot append 4 positions"):
+        model(tokens(1, 4), cache=cache)
+    with pytest.raises(ValueError, match="max_len=40"):
+        model.new_cache(1, 40)
+
+
+@pytest.mark.parametrize("n_kv_head", [4, 2, 1])
+def test_cached_chunks_match_full_forward(n_kv_head):
+    """Prefill, multi-token chunks at an offset and single tokens all give the full pass's logits."""
+    model = tiny(n_kv_head)
+    idx = tokens(2, 30)
+    full, _ = model(idx, targets=idx)
+    cache = model.new_cache(2, 30)
+    parts = [model(idx[:, a:b], cache=cache)[0] for a, b in ((0, 9), (9, 17), (17, 18), (18, 19), (19, 30))]
+    assert cache.length == 30
+    torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("n_kv_head", [4, 2, 1])
+def test_cached_generation_equals_recomputation_greedy(n_kv_head):
+    model = tiny(n_kv_head)
+    prompt = tokens(2, 5)
+    with_cache = model.generate(prompt, 27, temperature=0, use_cache=True)
+    without = model.generate(prompt, 27, temperature=0, use_cache=False)
+    assert with_cache.shape == (2, 32)
+    assert torch.equal(with_cache, without)
+    assert torch.equal(with_cache[:, :5], prompt)
+
+
+def test_generation_past_the_context_and_sampling_is_seeded():
+    model = tiny(2)
+    out = model.generate(tokens(1, 30), 40, temperature=0)  # refills the cache past 32 positions
+    assert out.shape == (1, 70) and int(out.max()) < VOCAB
+    a = model.generate(tokens(1, 4), 12, temperature=1.0, top_k=10, generator=torch.Generator().manual_seed(3))
+    b = model.generate(tokens(1, 4), 12, temperature=1.0, top_k=10, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(a, b)
+    assert not model.training
+
+
+def test_gpt2_initialisation_and_parameter_counts():
+    torch.manual_seed(0)
+    c = GPTConfig(vocab_size=1000, context_length=64, n_layer=4, n_head=4, n_kv_head=2, d_model=128)
+    model = GPT(c)
+    proj = torch.cat([b.attn.c_proj.weight.flatten() for b in model.transformer.h] + [b.mlp.c_proj.weight.flatten() for b in model.transformer.h])
+    fc = torch.cat([b.mlp.c_fc.weight.flatten() for b in model.transformer.h])
+    assert abs(proj.std().item() - 0.02 / math.sqrt(2 * c.n_layer)) < 0.001
+    assert abs(fc.std().item() - 0.02) < 0.001
+    assert model.lm_head.weight is model.transformer.wte.weight
+    d, kv = c.d_model, c.n_kv_head * c.head_dim
+    per_block = (d * (d + 2 * kv) + d + 2 * kv) + (d * d + d) + (d * 4 * d + 4 * d) + (4 * d * d + d) + 4 * d
+    assert model.num_params("blocks") == c.n_layer * per_block
+    assert model.num_params("embedding") == (1000 + 64) * d
+    assert model.num_params() == c.n_layer * per_block + (1000 + 64) * d + 2 * d
+    untied = GPT(GPTConfig(vocab_size=1000, context_length=64, n_layer=1, n_head=4, n_kv_head=4, d_model=32, tie_embeddings=False, bias=False))
+    assert untied.num_params("embedding") == (2 * 1000 + 64) * 32
+    assert untied.num_params() == untied.num_params("embedding") + untied.num_params("blocks") + 32
+    with pytest.raises(ValueError, match="part"):
+        model.num_params("heads")
+
+
+def test_gqa_checkpoint_round_trip(tmp_path: Path):
+    model = tiny(2, dropout=0.1)
+    path = save_checkpoint(tmp_path / "ckpt.pt", model, step=7, note="x")
+    loaded, ckpt = load_checkpoint(path)
+    assert loaded.config == model.config and ckpt["step"] == 7 and ckpt["note"] == "x"
+    idx = tokens(2, 20)
+    torch.testing.assert_close(loaded.eval()(idx, idx)[0], model(idx, idx)[0])
+    assert not list(tmp_path.glob(".*tmp"))  # atomic write left no temp file
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        load_checkpoint(tmp_path / "missing.pt")
+    torch.save({"weights": 1}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="not an nblib GPT checkpoint"):
+        load_checkpoint(tmp_path / "other.pt")
+
+
+@pytest.mark.parametrize("bias, tie", [(True, True), (False, False)])
+def test_export_hf_logits_match(tmp_path: Path, mirror: Path, bias: bool, tie: bool):
+    from transformers import AutoTokenizer, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(context_length=48, n_layer=2, n_head=4, n_kv_head=4, d_model=32, bias=bias, tie_embeddings=tie)).eval()
+    with torch.no_grad():  # non-trivial norms and biases, so a wrong mapping would show
+        for name, p in model.named_parameters():
+            if "ln" in name or name.endswith("bias"):
+                p.add_(0.1 * torch.randn_like(p))
+    out = export_hf(model, tmp_path / "hf")
+    hf = GPT2LMHeadModel.from_pretrained(out).eval()
+    assert hf.config.n_positions == 48 and hf.config.tie_word_embeddings == tie
+    idx = tokens(2, 48, vocab=50257)
+    with torch.no_grad():
+        ours, _ = model(idx, idx)
+        theirs = hf(idx).logits
+    assert (ours - theirs).abs().max().item() < 1e-4
+    prompt = tokens(1, 6, vocab=50257)
+    ours_gen = model.generate(prompt, 10, temperature=0)
+    hf_gen = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=10, do_sample=False, pad_token_id=50256)
+    assert torch.equal(ours_gen, hf_gen)
+    text = "Capitu olhou para mim, e disse: — Não."
+    assert AutoTokenizer.from_pretrained(out)(text)["input_ids"] == tokenizer.get_encoding().encode_ordinary(text)
+    export_hf(model, out)  # replacing an existing export works
+    assert (out / "config.json").is_file() and not list(tmp_path.glob(".hf.*"))
+
+
+def test_export_hf_refuses_gqa(tmp_path: Path):
+    with pytest.raises(ValueError, match="needs an MHA model"):
+        export_hf(tiny(2), tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
+
+
+def test_kv_cache_reset_and_dtype():
+    model = tiny(2)
+    half = model.new_cache(1, 16, dtype=torch.bfloat16)
+    assert isinstance(half, KVCache) and half.k.dtype == torch.bfloat16
+    assert half.nbytes == model.kv_cache_bytes(1, 16, torch.bfloat16)
+    cache = model.new_cache(1, 16)
+    first, _ = model(tokens(1, 10), cache=cache)
+    cache.reset()
+    again, _ = model(tokens(1, 10), cache=cache)
+    assert cache.length == 10
+    torch.testing.assert_close(first, again)
