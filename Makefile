@@ -19,7 +19,7 @@ pipeline: setup
 	$(PY) -m nblib.pipeline --profile $(PROFILE)
 
 test: setup
-	$(PY) -m pytest tests notebooks --nbval-lax --sanitize-with tests/nbval_sanitize.cfg -p no:cacheprovider
+	$(PY) -m pytest tests notebooks --nbval-lax --nbval-sanitize-with tests/nbval_sanitize.cfg -p no:cacheprovider
 
 bench: setup
 	$(PY) benchmarks/bench_pretrain.py

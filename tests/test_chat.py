@@ -10,7 +10,7 @@ import pexpect
 import pytest
 import torch
 from peft import get_peft_model
-from test_generate import chat_tokenizer, run_on_model, save_chat_model
+from helpers import chat_tokenizer, run_on_model, save_chat_model
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from nblib import chat, config, finetune

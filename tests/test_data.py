@@ -9,30 +9,8 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import write_corpus
 from nblib import clean, config, data, tokenizer
-
-SPLIT_CHARS = {"train": 150_000, "val": 20_000, "test": 20_000}
-
-
-def write_corpus(home: Path, mirror: Path, split_chars: dict[str, int] = SPLIT_CHARS) -> dict[str, list[str]]:
-    """Corpus split files in the clean stage's format, cut from real Machado works (hard-wrapped
-    lines are fine here: tokenisation does not care). Returns the documents of each split."""
-    works = sorted((mirror / "machado" / "romance").glob("*.txt"))
-    lines = [line.strip() for p in works[:3] for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
-    docs: dict[str, list[str]] = {}
-    start = 0
-    for split, chars in split_chars.items():
-        docs[split], size = [], 0
-        while size < chars:  # documents of 3 "paragraphs" of 10 lines each
-            doc = clean.PARAGRAPH_SEP.join(" ".join(lines[i : i + 10]) for i in range(start, start + 30, 10))
-            docs[split].append(doc)
-            size += len(doc)
-            start += 30
-        corpus = config.paths(home).corpus
-        corpus.mkdir(parents=True, exist_ok=True)
-        (corpus / f"{split}.txt").write_text(clean.DOC_SEP.join(docs[split]) + "\n", encoding="utf-8")
-    return docs
-
 
 @pytest.fixture
 def corpus(home: Path, mirror: Path) -> dict[str, list[str]]:

@@ -2,54 +2,15 @@
 one sampling loop on real models (a tiny HF GPT-2 and nblib's GPT)."""
 from __future__ import annotations
 
-from functools import lru_cache
-from pathlib import Path
-
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, StoppingCriteriaList
+from helpers import chat_tokenizer, run_on_model
+from transformers import GPT2LMHeadModel, StoppingCriteriaList
 
 from nblib.dialogue import ASSISTANT, EOT, USER, render
 from nblib.generate import CHAT_STOPS, ChatSession, StopOnStrings, StopScanner, fit_history, generate, hf_decoder, trim
 from nblib.model import GPT, GPTConfig
 from nblib.tokenizer import hf_tokenizer
-
-# Two run-on dialogues: after each answer the model learns to write the user's next turn, the
-# failure the chat stops must catch (only the last answer ends with end-of-text).
-RUN_ON = [
-    f"{USER} What is two plus two?\n{ASSISTANT} Two plus two is four.\n"
-    f"{USER} And three?\n{ASSISTANT} Three plus two is five.{EOT}",
-    f"{USER} Name a color.\n{ASSISTANT} Blue is a color.\n{USER} Another one?\n{ASSISTANT} Red is another one.{EOT}",
-]
-
-
-@lru_cache(maxsize=1)
-def chat_tokenizer():
-    """GPT-2's tokenizer plus the two role markers, as the fine-tune stage saves it."""
-    tok = hf_tokenizer()
-    tok.add_special_tokens({"additional_special_tokens": [USER, ASSISTANT]})
-    return tok
-
-
-@lru_cache(maxsize=1)
-def run_on_model() -> GPT2LMHeadModel:
-    """A tiny real GPT-2 (2 layers, 64 dims) overfit on :data:`RUN_ON` in 80 CPU steps (trained
-    once per session; test_chat imports it)."""
-    tok = chat_tokenizer()
-    torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=64, n_embd=64, n_layer=2, n_head=2))
-    rows = [tok.encode(t) for t in RUN_ON]
-    width = max(map(len, rows))
-    x = torch.tensor([r + [tok.eos_token_id] * (width - len(r)) for r in rows])
-    y = torch.tensor([r + [-100] * (width - len(r)) for r in rows])
-    opt = torch.optim.AdamW(model.parameters(), lr=5e-3)
-    for _ in range(80):
-        loss = model(x, labels=y).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    assert loss.item() < 0.2, f"the fixture model did not memorise its dialogues (loss {loss.item():.3f})"
-    return model.eval()
 
 
 @pytest.fixture
@@ -247,8 +208,3 @@ def test_chat_session_refuses_a_model_it_cannot_chat_with(tok, run_on):
         ChatSession(run_on, tok, max_new_tokens=64)
 
 
-def save_chat_model(path: Path, tok, model) -> Path:
-    """Save ``model`` + ``tok`` as a merged model folder (what the fine-tune stage writes)."""
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return path

@@ -14,7 +14,7 @@ import torch
 from nblib import config, train
 from nblib.files import read_json, read_jsonl
 from nblib.model import GPT, GPTConfig, load_checkpoint
-from test_data import write_corpus
+from helpers import write_corpus
 
 TINY = dict(context_length=32, n_layer=2, n_head=4, n_kv_head=4, d_model=32, dropout=0.1, batch_size=4,
             grad_accum_steps=2, max_steps=8, warmup_steps=2, log_interval=1, eval_interval=4, eval_batches=2,

@@ -6,7 +6,11 @@ venv=${1:-.venv}
 python3 -m venv "$venv"
 "$venv/bin/python" -m pip install -q --upgrade pip
 if ! "$venv/bin/python" -c "import torch" 2>/dev/null; then
-  if command -v nvidia-smi >/dev/null 2>&1; then
+  # A torch 2.13.0 wheel already on disk (pip's find-links) wins; otherwise the CPU index, or
+  # the default (CUDA) build when an NVIDIA GPU is present.
+  if "$venv/bin/pip" install -q --no-index --no-deps torch==2.13.0 2>/dev/null; then
+    "$venv/bin/pip" install -q torch==2.13.0
+  elif command -v nvidia-smi >/dev/null 2>&1; then
     "$venv/bin/pip" install -q torch==2.13.0
   else
     "$venv/bin/pip" install -q torch==2.13.0 --extra-index-url https://download.pytorch.org/whl/cpu

@@ -3,8 +3,8 @@
     python tools/sync_notebook_outputs.py runs/pipeline-<time>
 
 Committed notebooks keep outputs only on cells that start with ``# NBVAL_CHECK_OUTPUT`` (what
-nbval compares); every other output, execution count and timing is stripped. A kept output that
-holds a machine path is refused.
+nbval compares, which needs an execution count on them); every other output, execution count and
+timing is stripped. A kept output that holds a machine path is refused.
 """
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ def sync(run_dir: Path) -> None:
         src = nbformat.read(src_path, as_version=4)
         ran = {c.source: c for c in nbformat.read(executed, as_version=4).cells if c.cell_type == "code"}
         kept = 0
-        for cell in src.cells:
+        for index, cell in enumerate(src.cells, start=1):
             cell.metadata.pop("execution", None)
             if cell.cell_type != "code":
                 continue
@@ -48,6 +48,10 @@ def sync(run_dir: Path) -> None:
                 if MACHINE_PATH.search(text):
                     raise SystemExit(f"{stage.notebook}: a checked cell's output holds a machine path:\n{cell.source}")
                 cell.outputs = outputs
+                cell.execution_count = index
+                for output in outputs:
+                    if "execution_count" in output:
+                        output.execution_count = index
                 kept += 1
         nbformat.write(src, src_path)
         print(f"{stage.notebook}: kept outputs of {kept} checked cell(s)")
