@@ -325,17 +325,21 @@ def finetune_table(runs: dict[str, Run]) -> pd.DataFrame | None:
     return table
 
 
+EMPTY_ANSWER = "(empty answer)"
+
+
 def finetune_samples(runs: dict[str, Run]) -> pd.DataFrame | None:
-    """Answers to the fixed questions: the base model's, then each variant's after training."""
+    """Answers to the fixed questions: the base model's, then each variant's after training
+    (an answer that was only whitespace or an immediate end-of-text shows as ``(empty answer)``)."""
     ft = finetune_runs(runs)
     if not ft:
         return None
     first = next(iter(ft.values()))
     questions = [x["question"] for x in first.summary["samples"]]
-    table = {"Base model": [x["before"] for x in first.summary["samples"]]}
+    table = {"Base model": [x["before"] or EMPTY_ANSWER for x in first.summary["samples"]]}
     for label, run in ft.items():
-        answers = {x["question"]: x["after"] for x in run.summary["samples"]}
-        table[label] = [answers.get(q, "") for q in questions]
+        answers = {x["question"]: x["after"] or EMPTY_ANSWER for x in run.summary["samples"]}
+        table[label] = [answers.get(q, "–") for q in questions]
     return pd.DataFrame(table, index=pd.Index(questions, name="question"))
 
 

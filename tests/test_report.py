@@ -210,6 +210,8 @@ def test_finetune_table_and_glance(home):
     samples = report.finetune_samples(runs)
     assert list(samples.columns) == ["Base model", "LoRA + 8-bit", "LoRA + 32-bit", "Full fine-tune"]
     assert samples.loc["O que é um verbo?", "Full fine-tune"] == "full diz: resposta 1"
+    report.finetune_runs(runs)["LoRA + 8-bit"].summary["samples"][1]["after"] = ""
+    assert report.finetune_samples(runs).loc["O que é um verbo?", "LoRA + 8-bit"] == report.EMPTY_ANSWER
     assert report.finetune_table(report.load_runs(["pretrain-mha", "pretrain-gqa"])) is None
 
 
