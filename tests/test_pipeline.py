@@ -84,3 +84,21 @@ def test_failing_stage_stops_and_names_the_cell(tiny, tmp_path, capsys):
 def test_list_stages(capsys):
     assert pipeline.main(["--list"]) == 0
     assert "07_chat_demo" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("notebook", sorted({s.notebook for s in pipeline.STAGES}))
+def test_committed_notebooks_are_clean(notebook):
+    """Every stage notebook: a markdown introduction, one ``parameters`` cell with ``profile``, and
+    outputs only on ``# NBVAL_CHECK_OUTPUT`` cells (what nbval compares), free of machine paths."""
+    nb = nbformat.read(pipeline.NOTEBOOKS / notebook, as_version=4)
+    assert nb.metadata["kernelspec"]["name"] == "python3"
+    assert nb.cells[0].cell_type == "markdown"
+    tagged = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+    assert len(tagged) == 1 and "profile = " in tagged[0].source
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    checked = [c for c in code if c.source.startswith("# NBVAL_CHECK_OUTPUT")]
+    assert checked, f"{notebook} has no cell nbval checks"
+    assert all(c.outputs and c.execution_count for c in checked), "run tools/sync_notebook_outputs.py"
+    assert not any(c.outputs for c in code if c not in checked)
+    text = json.dumps([c.outputs for c in checked])
+    assert not any(p in text for p in ("/tmp/", "/work/", "/home/", "/root/", "/kaggle/")), "machine path in outputs"
