@@ -88,13 +88,13 @@ def test_list_stages(capsys):
 
 @pytest.mark.parametrize("notebook", sorted({s.notebook for s in pipeline.STAGES}))
 def test_committed_notebooks_are_clean(notebook):
-    """Every stage notebook: a markdown introduction, one ``parameters`` cell with ``profile``, and
+    """Every stage notebook: a markdown introduction, one ``parameters`` cell with ``profile = "auto"``, and
     outputs only on ``# NBVAL_CHECK_OUTPUT`` cells (what nbval compares), free of machine paths."""
     nb = nbformat.read(pipeline.NOTEBOOKS / notebook, as_version=4)
     assert nb.metadata["kernelspec"]["name"] == "python3"
     assert nb.cells[0].cell_type == "markdown"
     tagged = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
-    assert len(tagged) == 1 and "profile = " in tagged[0].source
+    assert len(tagged) == 1 and 'profile = "auto"' in tagged[0].source
     code = [c for c in nb.cells if c.cell_type == "code"]
     checked = [c for c in code if c.source.startswith("# NBVAL_CHECK_OUTPUT")]
     assert checked, f"{notebook} has no cell nbval checks"

@@ -16,7 +16,6 @@ import tempfile
 from html.parser import HTMLParser
 from pathlib import Path
 
-import nbformat
 import papermill
 import pytest
 import torch
@@ -315,12 +314,6 @@ def test_markdown_and_csv_hold_the_same_tables(rendered):
     kv = [r for r in rows if r["row"] == "KV heads" and r["column"] == "GQA ÷ MHA"]
     assert kv and float(kv[0]["value"]) == 0.5
     assert {r["table"] for r in rows} >= {"MHA vs GQA", "Fine-tuning variants", "Pretraining configs"}
-
-
-def test_notebook_parameters_cell():
-    nb = nbformat.read(NOTEBOOK, as_version=4)
-    assert "parameters" in nb.cells[1].metadata.get("tags", [])
-    assert 'profile = "auto"' in nb.cells[1].source
 
 
 def test_publish_example_copies_the_report(rendered, tmp_path):
