@@ -135,6 +135,9 @@ def run_stage(stage: Stage, out_dir: Path, params: dict[str, Any], progress: boo
             kernel_name="python3",
             progress_bar=progress,
             cwd=str(NOTEBOOKS),
+            # The kernel's own start-up notices (e.g. ipykernel 7's TCP warning on loopback) are
+            # noise here; errors still show, and a cell's warnings land in its outputs as usual.
+            extra_arguments=["--IPKernelApp.log_level=ERROR"],
         )
     except PapermillExecutionError as e:
         source = "\n".join("    " + line for line in e.source.splitlines()[:8])
