@@ -3,27 +3,37 @@ write the transcript. From a terminal::
 
     python -m nblib.chat --model runs/finetune-lora-8bit/merged
 
-Type a message and the answer streams in; ``/reset`` starts a new conversation, ``/exit``
-(or Ctrl-D) leaves.
+Type a message and the answer streams in; ``/help`` lists the commands (``/reset`` starts a new
+conversation, ``/exit`` or Ctrl-D leaves). On a POSIX terminal, keys typed while an answer
+streams are not echoed into it: they start the next prompt line, ready to edit or send.
 """
 from __future__ import annotations
 
 import argparse
+import difflib
 import os
+import re
+import select
 import sys
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
 from nblib import config
 from nblib.files import atomic_write_text, read_json
-from nblib.generate import ChatSession, Reply, check_chat_tokenizer
+from nblib.generate import ChatSession, Reply, check_chat_tokenizer, context_length
 
 PRODUCER = "notebooks/05_finetune_lora_8bit.ipynb"
 GENERATION_KEYS = ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "seed")
-COMMANDS = {"/reset": "start a new conversation", "/exit": "leave"}
+COMMANDS = {
+    "/help": "list the commands and the generation settings",
+    "/reset": "start a new conversation",
+    "/exit": "leave (Ctrl-D too)",
+}
 YOU, BOT = "you> ", "bot> "
+_ESCAPE = re.compile(r"\x1b(\[[0-?]*[ -/]*[@-~]|O.|.)?")  # the sequences of arrow, function and Alt keys
 
 
 def relative(path: Path) -> str:
@@ -111,20 +121,127 @@ def _print(text: str) -> None:
     print(text, end="", flush=True)
 
 
-def typed_lines(prompt: str = YOU) -> Iterator[str]:
-    """Lines typed at ``input(prompt)`` until end of input (Ctrl-D)."""
-    while True:
+def typed(keys: str) -> str:
+    """The line that ``keys``, typed without line editing, spell: backspace erases a character,
+    Ctrl-U the line, line breaks become spaces; escape sequences and other control keys are dropped."""
+    line = ""
+    for key in _ESCAPE.sub("", keys):
+        if key in "\x7f\b":
+            line = line[:-1]
+        elif key == "\x15":
+            line = ""
+        elif key in "\r\n":
+            line += " "
+        elif key.isprintable():
+            line += key
+    return line
+
+
+def unread_keys(fd: int) -> str:
+    """What has been typed at terminal ``fd`` and not read yet, without waiting for more."""
+    data = b""
+    while select.select([fd], [], [], 0)[0] and (chunk := os.read(fd, 4096)):
+        data += chunk
+    return data.decode(errors="ignore")
+
+
+class Terminal:
+    """Where the chat reads its lines. On a POSIX terminal (``fd``), keys typed while an answer
+    streams are neither echoed into it nor lost: they start the next prompt line (put there by
+    readline), ready to edit or send. Without ``fd`` (a pipe, a notebook, Windows): plain ``input()``."""
+
+    def __init__(self, fd: int | None = None):
+        self.fd = fd
+        self.ahead = ""  # typed during the last answer, for the next prompt line
+
+    @classmethod
+    def stdin(cls) -> Terminal:
+        """The terminal on standard input, or a plain one when stdin is not a terminal or there is
+        no termios and readline (Windows)."""
+        if not sys.stdin.isatty():
+            return cls()
         try:
-            yield input(prompt)
-        except EOFError:
-            print()
+            import readline  # input() then edits lines (arrows, history); Windows has neither module
+            import termios
+        except ImportError:
+            return cls()
+        return cls(sys.stdin.fileno())
+
+    def lines(self, prompt: str = YOU) -> Iterator[str]:
+        """Lines typed at ``input(prompt)`` until end of input (Ctrl-D)."""
+        while True:
+            try:
+                yield self._input(prompt)
+            except EOFError:
+                print()
+                return
+
+    def _input(self, prompt: str) -> str:
+        """``input(prompt)`` with the typed-ahead keys already on the line."""
+        if not self.ahead:
+            return input(prompt)
+        import readline
+
+        ahead, self.ahead = self.ahead, ""
+        readline.set_startup_hook(lambda: readline.insert_text(ahead))
+        try:
+            return input(prompt)
+        finally:
+            readline.set_startup_hook()
+
+    @contextmanager
+    def answering(self) -> Iterator[None]:
+        """Around an answer: typed keys are not echoed (Ctrl-C still interrupts); afterwards they are
+        kept for the next prompt line and the terminal's settings are restored, whatever happened."""
+        if self.fd is None:
+            yield
             return
+        import termios
+
+        saved = termios.tcgetattr(self.fd)
+        quiet = termios.tcgetattr(self.fd)
+        quiet[3] &= ~(termios.ECHO | termios.ICANON)  # no echo, and keys readable before Enter
+        quiet[6][termios.VMIN], quiet[6][termios.VTIME] = 1, 0
+        termios.tcsetattr(self.fd, termios.TCSANOW, quiet)
+        try:
+            yield
+        finally:
+            try:
+                self.ahead = typed(unread_keys(self.fd))
+            finally:
+                termios.tcsetattr(self.fd, termios.TCSANOW, saved)
 
 
-def converse(chat: ChatSession, lines: Iterable[str], echo: bool = False) -> list[dict[str, Any]]:
+def budget(chat: ChatSession) -> str:
+    """How the model's context is shared between the prompt and the answer."""
+    context, answer = context_length(chat.model), chat.options["max_new_tokens"]
+    return f"{context}-token context: {context - answer} for your message and the history, {answer} for each answer"
+
+
+def help_text(chat: ChatSession) -> str:
+    """The commands, the generation settings and the token budget."""
+    commands = [f"  {c:<7} {h}" for c, h in COMMANDS.items()]
+    settings = ", ".join(f"{k}={v}" for k, v in chat.options.items())
+    return "\n".join(["commands:", *commands, f"settings: {settings}", budget(chat)])
+
+
+def unknown(command: str) -> str:
+    """The note for an unknown command, with the closest known one."""
+    close = difflib.get_close_matches(command, COMMANDS, n=1, cutoff=0.5)
+    hint = f"did you mean {close[0]}? " if close else ""
+    return f"(unknown command {command}: {hint}/help lists the commands)"
+
+
+def converse(
+    chat: ChatSession,
+    lines: Iterable[str],
+    echo: bool = False,
+    answering: Callable[[], AbstractContextManager[Any]] = nullcontext,
+) -> list[dict[str, Any]]:
     """Answer each line (streaming to stdout) or run its command; stop at ``/exit``.
 
-    ``echo`` prints each line first (for scripted input). Returns one row per exchange.
+    ``echo`` prints each line first (for scripted input); each answer runs inside ``answering()``
+    (:meth:`Terminal.answering` in the CLI). Returns one row per exchange.
     """
     rows = []
     for line in lines:
@@ -133,24 +250,48 @@ def converse(chat: ChatSession, lines: Iterable[str], echo: bool = False) -> lis
             print(YOU + line)
         if not line:
             continue
-        if line == "/exit":
+        command = line.split()[0]
+        if command == "/exit":
             break
-        if line == "/reset":
+        if command == "/help":
+            print(help_text(chat))
+            continue
+        if command == "/reset":
             chat.reset()
             print(f"(conversation {chat.conversation})")
             continue
-        if line.startswith("/"):
-            print(f"unknown command {line}; commands: " + ", ".join(f"{c} ({h})" for c, h in COMMANDS.items()))
+        if command.startswith("/"):
+            print(unknown(command))
             continue
-        _print(BOT)
         try:
-            reply = chat.ask(line, stream=_print)
+            with answering():
+                reply = _answer(chat, line)
         except ValueError as e:  # an empty or too long message: say so and go on
-            print(f"({e})")
+            print(e)
             continue
         print(" […]" if reply.truncated else "", flush=True)
         rows.append(_row(chat.conversation, line, reply))
     return rows
+
+
+def _answer(chat: ChatSession, message: str) -> Reply:
+    """Ask ``message``, streaming ``bot> `` and the answer as recorded (stripped): ``bot> `` comes
+    with the first piece, so a refused message is not shown as the bot's words, and whitespace
+    waits for the text after it."""
+    shown, held = BOT, ""
+
+    def show(text: str) -> None:
+        nonlocal shown, held
+        text = held + text
+        body = text.rstrip()
+        held = text[len(body) :]
+        if body:
+            _print(shown + body)
+            shown = ""
+
+    reply = chat.ask(message, stream=show)
+    _print(shown)  # an empty answer still gets its bot>
+    return reply
 
 
 def _row(conversation: int, message: str, reply: Reply) -> dict[str, Any]:
@@ -204,11 +345,11 @@ def interact(chat: ChatSession) -> Any:
     try:
         import ipywidgets as widgets
     except ImportError:
-        print("(ipywidgets is not installed: chatting through input(); /reset, /exit)")
-        converse(chat, typed_lines())
+        print("(ipywidgets is not installed: chatting through input(); /help lists the commands)")
+        converse(chat, Terminal().lines())
         return None
     log = widgets.Output()
-    box = widgets.Text(placeholder="message, /reset or /exit; Enter sends", continuous_update=False,
+    box = widgets.Text(placeholder="message or /help; Enter sends", continuous_update=False,
                        layout=widgets.Layout(width="100%"))
 
     def send(change: dict[str, Any]) -> None:
@@ -228,8 +369,8 @@ def interact(chat: ChatSession) -> Any:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m nblib.chat",
-        description="Chat with the fine-tuned assistant: answers stream in; /reset starts a new conversation, "
-        "/exit (or Ctrl-D) leaves.",
+        description="Chat with the fine-tuned assistant: answers stream in; /help lists the commands "
+        "(/reset starts a new conversation, /exit or Ctrl-D leaves).",
     )
     parser.add_argument("--model", help="merged model or peft adapter folder (default: runs/finetune-lora-8bit/merged)")
     parser.add_argument("--profile", default="auto", help="chat settings profile: smoke, full or auto")
@@ -247,9 +388,10 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as e:
         print(f"chat: {e}", file=sys.stderr)
         return 2
-    print(f"model {cfg['model']}; " + ", ".join(f"{c} to {h}" for c, h in COMMANDS.items()), flush=True)
+    print(f"model {cfg['model']} ({budget(chat)}); /help for commands", flush=True)
+    terminal = Terminal.stdin()
     try:
-        converse(chat, typed_lines())
+        converse(chat, terminal.lines(), answering=terminal.answering)
     except KeyboardInterrupt:
         print()
     return 0

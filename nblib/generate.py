@@ -213,9 +213,10 @@ def generate(
 
 
 def fit_history(
-    tokenizer: Any, turns: list[dict[str, str]], message: str, max_tokens: int
+    tokenizer: Any, turns: list[dict[str, str]], message: str, context: int, max_new_tokens: int
 ) -> tuple[list[int], int]:
-    """Token ids of the generation prompt for ``message`` after ``turns``, within ``max_tokens``.
+    """Token ids of the generation prompt for ``message`` after ``turns``, leaving ``max_new_tokens``
+    of the model's ``context`` for the answer.
 
     The oldest exchanges (a user turn and its answer) are dropped whole until the prompt fits,
     so no turn is ever cut. Returns the ids and the number of turns dropped.
@@ -223,13 +224,18 @@ def fit_history(
     if len(turns) % 2 or any(t["role"] != ("user", "assistant")[i % 2] for i, t in enumerate(turns)):
         raise ValueError("turns must alternate user, assistant, ... and end with an assistant turn")
     question = {"role": "user", "content": message}
+    room = context - max_new_tokens
     for start in range(0, len(turns) + 1, 2):
         ids = tokenizer.encode(render([*turns[start:], question], generation_prompt=True), add_special_tokens=False)
-        if len(ids) <= max_tokens:
+        if len(ids) <= room:
             return ids, start
+    n = len(ids)
+    lower = f", lower max_new_tokens (--max-new-tokens) to {context - n}" if n < context else ""
+    full = ", such as the full profile's fine-tune of gpt2 (1024 tokens; `python -m nblib.pipeline --profile full` on a GPU)"
     raise ValueError(
-        f"the message alone makes a {len(ids)}-token prompt but only {max_tokens} tokens fit "
-        "(the model's context minus max_new_tokens); shorten the message or lower max_new_tokens"
+        f"the message makes a {n}-token prompt but only {room} tokens fit: the model's context is {context} tokens, "
+        f"and max_new_tokens={max_new_tokens} of them are kept for the answer. To send it, shorten it by "
+        f"{n - room} tokens{lower} or use a model with a longer context{full if context < 1024 else ''}"
     )
 
 
@@ -292,8 +298,8 @@ class ChatSession:
         message = clean_text(message)
         if not message:
             raise ValueError("the message is empty (once role markers, HTML and control characters are removed)")
-        budget = context_length(self.model) - self.options["max_new_tokens"]
-        ids, dropped = fit_history(self.tokenizer, self.turns, message, budget)
+        context, max_new_tokens = context_length(self.model), self.options["max_new_tokens"]
+        ids, dropped = fit_history(self.tokenizer, self.turns, message, context, max_new_tokens)
         options = dict(self.options)
         if options.get("seed") is not None:
             options["seed"] += self.replies

@@ -3,6 +3,7 @@ conversation and its transcript, the terminal CLI through a pseudo-terminal, not
 from __future__ import annotations
 
 import os
+import select
 import sys
 from pathlib import Path
 
@@ -19,6 +20,11 @@ from nblib.tokenizer import hf_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 MERGED = "runs/finetune-lora-8bit/merged"
+CLI = ["--model", MERGED, "--profile", "smoke", "--temperature", "0"]
+START = f"model {MERGED} (64-token context: 32 for your message and the history, 32 for each answer); /help for commands"
+# The CLI with a 0.3 s pause after each streamed piece, so that a test can type while an answer streams.
+SLOW_CLI = "import sys, time; from nblib import chat; show = chat._print; " \
+           "chat._print = lambda text: (show(text), time.sleep(0.3)); sys.exit(chat.main())"
 
 
 @pytest.fixture
@@ -91,22 +97,56 @@ def test_adapter_beside_a_missing_merged_folder_is_loaded_on_its_base(home, mirr
 def test_scripted_conversation_and_transcript(merged, home, capsys):
     cfg = smoke(temperature=0, max_new_tokens=24)
     session = chat.session(*chat.load(MERGED, device="cpu"), cfg)
-    script = ["What is two plus two?", "And three?", "/reset", "/bogus", "<|user|>", "Name a color.", "/exit", "never asked"]
+    script = ["What is two plus two?", "And three?", "/reset", "/bogus", "/rset", "/help", "<|user|>", "word " * 40,
+              "Name a color.", "/exit", "never asked"]
     rows = chat.converse(session, script, echo=True)
     out = capsys.readouterr().out
     asked = [(r["conversation"], r["user"]) for r in rows]
     assert asked == [(1, "What is two plus two?"), (1, "And three?"), (2, "Name a color.")]
-    assert "bot> Two plus two is four.\n" in out and "unknown command /bogus" in out and "(the message is empty" in out
+    assert "bot> Two plus two is four.\n" in out and "\nthe message is empty" in out
+    assert "(unknown command /bogus: /help lists the commands)" in out
+    assert "(unknown command /rset: did you mean /reset? /help lists the commands)" in out
+    assert "\n  /reset  start a new conversation\n" in out and "settings: max_new_tokens=24, temperature=0," in out
+    assert "\nthe message makes a 43-token prompt but only 40 tokens fit" in out  # not after a bot>
     assert "never asked" not in out
     for r in rows:
         assert USER not in r["assistant"] and ASSISTANT not in r["assistant"] and "<|" not in r["assistant"]
-        assert r["assistant"] in out  # what streamed is what was recorded
+        assert f"bot> {r['assistant']}\n" in out  # what streamed is what was recorded
     path = chat.write_transcript(rows, MERGED, cfg)
     assert path == home / "reports" / "chat_transcript.md"
     text = path.read_text(encoding="utf-8")
     assert "## Conversation 2" in text and "**Assistant:** Two plus two is four." in text
     assert "- model: `runs/finetune-lora-8bit/merged`" in text and str(home) not in text
     assert all("<|" not in line for line in text.splitlines() if line.startswith("**Assistant:**"))
+
+
+def test_typed_spells_the_line_the_keys_make():
+    assert chat.typed("Explain grv\x7f\x7fravity") == "Explain gravity"
+    assert chat.typed("oops\x15Why\x1b[D\x1b[C?\x04\t") == "Why?"  # Ctrl-U, arrow keys, Ctrl-D, tab
+    assert chat.typed("two\rlines\n") == "two lines "
+    assert chat.typed("\x7fé") == "é"
+
+
+def test_terminal_hides_keys_while_answering_and_keeps_them():
+    termios = pytest.importorskip("termios")
+    import pty
+
+    master, slave = pty.openpty()
+    try:
+        saved = termios.tcgetattr(slave)
+        terminal = chat.Terminal(slave)
+        with terminal.answering():
+            assert not termios.tcgetattr(slave)[3] & termios.ECHO
+            os.write(master, "Explain grav\x7fvity é".encode())
+            assert select.select([slave], [], [], 5)[0]  # the keys reached the terminal...
+            assert not select.select([master], [], [], 0.2)[0]  # ...and nothing was echoed
+        assert terminal.ahead == "Explain gravity é" and termios.tcgetattr(slave) == saved
+        with pytest.raises(KeyboardInterrupt), terminal.answering():  # Ctrl-C while an answer streams
+            raise KeyboardInterrupt
+        assert termios.tcgetattr(slave) == saved and terminal.ahead == ""
+    finally:
+        os.close(master)
+        os.close(slave)
 
 
 def test_interact_falls_back_to_input_without_ipywidgets(merged, monkeypatch, capsys):
@@ -133,15 +173,31 @@ def test_cli_missing_model_exits_with_the_reason(home, capsys):
     assert "no model folder at runs/nothing/merged" in capsys.readouterr().err
 
 
-def test_cli_two_turns_reset_and_exit_in_a_pty(merged, home):
+def spawn(home: Path, *args: str) -> pexpect.spawn:
+    """The chat CLI (``python *args``) in a pseudo-terminal, on the fixture model."""
     env = {**os.environ, "NBLIB_HOME": str(home), "PYTHONUNBUFFERED": "1"}
-    cli = pexpect.spawn(sys.executable, ["-m", "nblib.chat", "--model", MERGED, "--profile", "smoke", "--temperature", "0"],
-                        env=env, cwd=str(REPO), encoding="utf-8", timeout=120)
-    cli.expect_exact("/reset to start a new conversation")
+    return pexpect.spawn(sys.executable, [*args, *CLI], env=env, cwd=str(REPO), encoding="utf-8", timeout=120)
+
+
+def test_cli_commands_refusals_and_turns_in_a_pty(merged, home):
+    cli = spawn(home, "-m", "nblib.chat")
+    cli.expect_exact(START)
+    cli.expect_exact("you> ")
+    cli.sendline("/help")
+    cli.expect_exact("commands:\r\n  /help   list the commands and the generation settings\r\n"
+                     "  /reset  start a new conversation\r\n  /exit   leave (Ctrl-D too)\r\n"
+                     "settings: max_new_tokens=32, temperature=0.0, top_k=50")
+    cli.expect_exact("you> ")
+    cli.sendline("/rest")
+    cli.expect_exact("(unknown command /rest: did you mean /reset? /help lists the commands)")
     cli.expect_exact("you> ")
     cli.sendline("What is two plus two?")
-    cli.expect_exact("bot> Two plus two is four.\r\n")
-    cli.expect_exact("you> ")
+    cli.expect_exact("bot> Two plus two is four.\r\nyou> ")  # no blank line: the answer's newline is not shown
+    cli.sendline("word " * 40)
+    cli.expect_exact("\r\nthe message makes a 43-token prompt but only 32 tokens fit: the model's context is 64 tokens")
+    cli.expect_exact("lower max_new_tokens (--max-new-tokens) to 21 or use a model with a longer context, such as the "
+                     "full profile's fine-tune of gpt2")
+    cli.expect_exact("you> ")  # the chat goes on
     cli.sendline("Name a color.")
     cli.expect(r"bot> ([^\r\n]+)\r\n")
     second = cli.match.group(1)
@@ -149,6 +205,28 @@ def test_cli_two_turns_reset_and_exit_in_a_pty(merged, home):
     cli.expect_exact("you> ")
     cli.sendline("/reset")
     cli.expect_exact("(conversation 2)")
+    cli.expect_exact("you> ")
+    cli.sendline("/exit")
+    cli.expect(pexpect.EOF)
+    cli.close()
+    assert cli.exitstatus == 0
+
+
+def test_cli_keys_typed_while_an_answer_streams_start_the_next_line(merged, home):
+    cli = spawn(home, "-c", SLOW_CLI)
+    cli.expect_exact("you> ")
+    cli.sendline("What is two plus two?")
+    cli.expect_exact("bot> Two")
+    cli.send("Name a colr\x7f\x7flor.")  # typed (with a correction) while " plus two is four." streams
+    cli.expect_exact("\r\n")
+    assert cli.before == " plus two is four."  # not echoed into the answer
+    cli.expect_exact("you> Name a color.")  # but waiting on the next line, ready to edit or send
+    cli.send("\r")
+    cli.expect_exact("\r\nbot> ")  # sent as typed
+    cli.send("/hepl\x7f\x7flp")
+    cli.expect_exact("\r\nyou> /help")
+    cli.send("\r")
+    cli.expect_exact("\r\ncommands:\r\n")  # the line sent is the one shown
     cli.expect_exact("you> ")
     cli.sendline("/exit")
     cli.expect(pexpect.EOF)

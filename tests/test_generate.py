@@ -101,19 +101,36 @@ def test_fit_history_drops_oldest_whole_exchanges(tok):
     for i in range(6):
         turns += [{"role": "user", "content": f"pergunta número {i} sobre Capitu"},
                   {"role": "assistant", "content": f"resposta número {i}, bem mais comprida que a pergunta"}]
-    full, dropped = fit_history(tok, turns, "e agora?", 10_000)
+    full, dropped = fit_history(tok, turns, "e agora?", 10_000, 100)
     assert dropped == 0 and tok.decode(full) == render([*turns, {"role": "user", "content": "e agora?"}], generation_prompt=True)
     budget = len(full) - 20
-    ids, dropped = fit_history(tok, turns, "e agora?", budget)
+    ids, dropped = fit_history(tok, turns, "e agora?", budget + 32, 32)
     assert len(ids) <= budget and dropped % 2 == 0 and dropped >= 2
     kept = [*turns[dropped:], {"role": "user", "content": "e agora?"}]
     assert tok.decode(ids) == render(kept, generation_prompt=True)  # whole turns, oldest gone
     longer = render([*turns[dropped - 2 :], kept[-1]], generation_prompt=True)
     assert len(tok.encode(longer)) > budget  # it kept as much history as fits
-    with pytest.raises(ValueError, match="shorten the message or lower max_new_tokens"):
-        fit_history(tok, turns, "palavra " * 50, 20)
     with pytest.raises(ValueError, match="alternate"):
-        fit_history(tok, turns[1:], "oi", 1000)
+        fit_history(tok, turns[1:], "oi", 1000, 32)
+
+
+def test_fit_history_says_how_to_fit_a_long_message(tok):
+    message = "palavra " * 12
+    n = len(tok.encode(render([{"role": "user", "content": message}], generation_prompt=True)))
+    assert 32 < n < 64
+    with pytest.raises(ValueError) as e:
+        fit_history(tok, [], message, 64, 32)
+    assert str(e.value) == (
+        f"the message makes a {n}-token prompt but only 32 tokens fit: the model's context is 64 tokens, and "
+        f"max_new_tokens=32 of them are kept for the answer. To send it, shorten it by {n - 32} tokens, lower "
+        f"max_new_tokens (--max-new-tokens) to {64 - n} or use a model with a longer context, such as the full "
+        "profile's fine-tune of gpt2 (1024 tokens; `python -m nblib.pipeline --profile full` on a GPU)"
+    )
+    assert fit_history(tok, [], message, 64, 64 - n)[0]  # the suggested max_new_tokens does fit
+    with pytest.raises(ValueError, match=rf"shorten it by {n - 8} tokens or use a model with a longer context, such as"):
+        fit_history(tok, [], message, 16, 8)  # longer than the whole context: no max_new_tokens helps
+    with pytest.raises(ValueError, match=r"shorten it by \d+ tokens or use a model with a longer context$"):
+        fit_history(tok, [], "palavra " * 400, 1024, 100)  # already gpt2's 1024 tokens: no bigger model to name
 
 
 # --- the generation loop on real models ---------------------------------------------------------
