@@ -10,6 +10,8 @@
 4. Tokenising the 116-work Machado collection (``$NBLIB_MIRROR/machado``): batch vs one by one.
 5. With a CUDA GPU only: tokens/s, MFU and peak memory of the full-profile and gpt2-small
    configs, fp16 and bf16, with and without ``torch.compile``.
+6. On the CPU: training tokens/s in fp32 against bf16 autocast, interleaved (why
+   ``nblib.machine`` keeps CPUs in fp32).
 
 Sizes are the ``full`` training profile's (8 layers x 8 heads x 512) unless ``--quick``.
 Sections 1-2 run on the GPU when there is one (bf16 training where supported), else the CPU.
@@ -26,7 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nblib import config, train
+from nblib import config, machine, train
 from nblib.model import GPT, GPTConfig, KVCache
 
 
@@ -128,7 +130,7 @@ def table(rows: list[dict], title: str) -> None:
 
 
 def bench_config(quick: bool, n_kv_head: int, context_length: int | None = None) -> GPTConfig:
-    cfg = train.settings("full")
+    cfg = config.settings("train", "full")
     sizes = dict(n_layer=2, n_head=4, d_model=128, context_length=128) if quick else {
         k: cfg[k] for k in ("n_layer", "n_head", "d_model", "context_length")}
     if context_length is not None:
@@ -290,11 +292,12 @@ def bench_gpu(steps: int) -> None:
         return
     device = torch.device("cuda")
     capability = torch.cuda.get_device_capability(device)
-    peak = train.peak_flops(device)
+    gpu = machine.detect("cuda")
     rows = []
-    for label, cfg in (("full", train.settings("full")), ("gpt2-small", train.settings("full", preset="gpt2-small"))):
+    for label, cfg in (("full", config.settings("train", "full")), ("gpt2-small", config.settings("train", "full", "gpt2-small"))):
         dtypes = [torch.float16] + ([torch.bfloat16] if capability >= (8, 0) else [])
         for dtype in dtypes:
+            peak = machine.policy(str(dtype).removeprefix("torch."), device=gpu).peak_flops
             for compiled in (False, True) if capability >= (7, 0) else (False,):  # Triton needs sm70+
                 torch.manual_seed(0)
                 model = GPT(train.model_config({**cfg, "dropout": 0.0})).to(device)
@@ -323,7 +326,42 @@ def bench_gpu(steps: int) -> None:
                 del model, opt, fwd
                 torch.cuda.empty_cache()
     table(rows, f"5. GPU training throughput, {torch.cuda.get_device_name(device)}, mean of {steps} steps, "
-                f"MFU against {(peak or float('nan')) / 1e12:.0f} TFLOP/s dense half precision")
+                f"MFU against the GPU's dense peak in each dtype (nblib.machine.GPUS)")
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. CPU: fp32 against bf16 autocast (the rule nblib.machine applies on CPUs)
+
+
+def bench_cpu_dtypes(quick: bool, reps: int, batch_size: int) -> None:
+    """Training tokens/s of the same model in fp32 and under bf16 autocast, interleaved on the CPU."""
+    device = torch.device("cpu")
+    rows = []
+    for shape in (("smoke", dict(n_layer=2, n_head=4, d_model=64, context_length=64)),
+                  ("full", {k: config.settings("train", "full")[k] for k in ("n_layer", "n_head", "d_model", "context_length")})):
+        if quick and shape[0] == "full":
+            continue
+        c = GPTConfig(n_kv_head=shape[1]["n_head"], dropout=0.0, **shape[1])
+        setups = {}
+        for dtype in (torch.float32, torch.bfloat16):
+            torch.manual_seed(0)
+            model = GPT(c).to(device)
+            setups[dtype] = (model, torch.optim.AdamW(model.parameters(), lr=1e-4))
+        x = torch.randint(0, 50257, (batch_size, c.context_length))
+        y = torch.roll(x, -1, 1)
+        times: dict[torch.dtype, list[float]] = {d: [] for d in setups}
+        for d, (model, opt) in setups.items():
+            train_step(model, opt, x, y, d)  # warm-up
+        for rep in range(reps):
+            for d in (list(setups) if rep % 2 == 0 else list(setups)[::-1]):
+                model, opt = setups[d]
+                t0 = time.perf_counter()
+                train_step(model, opt, x, y, d)
+                times[d].append(time.perf_counter() - t0)
+        fp32, bf16 = (batch_size * c.context_length / statistics.median(times[d]) for d in setups)
+        rows.append({"shape": f"{shape[0]} ({c.n_layer}x{c.n_head}x{c.d_model}, ctx {c.context_length})",
+                     "fp32 tok/s": f"{fp32:,.0f}", "bf16 autocast tok/s": f"{bf16:,.0f}", "bf16 ÷ fp32": f"{bf16 / fp32:.2f}x"})
+    table(rows, f"6. CPU training: fp32 vs bf16 autocast, batch {batch_size}, interleaved, median of {reps}")
 
 
 def main() -> None:
@@ -334,20 +372,21 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--gen-reps", type=int, default=2)
     parser.add_argument("--gpu-steps", type=int, default=20)
-    parser.add_argument("--only", default="1,2,3,4,5", help="comma list of sections to run")
+    parser.add_argument("--only", default="1,2,3,4,5,6", help="comma list of sections to run")
     args = parser.parse_args()
     only = {int(x) for x in args.only.split(",")}
-    info = config.machine_info()
+    info = machine.info()
     print(f"# bench_pretrain — {info['cpu']} ({info['cpu_cores']} cores), GPU: {info['gpu'] or 'none'}, "
           f"torch {info['torch']}, {torch.get_num_threads()} threads")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    batch_size = args.batch_size or (train.settings("full")["batch_size"] if device.type == "cuda" else 4)
+    batch_size = args.batch_size or (config.settings("train", "full")["batch_size"] if device.type == "cuda" else 4)
     sections = {
         1: lambda: bench_training(args.quick, args.reps, batch_size, device),
         2: lambda: bench_generation(args.quick, args.new_tokens, args.gen_reps, device),
         3: lambda: bench_kv_cache(args.quick),
         4: bench_tokenisation,
         5: lambda: bench_gpu(args.gpu_steps),
+        6: lambda: bench_cpu_dtypes(args.quick, args.reps, batch_size),
     }
     for number in sorted(only):
         sections[number]()

@@ -1,7 +1,7 @@
 """Talk to the fine-tuned assistant: load its model folder, run a scripted or live conversation,
 write the transcript. From a terminal::
 
-    python -m nblib.chat --model runs/finetune-lora-8bit/merged
+    python -m nblib.chat --model runs/finetune-lora-8bit/seed-1234/merged
 
 Type a message and the answer streams in; ``/help`` lists the commands (``/reset`` starts a new
 conversation, ``/exit`` or Ctrl-D leaves). On a POSIX terminal, keys typed while an answer
@@ -19,9 +19,7 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
-import torch
-
-from nblib import config
+from nblib import config, machine
 from nblib.files import atomic_write_text, read_json
 from nblib.generate import ChatSession, Reply, check_chat_tokenizer, context_length
 
@@ -36,26 +34,17 @@ YOU, BOT = "you> ", "bot> "
 _ESCAPE = re.compile(r"\x1b(\[[0-?]*[ -/]*[@-~]|O.|.)?")  # the sequences of arrow, function and Alt keys
 
 
-def relative(path: Path) -> str:
-    """``path`` relative to the working root when it lies inside it (no machine paths in outputs)."""
-    try:
-        return str(path.resolve().relative_to(config.home()))
-    except ValueError:
-        return str(path)
-
-
 def resolve(model_dir: str | os.PathLike) -> Path:
     """The folder to load: ``model_dir`` (relative paths are under the working root), or the
     ``adapter/`` beside a missing ``merged/``."""
-    path = Path(model_dir).expanduser()
-    path = path if path.is_absolute() else config.home() / path
+    path = config.resolve(model_dir)
     if path.is_dir():
         return path
     adapter = path.with_name("adapter")
     if path.name == "merged" and (adapter / "adapter_config.json").is_file():
         return adapter
     raise FileNotFoundError(
-        f"no model folder at {relative(path)}. Run {PRODUCER} first (it writes "
+        f"no model folder at {config.relative(path)}. Run {PRODUCER} first (it writes "
         "runs/finetune-<variant>/merged/ and adapter/), or pass the folder of a merged model "
         "(config.json) or of a peft adapter (adapter_config.json)"
     )
@@ -74,11 +63,11 @@ def load(model_dir: str | os.PathLike, device: str | None = None) -> tuple[Any, 
         tokenizer = AutoTokenizer.from_pretrained(path)
     else:
         raise ValueError(
-            f"{relative(path)} holds neither config.json (a merged model) nor adapter_config.json "
+            f"{config.relative(path)} holds neither config.json (a merged model) nor adapter_config.json "
             f"(a peft adapter); point --model/model at the merged/ or adapter/ folder that {PRODUCER} writes"
         )
     _check_chat_model(model, tokenizer, path)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = device or str(machine.detect().torch)
     return model.to(device).eval(), tokenizer
 
 
@@ -91,7 +80,7 @@ def _load_adapter(path: Path) -> tuple[Any, Any]:
     except OSError as e:  # FileNotFoundError for a missing folder, OSError from the hub offline
         base = read_json(path / "adapter_config.json").get("base_model_name_or_path")
         raise FileNotFoundError(
-            f"the adapter at {relative(path)} needs its base model {base!r}, which could not be loaded ({e}). "
+            f"the adapter at {config.relative(path)} needs its base model {base!r}, which could not be loaded ({e}). "
             "Restore the base (the smoke profile's is runs/pretrain-mha/hf from notebooks/03_train_mha.ipynb; "
             "a hub name needs a network or the HF cache), or load the merged/ folder instead"
         ) from e
@@ -103,11 +92,11 @@ def _check_chat_model(model: Any, tokenizer: Any, path: Path) -> None:
     try:
         check_chat_tokenizer(tokenizer)
     except ValueError as e:
-        raise ValueError(f"{relative(path)}: {e}") from None
+        raise ValueError(f"{config.relative(path)}: {e}") from None
     rows = model.get_input_embeddings().num_embeddings
     if rows < len(tokenizer):
         raise ValueError(
-            f"{relative(path)}: the model has {rows} token embeddings but its tokenizer has "
+            f"{config.relative(path)}: the model has {rows} token embeddings but its tokenizer has "
             f"{len(tokenizer)} tokens; the weights and the tokenizer come from different models"
         )
 
@@ -372,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
         description="Chat with the fine-tuned assistant: answers stream in; /help lists the commands "
         "(/reset starts a new conversation, /exit or Ctrl-D leaves).",
     )
-    parser.add_argument("--model", help="merged model or peft adapter folder (default: runs/finetune-lora-8bit/merged)")
+    parser.add_argument("--model", help="merged model or peft adapter folder (default: the chat profile's, runs/finetune-lora-8bit/seed-1234/merged)")
     parser.add_argument("--profile", default="auto", help="chat settings profile: smoke, full or auto")
     parser.add_argument("--device", help="cpu, cuda, ... (default: CUDA if present)")
     parser.add_argument("--max-new-tokens", type=int)

@@ -22,15 +22,12 @@ import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from tqdm.auto import tqdm
 
 from nblib import config, tokenizer
 from nblib.files import atomic_write_text, read_json, write_json
-
-if TYPE_CHECKING:
-    from matplotlib.figure import Figure
 
 SPLITS = ("train", "val", "test")
 PARAGRAPH_SEP = "\n\n"
@@ -573,22 +570,10 @@ def read_split(path: str | Path) -> list[str]:
     return [doc for doc in text.removesuffix("\n").split(DOC_SEP) if doc]
 
 
-def plot_paragraph_lengths(corpus_dir: str | Path | None = None) -> Figure:
-    """Histogram of paragraph lengths (characters, log bins) per split, as a share of the split's paragraphs."""
-    import matplotlib.pyplot as plt
-    import numpy as np
-
+def paragraph_lengths(corpus_dir: str | Path | None = None) -> dict[str, list[int]]:
+    """Characters of every paragraph of each split (``nblib.plots.paragraph_lengths`` draws them)."""
     corpus_dir = Path(corpus_dir) if corpus_dir is not None else config.paths().corpus
-    fig, ax = plt.subplots(figsize=(8, 4))
-    bins = np.logspace(1, 4, 31)
-    for split in SPLITS:
-        lengths = [len(p) for doc in read_split(corpus_dir / f"{split}.txt") for p in doc.split(PARAGRAPH_SEP)]
-        weights = np.full(len(lengths), 1 / max(len(lengths), 1))
-        ax.hist(lengths, bins=bins, weights=weights, histtype="step", label=f"{split} ({len(lengths):,} paragraphs)")
-    ax.set_xscale("log")
-    ax.set_xlabel("paragraph length (characters)")
-    ax.set_ylabel("share of paragraphs")
-    ax.set_title("Paragraph lengths per split")
-    ax.legend()
-    fig.tight_layout()
-    return fig
+    return {
+        split: [len(p) for doc in read_split(corpus_dir / f"{split}.txt") for p in doc.split(PARAGRAPH_SEP)]
+        for split in SPLITS
+    }

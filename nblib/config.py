@@ -1,16 +1,25 @@
-"""Profiles, working-root paths, the offline mirror, seeds and machine facts.
+"""Profiles and their settings, the working root and its folders, the offline mirror, seeds.
 
-A *profile* sets the sizes of every stage: ``smoke`` runs on a CPU in minutes, ``full`` is
-meant for a Kaggle GPU, ``auto`` picks ``full`` when CUDA is available. Each stage's sizes live
-in ``nblib/profiles/<stage>.yaml`` (one mapping per profile), so they can be read at a glance.
+A *profile* sets the sizes of every stage: ``smoke`` runs on a CPU in minutes, ``full`` is meant
+for a Kaggle GPU, ``auto`` picks ``full`` when CUDA is available. Each stage's settings live in
+``nblib/profiles/<stage>.yaml`` as one ``base`` mapping plus the keys each profile changes (like
+nanoGPT's ``config/*.py`` override files), a ``schema`` that says what every setting accepts, and
+optionally named ``presets`` of sizes. :func:`settings` merges base, profile, preset and the
+caller's overrides, and validates the result against the schema before any work starts.
+
+Schema specs, one per setting: ``bool``, ``text``, ``mapping``, ``list of int``, ``list of text``
+(``nonempty list of ...`` refuses ``[]``), ``any``, ``int``, ``float`` (optionally ``>= 1``, ``> 0``, ``in [0, 1)``), ``one of a, b, c``; a trailing
+``or null`` also admits ``None``.
 """
 from __future__ import annotations
 
+import difflib
+import math
 import os
-import platform
 import random
+import re
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +29,10 @@ PROFILES = ("smoke", "full")
 PROFILE_DIR = Path(__file__).with_name("profiles")
 _PACKAGE_ROOT = Path(__file__).resolve().parents[1]
 KAGGLE_WORKING = Path("/kaggle/working")
+
+
+class SettingsError(ValueError):
+    """Settings that do not fit a stage's schema; the message names each setting and what it accepts."""
 
 
 def resolve_profile(profile: str = "auto") -> str:
@@ -33,28 +46,170 @@ def resolve_profile(profile: str = "auto") -> str:
     return profile
 
 
-def settings(stage: str, profile: str = "auto", **overrides: Any) -> dict[str, Any]:
-    """Sizes for ``stage`` under ``profile``, with non-``None`` ``overrides`` applied on top.
+@lru_cache(maxsize=None)
+def _table(path: Path, mtime_ns: int) -> dict[str, Any]:
+    return yaml.safe_load(path.read_text(encoding="utf-8"))
 
-    Unknown override names are an error (a typo in a papermill ``-p`` must not pass silently).
-    """
+
+def profile_table(stage: str) -> dict[str, Any]:
+    """The parsed ``profiles/<stage>.yaml`` (``schema``, ``base``, ``smoke``, ``full``, ``presets``)."""
     path = PROFILE_DIR / f"{stage}.yaml"
     if not path.is_file():
         known = sorted(p.stem for p in PROFILE_DIR.glob("*.yaml"))
         raise ValueError(f"no profile file for stage {stage!r} ({path}); known stages: {', '.join(known)}")
-    table = yaml.safe_load(path.read_text(encoding="utf-8"))
+    table = _table(path, path.stat().st_mtime_ns)
+    for section in ("schema", "base"):
+        if not isinstance(table.get(section), dict):
+            raise ValueError(f"{path} has no {section!r} mapping")
+    return table
+
+
+def free_keys(stage: str) -> frozenset[str]:
+    """Settings that may change between sessions of one run, or between compared runs, without
+    changing any result (``free:`` in the stage's profile file)."""
+    return frozenset(profile_table(stage).get("free", ()))
+
+
+def settings(stage: str, profile: str = "auto", preset: str | None = None, **overrides: Any) -> dict[str, Any]:
+    """Settings of ``stage`` under ``profile``: base, the profile's changes, the named ``preset``,
+    then the non-``None`` ``overrides``; validated, with ``profile`` (and ``preset``) added.
+
+    An unknown setting name is an error that suggests the closest one; a value outside the
+    schema is an error naming the setting and the values it accepts.
+    """
+    table = profile_table(stage)
     name = resolve_profile(profile)
-    if name not in table:
-        raise ValueError(f"{path} has no {name!r} section")
-    out = dict(table[name])
-    unknown = sorted(k for k, v in overrides.items() if v is not None and k not in out)
+    out = {**table["base"], **(table.get(name) or {})}
+    if preset is not None:
+        known = table.get("presets") or {}
+        if preset not in known:
+            raise ValueError(f"unknown preset {preset!r} for stage {stage!r}; known presets: {', '.join(sorted(known)) or 'none'}")
+        out.update(known[preset])
+    given = {k: v for k, v in overrides.items() if v is not None}
+    unknown = sorted(k for k in given if k not in out)
     if unknown:
-        raise ValueError(
-            f"unknown setting(s) for stage {stage!r}: {', '.join(unknown)}; valid: {', '.join(sorted(out))}"
+        hints = []
+        for k in unknown:
+            close = difflib.get_close_matches(k, list(out), n=1)
+            hints.append(f"{k!r} (did you mean {close[0]!r}?)" if close else repr(k))
+        raise SettingsError(
+            f"unknown setting(s) for stage {stage!r}: {', '.join(hints)}; valid: {', '.join(sorted(out))}"
         )
-    out.update({k: v for k, v in overrides.items() if v is not None})
+    out.update(given)
+    out = validate(stage, out, table["schema"])
     out["profile"] = name
+    if "presets" in table:
+        out["preset"] = preset
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# schema
+
+
+_NUMBER = re.compile(r"^(int|float)(?:\s*(>=|>|<=|<)\s*(\S+)|\s+in\s+([\[(])\s*(\S+),\s*(\S+)\s*([\])]))?$")
+
+
+def describe(spec: str) -> str:
+    """A spec in words for error messages (``int >= 1`` -> ``an integer >= 1``)."""
+    nullable = spec.endswith(" or null")
+    core = spec.removesuffix(" or null")
+    words = {"bool": "true or false", "text": "a text", "mapping": "a mapping", "list of int": "a list of integers",
+             "list of text": "a list of texts", "nonempty list of int": "a non-empty list of integers",
+             "nonempty list of text": "a non-empty list of texts", "any": "anything"}.get(core)
+    if words is None and core.startswith("one of "):
+        words = "one of " + ", ".join(repr(c.strip()) for c in core[7:].split(","))
+    if words is None:
+        m = _NUMBER.match(core)
+        if not m:
+            raise ValueError(f"bad schema spec {spec!r}")
+        kind = "an integer" if m.group(1) == "int" else "a number"
+        if m.group(2):
+            words = f"{kind} {m.group(2)} {m.group(3)}"
+        elif m.group(4):
+            words = f"{kind} in {m.group(4)}{m.group(5)}, {m.group(6)}{m.group(7)}"
+        else:
+            words = kind
+    return f"{words}, or null" if nullable else words
+
+
+def _number(value: Any, kind: str) -> int | float | None:
+    """``value`` as an int/float if it is one (numeric text such as ``"1e-4"`` included), else ``None``."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            return None
+    if not isinstance(value, (int, float)) or (isinstance(value, float) and math.isnan(value)):
+        return None
+    if kind == "int":
+        if isinstance(value, float) and not value.is_integer():
+            return None
+        return int(value)
+    return float(value) if isinstance(value, float) else value
+
+
+def check_value(spec: str, value: Any) -> tuple[bool, Any]:
+    """``(ok, value)`` for ``value`` under ``spec``; numbers given as text are converted."""
+    if value is None:
+        return spec.endswith(" or null"), None
+    core = spec.removesuffix(" or null")
+    if core == "any":
+        return True, value
+    if core == "bool":
+        return isinstance(value, bool), value
+    if core == "text":
+        return isinstance(value, str), value
+    if core == "mapping":
+        return isinstance(value, dict), value
+    if core.startswith(("list of ", "nonempty list of ")):
+        item = "int" if core.endswith(" int") else "text"
+        if not isinstance(value, (list, tuple)) or (core.startswith("nonempty") and not value):
+            return False, value
+        if item == "int":
+            items = [_number(v, "int") for v in value]
+            return all(i is not None for i in items), items
+        return all(isinstance(v, str) for v in value), list(value)
+    if core.startswith("one of "):
+        return value in [c.strip() for c in core[7:].split(",")], value
+    m = _NUMBER.match(core)
+    if not m:
+        raise ValueError(f"bad schema spec {spec!r}")
+    number = _number(value, m.group(1))
+    if number is None or (isinstance(number, float) and math.isinf(number)):
+        return False, value
+    if m.group(2):
+        bound = float(m.group(3))
+        ok = {">=": number >= bound, ">": number > bound, "<=": number <= bound, "<": number < bound}[m.group(2)]
+        return ok, number
+    if m.group(4):
+        lo, hi = float(m.group(5)), float(m.group(6))
+        ok = (number >= lo if m.group(4) == "[" else number > lo) and (number <= hi if m.group(7) == "]" else number < hi)
+        return ok, number
+    return True, number
+
+
+def validate(stage: str, values: dict[str, Any], schema: dict[str, str]) -> dict[str, Any]:
+    """Check every setting against ``schema``; all problems are reported together."""
+    missing = sorted(set(values) - set(schema))
+    if missing:
+        raise ValueError(f"profiles/{stage}.yaml: no schema entry for {', '.join(missing)}")
+    out, problems = {}, []
+    for key, value in values.items():
+        ok, converted = check_value(schema[key], value)
+        if ok:
+            out[key] = converted
+        else:
+            problems.append(f"{key}={value!r} must be {describe(schema[key])}")
+    if problems:
+        raise SettingsError(f"invalid {stage} setting(s): " + "; ".join(problems))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# working root, mirror, seeds
 
 
 def home() -> Path:
@@ -67,6 +222,23 @@ def home() -> Path:
     if (_PACKAGE_ROOT / "pyproject.toml").is_file():
         return _PACKAGE_ROOT
     return Path.cwd()
+
+
+def resolve(path: str | os.PathLike, root: str | os.PathLike | None = None) -> Path:
+    """A path from a setting: absolute (or ``~``) as given, relative ones under the working root,
+    never under the current directory."""
+    p = Path(path).expanduser()
+    return p if p.is_absolute() else (Path(root).resolve() if root is not None else home()) / p
+
+
+def relative(path: str | os.PathLike, root: str | os.PathLike | None = None) -> str:
+    """``path`` relative to the working root (POSIX form) when inside it, else as given, so
+    summaries and messages hold no machine paths for what lives under the root."""
+    base = Path(root).resolve() if root is not None else home()
+    try:
+        return Path(path).resolve().relative_to(base).as_posix()
+    except ValueError:
+        return str(path)
 
 
 def mirror() -> Path | None:
@@ -117,9 +289,9 @@ class Paths:
     def reports(self) -> Path:
         return self.home / "reports"
 
-    def run(self, name: str) -> Path:
-        """The folder of run ``name`` under ``runs/``."""
-        return self.runs / name
+    def run(self, name: str, seed: int | None = None) -> Path:
+        """The folder of run ``name`` (``runs/<name>``), or of one of its seeds (``runs/<name>/seed-<seed>``)."""
+        return self.runs / name if seed is None else self.runs / name / f"seed-{seed}"
 
 
 def paths(root: str | os.PathLike | None = None) -> Paths:
@@ -135,28 +307,3 @@ def set_seed(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def machine_info() -> dict[str, Any]:
-    """Where a number was measured: CPU model, core count, GPU model (if any), library versions."""
-    import torch
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info: dict[str, Any] = {
-        "cpu": cpu,
-        "cpu_cores": os.cpu_count(),
-        "gpu": None,
-        "device": "cpu",
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-    }
-    if torch.cuda.is_available():
-        info.update(device="cuda", gpu=torch.cuda.get_device_name(0), gpu_count=torch.cuda.device_count())
-    return info

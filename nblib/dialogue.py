@@ -1,4 +1,5 @@
-"""Dialogue records: one format, converters from QA datasets, cleaning, balancing, rendering.
+"""Dialogue records: one format, cleaning, splitting, rendering (the converters from each QA
+dataset's schema live in ``nblib.qa``, one module per source).
 
 A record is ``{"dialogue": [{"role": "user"|"assistant", "content": str}, ...], "source": str}``.
 Rendered for the model as ``<|user|> q\\n<|assistant|> a<|endoftext|>``, turns joined by ``\\n``;
@@ -16,8 +17,9 @@ import re
 import unicodedata
 from collections import Counter
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
+from nblib import qa
 from nblib.files import read_jsonl, sha256_file, write_json, write_jsonl
 from nblib.tokenizer import EOT
 
@@ -145,134 +147,18 @@ def clean_dialogue(turns: Turns) -> tuple[Turns | None, str | None]:
     return out, None
 
 
-# ---------------------------------------------------------------------------------------------
-# converters: one source record -> turns (or None when the record has no answer)
-
-
-def _pair(question: str, answer: str) -> Turns:
-    return [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
-
-
-def from_alpaca(rec: dict[str, Any]) -> Turns:
-    """Alpaca: ``instruction`` (+ optional ``input`` on a new paragraph) -> user; ``output`` -> assistant."""
-    question = rec["instruction"]
-    if (rec.get("input") or "").strip():
-        question += "\n\n" + rec["input"]
-    return _pair(question, rec["output"])
-
-
-def from_dolly(rec: dict[str, Any]) -> Turns:
-    """Dolly: ``instruction`` (+ optional ``context``) -> user; ``response`` -> assistant."""
-    question = rec["instruction"]
-    if (rec.get("context") or "").strip():
-        question += "\n\n" + rec["context"]
-    return _pair(question, rec["response"])
-
-
-def from_sciq(rec: dict[str, Any]) -> Turns:
-    """SciQ: ``question`` -> user; the answer stated first, then ``support`` as the explanation.
-
-    When the support already opens with the answer it is used alone, so the answer is not said twice.
-    """
-    answer = rec["correct_answer"].strip()
-    support = (rec.get("support") or "").strip()
-    if not support:
-        reply = answer
-    elif support.lower().startswith(answer.lower()):
-        reply = support
-    else:
-        reply = f"{answer[:1].upper()}{answer[1:]}. {support}"
-    return _pair(rec["question"], reply)
-
-
-def _nq_short_answer(annotations: Any) -> str | None:
-    """First non-empty short-answer text, from the columnar (HF ``datasets``) or list-of-annotators layout."""
-    per_annotator = annotations.get("short_answers", []) if isinstance(annotations, dict) else [
-        a.get("short_answers", []) for a in annotations
-    ]
-    for short in per_annotator:
-        items = [short] if isinstance(short, dict) else short
-        for item in items:
-            texts = item.get("text", [])
-            for text in [texts] if isinstance(texts, str) else texts:
-                if text and text.strip():
-                    return text
-    return None
-
-
-def from_natural_questions(rec: dict[str, Any]) -> Turns | None:
-    """Natural Questions: ``question`` (or ``question.text``) -> user; the first short answer -> assistant."""
-    question = rec["question"]["text"] if isinstance(rec["question"], dict) else rec["question"]
-    answer = _nq_short_answer(rec.get("annotations") or [])
-    if answer is None:
-        return None
-    question = question.strip()
-    if question and question[-1] not in "?.!":
-        question += "?"
-    return _pair(question[:1].upper() + question[1:], answer)
-
-
-_ROLE_ALIASES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant", "bot": "assistant"}
-
-
-def from_turns(rec: dict[str, Any]) -> Turns:
-    """Multi-turn lists under ``dialogue``, ``messages`` or ``conversations``.
-
-    Turns are ``{"role", "content"}`` or ShareGPT's ``{"from", "value"}``; roles ``human``/``gpt``/``bot``
-    map to user/assistant, ``system`` turns are dropped.
-    """
-    key = next(k for k in ("dialogue", "messages", "conversations") if k in rec)
-    turns = []
-    for i, turn in enumerate(rec[key]):
-        role = turn.get("role", turn.get("from"))
-        content = turn.get("content", turn.get("value"))
-        if role == "system":
-            continue
-        if role not in _ROLE_ALIASES or not isinstance(content, str):
-            raise ValueError(f"{key}[{i}]: expected a role in {sorted(_ROLE_ALIASES)} and string content, got {turn!r}")
-        turns.append({"role": _ROLE_ALIASES[role], "content": content})
-    return turns
-
-
-CONVERTERS: dict[str, Callable[[dict[str, Any]], Turns | None]] = {
-    "alpaca": from_alpaca,
-    "dolly": from_dolly,
-    "sciq": from_sciq,
-    "natural_questions": from_natural_questions,
-    "turns": from_turns,
-}
-
-
-def detect_schema(rec: dict[str, Any]) -> str:
-    """Name of the converter for a record, from its keys."""
-    keys = set(rec)
-    if keys & {"dialogue", "messages", "conversations"}:
-        return "turns"
-    if {"instruction", "output"} <= keys:
-        return "alpaca"
-    if {"instruction", "response"} <= keys:
-        return "dolly"
-    if {"question", "correct_answer"} <= keys:
-        return "sciq"
-    if {"question", "annotations"} <= keys:
-        return "natural_questions"
-    raise ValueError(
-        f"unknown QA record schema with keys {sorted(keys)}; expected Alpaca (instruction, output), Dolly "
-        "(instruction, response), SciQ (question, correct_answer), Natural Questions (question, annotations) "
-        "or a turn list (dialogue / messages / conversations)"
-    )
-
-
 def convert(records: list[dict[str, Any]], source: str, max_chars: int | None = None) -> tuple[list[dict], Counter]:
-    """Convert and clean raw records into dialogue records; returns ``(records, dropped)``.
+    """Convert records of QA source ``source`` (``nblib.qa``) and clean them into dialogue records;
+    returns ``(records, dropped)``.
 
     ``dropped`` counts by reason: ``no_answer``, ``empty``, ``one_sided``, ``too_long`` (rendered
     text over ``max_chars``) and ``duplicate`` (same rendered text as an earlier record).
     """
+    to_turns = qa.get(source).convert
     out, dropped, seen = [], Counter(), set()
     for i, rec in enumerate(records):
         try:
-            turns = CONVERTERS[detect_schema(rec)](rec)
+            turns = to_turns(rec)
             turns, reason = clean_dialogue(turns) if turns is not None else (None, "no_answer")
         except (KeyError, TypeError, AttributeError, ValueError) as e:
             raise ValueError(f"{source} record {i}: cannot convert ({type(e).__name__}: {e})") from e

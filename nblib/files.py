@@ -4,9 +4,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
+
+TEMP_SUFFIX = ".tmp"  # atomic_write_bytes: .<name>.<random>.tmp beside the target
+DIR_TEMP = ".tmp-"  # replace_dir: .<name>.tmp-<pid> (new) and .<name>.old-<pid> (old) beside the target
+DIR_OLD = ".old-"
 
 
 def _umask() -> int:
@@ -90,3 +95,82 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a rename inside ``path`` durable (a no-op where folders cannot be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(path: Path) -> None:
+    for f in path.rglob("*"):
+        if f.is_file():
+            with open(f, "rb") as handle:
+                os.fsync(handle.fileno())
+
+
+def replace_dir(out_dir: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+    """Write a folder atomically: ``write(tmp)`` fills a new folder beside ``out_dir``, then the old
+    folder is renamed aside, the new one renamed in, and the old one deleted (files fsynced first).
+
+    A kill at any moment leaves either the old folder, or the new one, at ``out_dir`` — or the
+    old one renamed aside, which :func:`remove_orphans` puts back. Never both lost.
+    """
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.with_name(f".{out_dir.name}{DIR_TEMP}{os.getpid()}")
+    old = out_dir.with_name(f".{out_dir.name}{DIR_OLD}{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir()
+        write(tmp)
+        _fsync_tree(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out_dir.exists():
+        os.replace(out_dir, old)
+    os.replace(tmp, out_dir)
+    _fsync_dir(out_dir.parent)
+    shutil.rmtree(old, ignore_errors=True)
+    return out_dir
+
+
+def remove_orphans(folder: str | os.PathLike) -> list[str]:
+    """Clean what killed writes left in ``folder`` (not recursive): temp files of
+    :func:`atomic_write_bytes`, half-written folders of :func:`replace_dir`, and an old folder
+    renamed aside whose replacement never arrived (renamed back). Call it only while no other
+    process writes there (at the start of a run). Returns what was done, one line per item."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    done = []
+    for path in sorted(folder.iterdir()):
+        name = path.name
+        if not name.startswith("."):
+            continue
+        if path.is_file() and name.endswith(TEMP_SUFFIX):
+            size = path.stat().st_size
+            path.unlink(missing_ok=True)
+            done.append(f"removed {name} ({size:,} bytes, left by an interrupted write)")
+        elif path.is_dir() and DIR_TEMP in name:
+            shutil.rmtree(path, ignore_errors=True)
+            done.append(f"removed {name}/ (a folder whose writing was interrupted)")
+        elif path.is_dir() and DIR_OLD in name:
+            target = folder / name[1:].split(DIR_OLD)[0]
+            if target.exists():
+                shutil.rmtree(path, ignore_errors=True)
+                done.append(f"removed {name}/ (the previous {target.name}/, already replaced)")
+            else:
+                os.replace(path, target)
+                done.append(f"restored {target.name}/ from {name}/ (its replacement was interrupted)")
+    return done

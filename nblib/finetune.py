@@ -1,15 +1,19 @@
 """Fine-tune a GPT-2 into a ``<|user|>`` / ``<|assistant|>`` assistant: LoRA on an 8-bit base, or the alternatives.
 
-Variants (same data, steps and seed, so they compare): ``lora-8bit`` (bitsandbytes int8 base),
-``lora-4bit`` (nf4), ``lora-16bit`` (bf16/fp16), ``lora-32bit`` and ``full`` (every weight, fp32).
-The loss covers assistant tokens only (their closing ``<|endoftext|>`` included, so the model
-learns to stop). The two role markers get embedding rows that start at the mean of the others;
-with LoRA those rows and ``<|endoftext|>``'s are trained (peft ``trainable_token_indices``: three
-rows, tied to the output layer, saved with the adapter), a full fine-tune trains them all.
+Variants (:data:`VARIANTS`; same data, steps and seeds, so they compare): ``lora-8bit``
+(bitsandbytes int8 base), ``lora-4bit`` (nf4), ``lora-16bit`` (bf16/fp16), ``lora-32bit`` and
+``full`` (every weight, fp32). The loss covers assistant tokens only (their closing
+``<|endoftext|>`` included, so the model learns to stop). The two role markers get embedding rows
+that start at the mean of the others; with LoRA those rows and ``<|endoftext|>``'s are trained
+(peft ``trainable_token_indices``: three rows, tied to the output layer, saved with the adapter),
+a full fine-tune trains them all.
 
-The steps, each one notebook cell: ``s = setup(cfg)``; ``before = evaluate(s)``; ``trained =
-train(s)``; ``after = evaluate(s)``; ``summary = finish(s, before, after, trained)``. Output goes
-to ``runs/finetune-<variant>/`` (``summary.json``, ``metrics.jsonl``, ``adapter/``, ``merged/``).
+The steps, each one notebook cell: ``s = setup(cfg, seed)``; ``before = evaluate(s)``; ``trained =
+train(s)``; ``after = evaluate(s)``; ``summary = finish(s, before, after, trained)``. Output goes to
+``runs/finetune-<variant>/seed-<seed>/`` (``summary.json`` in ``nblib.runs``' schema,
+``metrics.jsonl``, ``checkpoints/``, ``adapter/``, ``merged/``). The eval loss is one number
+everywhere: nats per assistant token over all eval dialogues (token-weighted), for the Trainer's
+choice of the best checkpoint, the plotted curve and the summary alike.
 """
 from __future__ import annotations
 
@@ -17,58 +21,67 @@ import logging
 import math
 import os
 import random
-import re
 import shutil
 import time
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
-from nblib import config, dialogue, tracking
-from nblib.files import read_json, read_jsonl, write_json, write_jsonl
+from nblib import config, dialogue, machine, runs, tokenizer, tracking
+from nblib.files import read_json, replace_dir, sha256_file
+from nblib.progress import Progress
 from nblib.tokenizer import EOT
 
-VARIANTS: dict[str, tuple[str, bool]] = {  # variant -> (precision mode, LoRA)
-    "lora-8bit": ("8bit", True),
-    "lora-4bit": ("4bit", True),
-    "lora-16bit": ("16bit", True),
-    "lora-32bit": ("32bit", True),
-    "full": ("32bit", False),
-}
+STAGE = "finetune"
 MODES = ("8bit", "4bit", "16bit", "32bit")
+LN2 = math.log(2)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One way to fine-tune: base precision, LoRA or not, and what the report compares it with."""
+
+    name: str
+    label: str
+    mode: str
+    lora: bool
+    baselines: tuple[str, ...]
+
+
+VARIANTS: dict[str, Variant] = {v.name: v for v in (
+    Variant("lora-8bit", "LoRA + 8-bit", "8bit", True, ("full", "lora-32bit")),
+    Variant("lora-4bit", "LoRA + 4-bit", "4bit", True, ("full", "lora-32bit")),
+    Variant("lora-16bit", "LoRA + 16-bit", "16bit", True, ("full", "lora-32bit")),
+    Variant("lora-32bit", "LoRA + 32-bit", "32bit", True, ("full",)),
+    Variant("full", "Full fine-tune", "32bit", False, ()),
+)}
+
+
+def variant(name: str) -> Variant:
+    if name not in VARIANTS:
+        raise ValueError(f"unknown variant {name!r}; choose one of {', '.join(VARIANTS)}")
+    return VARIANTS[name]
 
 
 # ---------------------------------------------------------------------------------------------
 # base model and tokenizer
 
 
-def device() -> str:
-    """``cuda`` when a GPU is present, else ``cpu``."""
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def half_dtype() -> torch.dtype:
-    """The 16-bit type of this machine: bf16 where supported (CPU, Ampere+), else fp16."""
-    if torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
-        return torch.float16
-    return torch.bfloat16
-
-
 def resolve_base(base_model: str) -> str:
-    """A local model folder (absolute, or relative to the working root) as a path; anything else is a hub name."""
-    for candidate in (Path(base_model).expanduser(), config.home() / base_model):
-        if (candidate / "config.json").is_file():
-            return str(candidate.resolve())
+    """A local model folder (absolute, or relative to the working root — never to the current
+    directory) as a path; anything else is a hub name."""
+    local = config.resolve(base_model)
+    if (local / "config.json").is_file():
+        return str(local.resolve())
     if base_model.startswith((".", "/", "~")) or base_model.count("/") > 1:  # hub ids are "name" or "owner/name"
         raise FileNotFoundError(
-            f"base model folder {base_model!r} not found under {config.home()}; run 03_train_mha (it exports "
-            "runs/pretrain-mha/hf) or set base_model to a hub name such as 'gpt2'"
+            f"base model folder {base_model!r} not found under the working root {config.home()}; run 03_train_mha "
+            "(it exports runs/pretrain-mha/seed-<seed>/hf) or set base_model to a hub name such as 'gpt2'"
         )
     return base_model
 
@@ -80,30 +93,30 @@ def load_tokenizer(base_model: str) -> Any:
     return AutoTokenizer.from_pretrained(resolve_base(base_model))
 
 
-def load_base(base_model: str, mode: str = "32bit") -> Any:
+def load_base(base_model: str, mode: str = "32bit", device: machine.Device | None = None) -> Any:
     """Load a causal LM in a precision ``mode``: ``8bit``/``4bit`` (bitsandbytes), ``16bit`` or ``32bit``."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     if mode not in MODES:
         raise ValueError(f"unknown precision mode {mode!r}; choose one of {', '.join(MODES)}")
-    kwargs: dict[str, Any] = {"device_map": {"": device()}}
+    device = device or machine.detect()
+    kwargs: dict[str, Any] = {"device_map": {"": str(device.torch)}}
     if mode == "8bit":
+        machine.check_8bit(device)
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
-        _quiet_int8_cast_notice()
     elif mode == "4bit":
-        compute = half_dtype() if device() == "cuda" else torch.float32
+        compute = machine.half_dtype(device) if device.type == "cuda" else torch.float32
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute
         )
     else:
-        kwargs["dtype"] = half_dtype() if mode == "16bit" else torch.float32
-    source = resolve_base(base_model)
+        kwargs["dtype"] = machine.half_dtype(device) if mode == "16bit" else torch.float32
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(resolve_base(base_model), **kwargs)
     except OSError as e:
         raise OSError(
             f"could not load base model {base_model!r} ({e}). Offline, point base_model at a local HF model "
-            "folder such as runs/pretrain-mha/hf (written by 03_train_mha)."
+            "folder such as runs/pretrain-mha/seed-1337/hf (written by 03_train_mha)."
         ) from e
     if mode == "4bit":
         _keep_4bit_trainable(model)
@@ -111,15 +124,38 @@ def load_base(base_model: str, mode: str = "32bit") -> Any:
     return model
 
 
-def _int8_cast_notice(record: logging.LogRecord) -> bool:
-    return not record.getMessage().startswith("MatMul8bitLt: inputs will be cast")
+def compute_dtype(mode: str, device: machine.Device) -> str:
+    """What the base layers' matmuls compute in, as trained (the Trainer autocasts on GPUs)."""
+    def name(dtype: torch.dtype) -> str:
+        return str(dtype).removeprefix("torch.")
+
+    if device.type == "cuda":
+        suffix = {"8bit": " (int8 matmul)", "4bit": " (nf4 weights)"}.get(mode, "")
+        return f"{name(machine.auto_dtype(device))} autocast{suffix}"
+    return {"8bit": "int8 matmul, float16 inputs", "4bit": "nf4 weights, float32 compute",
+            "16bit": name(machine.half_dtype(device)), "32bit": "float32"}[mode]
 
 
-def _quiet_int8_cast_notice() -> None:
-    """Drop bitsandbytes' log line on every int8 matmul of fp32 inputs (casting to fp16 is how its int8 path works)."""
-    log = logging.getLogger("bitsandbytes.autograd._functions")
-    if _int8_cast_notice not in log.filters:
-        log.addFilter(_int8_cast_notice)
+class _BitsAndBytesNoise(logging.Filter):
+    """Drop bitsandbytes' notices that need no action here: the fp16 cast of every int8 matmul of
+    fp32 inputs (how its int8 path works) and the optional ``kernels`` package it looks for on CPU."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not (message.startswith("MatMul8bitLt: inputs will be cast") or "kernels-community" in message)
+
+
+_NOISE = _BitsAndBytesNoise()
+
+
+def _quiet_bitsandbytes() -> None:
+    for name in ("bitsandbytes", "bitsandbytes.autograd._functions", "bitsandbytes.backends.cpu.ops"):
+        log = logging.getLogger(name)
+        if _NOISE not in log.filters:
+            log.addFilter(_NOISE)
+
+
+_quiet_bitsandbytes()  # before bitsandbytes is first imported: its CPU backend logs at import time
 
 
 def _keep_4bit_trainable(model: Any) -> None:
@@ -199,11 +235,18 @@ def _peft_reads_deprecated_alias() -> Iterator[None]:
         yield
 
 
-def _wrap_lora(model: Any, lora: Any) -> Any:
-    from peft import get_peft_model
+def wrap_lora(model: Any, cfg: dict[str, Any], token_ids: list[int], mode: str) -> Any:
+    """The base wrapped with LoRA (k-bit bases prepared first); trainable parameters kept in fp32."""
+    from peft import get_peft_model, prepare_model_for_kbit_training
 
+    if mode in ("8bit", "4bit"):
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     with _peft_reads_deprecated_alias():
-        return get_peft_model(model, lora)
+        model = get_peft_model(model, lora_config(cfg, model, token_ids))
+    for p in model.parameters():  # optimiser state and fp16 grad scaling want fp32 trainables
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
+    return model
 
 
 def count_params(model: Any) -> tuple[int, int]:
@@ -277,25 +320,38 @@ class Collator:
         }
 
 
+def token_bytes(tok: Any) -> torch.Tensor:
+    """UTF-8 bytes per id of a GPT-2 tokenizer with added markers (special tokens count 0)."""
+    base = torch.from_numpy(tokenizer.token_bytes())
+    return torch.cat([base, torch.zeros(max(0, len(tok) - len(base)), dtype=base.dtype)])
+
+
 # ---------------------------------------------------------------------------------------------
 # evaluation: loss on assistant tokens, answers to fixed questions, stop rate
 
 
 @torch.no_grad()
-def assistant_loss(model: Any, examples: list[dict], pad_id: int, batch_size: int = 8) -> float:
-    """Mean cross-entropy per assistant token (labels != -100), weighted by tokens across batches."""
+def assistant_loss(model: Any, examples: list[dict], pad_id: int, batch_size: int = 8,
+                   nbytes: torch.Tensor | None = None) -> tuple[float, float | None]:
+    """``(loss, bits per byte)``: cross-entropy per assistant token (labels != -100), summed over
+    every batch and divided by the token count; bits per byte over the tokens that stand for text."""
     was_training = model.training
     model.eval()
-    collate, total, count = Collator(pad_id), 0.0, 0
-    for i in tqdm(range(0, len(examples), batch_size), desc="eval loss", leave=False):
+    collate, total, count, text_nats, text_bytes = Collator(pad_id), 0.0, 0, 0.0, 0
+    for i in range(0, len(examples), batch_size):
         batch = {k: v.to(model.device) for k, v in collate(examples[i : i + batch_size]).items()}
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
-        targets = batch["labels"][:, 1:]
-        nll = F.cross_entropy(logits[:, :-1].flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum")
-        total += nll.item()
-        count += int((targets != -100).sum())
+        targets = batch["labels"][:, 1:].flatten()
+        nll = F.cross_entropy(logits[:, :-1].flatten(0, 1), targets, ignore_index=-100, reduction="none")
+        keep = targets != -100
+        total += nll[keep].sum().item()
+        count += int(keep.sum())
+        if nbytes is not None:
+            b = nbytes.to(targets.device)[targets.clamp(min=0)] * keep
+            text_nats += nll[b > 0].sum().item()
+            text_bytes += int(b.sum())
     model.train(was_training)
-    return total / count
+    return total / count, (text_nats / LN2 / text_bytes if text_bytes else None)
 
 
 @torch.no_grad()
@@ -337,28 +393,45 @@ class Setup:
     """Everything a fine-tuning run holds between notebook cells."""
 
     cfg: dict[str, Any]
+    variant: Variant
     name: str
+    seed: int
     run_dir: Path
-    mode: str
-    lora: bool
+    device: machine.Device
+    learning_rate: float
     tokenizer: Any
     model: Any
     train_set: list[dict]
     val_set: list[dict]
     info: dict[str, Any]
+    data: dict[str, Any]
     previous: dict[str, Any]  # the summary of the run whose checkpoints this one resumes, or {}
     started: float = field(default_factory=time.time)
 
+    @property
+    def mode(self) -> str:
+        return self.variant.mode
 
-def _rel(path: Path) -> str:
-    """``path`` relative to the working root when inside it (summaries never hold machine paths)."""
-    try:
-        return str(Path(path).resolve().relative_to(config.home()))
-    except ValueError:
-        return str(path)
+    @property
+    def lora(self) -> bool:
+        return self.variant.lora
+
+    def evaluate_loss(self, model: Any | None = None) -> tuple[float, float | None]:
+        """The one eval loss (and bits per byte) of this run, of ``model`` (default: the model trained)."""
+        return assistant_loss(model or self.model, self.val_set, self.tokenizer.pad_token_id,
+                              self.cfg["eval_batch_size"], token_bytes(self.tokenizer))
 
 
-_RESUME_FREE = {"resume", "wandb", "merge", "questions", "max_new_tokens"}  # may change between a run and its resume
+def _checkpoints_usable(ckpt_dir: Path) -> list[str]:
+    """Remove Trainer checkpoint folders a kill left half-written (no ``trainer_state.json`` or no
+    weights); return what was removed, so the run resumes from the last complete one."""
+    removed = []
+    for folder in sorted(ckpt_dir.glob("checkpoint-*")):
+        weights = any((folder / f).is_file() for f in ("adapter_model.safetensors", "model.safetensors"))
+        if not (folder / "trainer_state.json").is_file() or not weights:
+            shutil.rmtree(folder)
+            removed.append(folder.name)
+    return removed
 
 
 def _check_resume(run_dir: Path, cfg: dict[str, Any]) -> dict[str, Any]:
@@ -367,6 +440,8 @@ def _check_resume(run_dir: Path, cfg: dict[str, Any]) -> dict[str, Any]:
     Returns the earlier ``summary.json`` when its checkpoints are kept, else ``{}``.
     """
     ckpt = run_dir / "checkpoints"
+    for name in _checkpoints_usable(ckpt) if ckpt.is_dir() else []:
+        print(f"{config.relative(ckpt)}/{name} was incomplete (the run was killed while writing it): removed")
     if not any(ckpt.glob("checkpoint-*")):
         return {}
     if not cfg["resume"]:
@@ -374,118 +449,117 @@ def _check_resume(run_dir: Path, cfg: dict[str, Any]) -> dict[str, Any]:
         return {}
     summary = run_dir / "summary.json"
     previous = read_json(summary) if summary.is_file() else {}
-    old = previous.get("config") or {}
-    changed = sorted(k for k in set(cfg) | set(old) if k not in _RESUME_FREE and old.get(k) != cfg.get(k))
+    changed = runs.settings_diff(previous.get("config") or {}, cfg, config.free_keys(STAGE))
     if changed:
+        keys = ", ".join(c.split(":", 1)[0] for c in changed)
         raise ValueError(
-            f"{_rel(run_dir)} holds checkpoints of a run with other settings (differs in: {', '.join(changed)}); "
+            f"{config.relative(run_dir)} holds checkpoints of a run with other settings (differs in: {keys}); "
             "pass resume=False to start over, or delete the folder"
         )
     return previous
 
 
-def setup(cfg: dict[str, Any]) -> Setup:
+def _data_identity(paths: config.Paths, base_model: str) -> dict[str, Any]:
+    """What a fine-tune trains on: the dialogue splits' sha256 and the base model's weights."""
+    manifest = read_json(paths.dialogues / "manifest.json") if (paths.dialogues / "manifest.json").is_file() else {}
+    base = resolve_base(base_model)
+    weights = Path(base) / "model.safetensors"
+    return {
+        "dialogues_sha256": {k: v["sha256"] for k, v in manifest.get("splits", {}).items()},
+        "base_model": base_model,
+        "base_sha256": sha256_file(weights) if weights.is_file() else None,
+    }
+
+
+def setup(cfg: dict[str, Any], seed: int | None = None) -> Setup:
     """Load tokenizer, base model (in the variant's precision) and data; wrap LoRA; open the run folder."""
-    if cfg["variant"] not in VARIANTS:
-        raise ValueError(f"unknown variant {cfg['variant']!r}; choose one of {', '.join(VARIANTS)}")
-    mode, lora = VARIANTS[cfg["variant"]]
-    name = f"finetune-{cfg['variant']}"
-    paths = config.paths()
-    run_dir = paths.run(name)
+    v = variant(cfg["variant"])
+    cfg = {**cfg, "seed": cfg["seeds"][0] if seed is None else int(seed)}
+    name, paths, device = f"finetune-{v.name}", config.paths(), machine.detect()
+    run_dir = runs.folder(name, cfg["seed"], paths)
     previous = _check_resume(run_dir, cfg)
     tracking.configure_env(run_dir)
     config.set_seed(cfg["seed"])
     started = time.time()
-
     train_records = select(dialogue.load(paths.dialogues, "train"), cfg["mix"], cfg["seed"])
     val_records = select(dialogue.load(paths.dialogues, "val"), cfg["mix"], cfg["seed"])[: cfg["eval_dialogues"]]
 
-    tokenizer = load_tokenizer(cfg["base_model"])
-    model = load_base(cfg["base_model"], mode)
-    token_ids = add_special_tokens(model, tokenizer)
+    tok = load_tokenizer(cfg["base_model"])
+    model = load_base(cfg["base_model"], v.mode, device)
+    token_ids = add_special_tokens(model, tok)
     model.config.use_cache = False  # training; generation asks for the cache explicitly
-    if lora:
-        if mode in ("8bit", "4bit"):
-            from peft import prepare_model_for_kbit_training
-
-            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-        # the markers' rows, and end-of-text's: it now closes every answer (training it lifts the stop rate)
-        rows = [*token_ids, tokenizer.convert_tokens_to_ids(EOT)]
-        model = _wrap_lora(model, lora_config(cfg, model, rows))
-        for p in model.parameters():  # optimiser state and fp16 grad scaling want fp32 trainables
-            if p.requires_grad and p.dtype != torch.float32:
-                p.data = p.data.float()
+    embedding = sum(p.numel() for n, p in model.named_parameters() if n.endswith(("wte.weight", "wpe.weight")))
+    if v.lora:  # the markers' rows, and end-of-text's: it now closes every answer
+        model = wrap_lora(model, cfg, [*token_ids, tok.convert_tokens_to_ids(EOT)], v.mode)
 
     max_length = min(cfg["max_length"], model.config.n_positions)
-    train_set, train_too_long = encode(train_records, tokenizer, max_length)
-    val_set, val_too_long = encode(val_records, tokenizer, max_length)
+    train_set, train_too_long = encode(train_records, tok, max_length)
+    val_set, val_too_long = encode(val_records, tok, max_length)
     if not train_set or not val_set:
         raise ValueError(
             f"no dialogues left to train ({len(train_set)}) or evaluate ({len(val_set)}) after dropping those over "
-            f"{max_length} tokens; raise max_length or check {_rel(paths.dialogues)}"
+            f"{max_length} tokens; raise max_length or check {config.relative(paths.dialogues)}"
         )
     trainable, total = count_params(model)
     info = {
-        "trainable_params": trainable,
-        "total_params": total,
-        "trainable_share": trainable / total,
-        "footprint_bytes": model.get_memory_footprint(),
-        "max_length": max_length,
-        "train_dialogues": len(train_set),
-        "eval_dialogues": len(val_set),
-        "dropped_too_long": train_too_long + val_too_long,
-        "special_token_ids": token_ids,
+        "trainable_params": trainable, "total_params": total, "trainable_share": trainable / total,
+        "footprint_bytes": model.get_memory_footprint(), "embedding_params": embedding, "max_length": max_length,
+        "train_dialogues": len(train_set), "eval_dialogues": len(val_set),
+        "dropped_too_long": train_too_long + val_too_long, "special_token_ids": token_ids,
     }
-    write_json(run_dir / "summary.json", {
-        "name": name, "stage": "finetune", "profile": cfg["profile"], "seed": cfg["seed"], "config": cfg,
-        "machine": config.machine_info(), "variant": cfg["variant"], "mode": mode, "lora": lora,
-        "base_model": cfg["base_model"], "finished": False,
-    })
-    return Setup(cfg, name, run_dir, mode, lora, tokenizer, model, train_set, val_set, info, previous, started)
+    lr = cfg["learning_rate"] or (cfg["lora_lr"] if v.lora else cfg["full_lr"])
+    s = Setup(cfg, v, name, cfg["seed"], run_dir, device, lr, tok, model, train_set, val_set, info,
+              {**_data_identity(paths, cfg["base_model"]), "train_dialogues": len(train_set),
+               "eval_dialogues": len(val_set)}, previous, started)
+    runs.write_summary(run_dir, _common(s, finished=False, reason=None, peak=None, train_seconds=None))
+    return s
 
 
 def evaluate(s: Setup) -> dict[str, Any]:
-    """Loss and perplexity on assistant tokens of the validation dialogues, answers and stop rate."""
-    pad_id = s.tokenizer.pad_token_id
-    loss = assistant_loss(s.model, s.val_set, pad_id, s.cfg["eval_batch_size"])
+    """Loss, perplexity and bits per byte on assistant tokens of the validation dialogues, answers and stop rate."""
+    loss, bpb = s.evaluate_loss()
     answers = answer(s.model, s.tokenizer, s.cfg["questions"], s.cfg["max_new_tokens"])
-    return {
-        "loss": loss,
-        "ppl": math.exp(loss),
-        "stop_rate": sum(a["stopped"] for a in answers) / len(answers),
-        "answers": answers,
-    }
+    return {"loss": loss, "ppl": math.exp(loss), "bpb": bpb,
+            "stop_rate": sum(a["stopped"] for a in answers) / len(answers), "answers": answers}
 
 
-def _reset_peak_memory() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-    else:  # Linux: writing 5 resets the process's peak resident set size (VmHWM)
-        try:
-            Path("/proc/self/clear_refs").write_text("5")
-        except OSError:
-            pass
-
-
-def _peak_memory() -> int:
-    """Peak GPU memory allocated, or on CPU the process's peak resident set size, in bytes."""
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated()
-    try:
-        return int(re.search(r"VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1)) * 1024
-    except (OSError, AttributeError):
-        import resource
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def _sample_callback(s: Setup) -> Any:
+def _callbacks(s: Setup) -> list[Any]:
+    """Progress (bar + pipeline status), the session's time budget, and W&B sample answers."""
     from transformers import TrainerCallback
+
+    class Watch(TrainerCallback):
+        def __init__(self) -> None:
+            self.bar: Progress | None = None
+            self.t0 = time.perf_counter()
+            self.last = self.t0
+            self.step_s = 0.0
+            self.out_of_time = False
+
+        def on_train_begin(self, args, state, control, **kwargs):  # noqa: ANN001 (the Trainer's signature)
+            self.bar = Progress(f"{s.name} seed {s.seed}", state.max_steps, initial=state.global_step)
+
+        def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001
+            now = time.perf_counter()
+            self.step_s = now - self.last if self.step_s == 0 else 0.8 * self.step_s + 0.2 * (now - self.last)
+            self.last = now
+            self.bar.update(1)
+            budget = s.cfg["time_budget_minutes"]
+            if budget is not None and state.global_step < state.max_steps:
+                if budget * 60 - (now - self.t0) < 3 * self.step_s + 5:  # room for one more step and a save
+                    self.out_of_time = control.should_save = control.should_training_stop = True
+
+        def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ANN001
+            if self.bar is not None and logs:
+                self.bar.update(0, **{k: v for k, v in logs.items() if k in ("loss", "eval_loss")})
+
+        def on_train_end(self, args, state, control, **kwargs):  # noqa: ANN001
+            if self.bar is not None:
+                self.bar.close()
 
     class SampleAnswers(TrainerCallback):
         """At each evaluation, answer the fixed questions and log them as a W&B table."""
 
-        def on_evaluate(self, args, state, control, **kwargs):  # noqa: ANN001 (Trainer's signature)
+        def on_evaluate(self, args, state, control, **kwargs):  # noqa: ANN001
             import wandb
 
             table = wandb.Table(columns=["step", "question", "answer", "stopped"])
@@ -493,73 +567,87 @@ def _sample_callback(s: Setup) -> Any:
                 table.add_data(state.global_step, r["question"], r["answer"], r["stopped"])
             wandb.log({"samples": table, "train/global_step": state.global_step})
 
-    return SampleAnswers()
+    return [Watch(), *([SampleAnswers()] if s.cfg["wandb"] else [])]
+
+
+def _trainer_class() -> type:
+    from transformers import Trainer
+
+    class AssistantLossTrainer(Trainer):
+        """A Trainer whose ``eval_loss`` is :func:`assistant_loss` (token-weighted over every eval
+        dialogue) rather than the mean of per-batch means, so the best checkpoint is chosen by the
+        number the summary reports."""
+
+        def __init__(self, *args: Any, setup: Setup, **kwargs: Any):
+            super().__init__(*args, **kwargs)
+            self.setup = setup
+
+        def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:  # noqa: ANN001
+            loss, bpb = self.setup.evaluate_loss(self.model)
+            metrics = {f"{metric_key_prefix}_loss": loss}
+            if bpb is not None:
+                metrics[f"{metric_key_prefix}_bpb"] = bpb
+            self.log(metrics)
+            self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+            return metrics
+
+    return AssistantLossTrainer
+
+
+def training_arguments(s: Setup) -> Any:
+    """The Trainer's arguments: eval and save every ``eval_steps``, best model kept, mixed precision on GPUs."""
+    from transformers import TrainingArguments
+
+    cfg, cuda = s.cfg, s.device.type == "cuda"
+    half = machine.auto_dtype(s.device)
+    return TrainingArguments(
+        output_dir=str(s.run_dir / "checkpoints"), max_steps=cfg["steps"],
+        per_device_train_batch_size=cfg["batch_size"], per_device_eval_batch_size=cfg["eval_batch_size"],
+        gradient_accumulation_steps=cfg["grad_accum"], learning_rate=s.learning_rate, lr_scheduler_type="cosine",
+        warmup_steps=cfg["warmup_steps"], weight_decay=cfg["weight_decay"],
+        eval_strategy="steps", eval_steps=cfg["eval_steps"], save_strategy="steps", save_steps=cfg["eval_steps"],
+        save_total_limit=2, load_best_model_at_end=True, metric_for_best_model="eval_loss", greater_is_better=False,
+        logging_steps=cfg["logging_steps"], report_to="wandb" if cfg["wandb"] else "none",
+        run_name=f"{s.name}-seed-{s.seed}", disable_tqdm=True,
+        activation_checkpointing=cfg["activation_checkpointing"], activation_checkpointing_kwargs={"use_reentrant": False},
+        bf16=cuda and half == torch.bfloat16, fp16=cuda and half == torch.float16, use_cpu=not cuda,
+        seed=s.seed, data_seed=s.seed, remove_unused_columns=False, dataloader_num_workers=0,
+    )
 
 
 def train(s: Setup) -> dict[str, Any]:
-    """Train with the HF ``Trainer``: eval every ``eval_steps``, best model kept, resume from the last checkpoint."""
-    from transformers import Trainer, TrainerState, TrainingArguments
+    """Train with the HF ``Trainer``: eval every ``eval_steps``, best model kept, resume from the
+    last checkpoint; stop early with a checkpoint when ``time_budget_minutes`` runs out."""
+    from transformers import TrainerState
     from transformers.trainer_utils import get_last_checkpoint
 
     cfg = s.cfg
-    cuda = torch.cuda.is_available()
     output_dir = s.run_dir / "checkpoints"
     last = get_last_checkpoint(str(output_dir)) if cfg["resume"] and output_dir.is_dir() else None
     if last and TrainerState.load_from_json(os.path.join(last, "trainer_state.json")).global_step >= cfg["steps"]:
         return _restore_finished(s, Path(last))  # resuming there, the Trainer would take one step too many
     if cfg["wandb"]:
-        tracking.init_wandb(s.run_dir, s.name, cfg)
-    args = TrainingArguments(
-        output_dir=str(output_dir),
-        max_steps=cfg["steps"],
-        per_device_train_batch_size=cfg["batch_size"],
-        per_device_eval_batch_size=cfg["eval_batch_size"],
-        gradient_accumulation_steps=cfg["grad_accum"],
-        learning_rate=cfg["lora_lr"] if s.lora else cfg["full_lr"],
-        lr_scheduler_type="cosine",
-        warmup_steps=cfg["warmup_steps"],
-        weight_decay=cfg["weight_decay"],
-        eval_strategy="steps",
-        eval_steps=cfg["eval_steps"],
-        save_strategy="steps",
-        save_steps=cfg["eval_steps"],
-        save_total_limit=2,
-        load_best_model_at_end=True,
-        metric_for_best_model="eval_loss",
-        greater_is_better=False,
-        logging_steps=cfg["logging_steps"],
-        report_to="wandb" if cfg["wandb"] else "none",
-        run_name=s.name,
-        activation_checkpointing=cfg["activation_checkpointing"],
-        activation_checkpointing_kwargs={"use_reentrant": False},
-        bf16=cuda and half_dtype() == torch.bfloat16,
-        fp16=cuda and half_dtype() == torch.float16,
-        use_cpu=not cuda,
-        seed=cfg["seed"],
-        data_seed=cfg["seed"],
-        remove_unused_columns=False,
-        dataloader_num_workers=0,
+        tracking.init_wandb(s.run_dir, f"{s.name}-seed-{s.seed}", cfg)
+    callbacks = _callbacks(s)
+    trainer = _trainer_class()(
+        model=s.model, args=training_arguments(s), data_collator=Collator(s.tokenizer.pad_token_id),
+        train_dataset=s.train_set, eval_dataset=s.val_set, processing_class=s.tokenizer, callbacks=callbacks,
+        setup=s,
     )
-    trainer = Trainer(
-        model=s.model,
-        args=args,
-        data_collator=Collator(s.tokenizer.pad_token_id),
-        train_dataset=s.train_set,
-        eval_dataset=s.val_set,
-        processing_class=s.tokenizer,
-        callbacks=[_sample_callback(s)] if cfg["wandb"] else [],
-    )
-    _reset_peak_memory()
+    machine.reset_peak_memory(s.device)
     with warnings.catch_warnings():  # checkpoints keep the resized embedding; resuming needs nothing more
         warnings.filterwarnings("ignore", message="Setting `save_embedding_layers` to `True`", category=UserWarning)
         result = trainer.train(resume_from_checkpoint=last)
+    out_of_time = callbacks[0].out_of_time
     return {
+        "finished": not out_of_time and trainer.state.global_step >= cfg["steps"],
+        "stop_reason": "time_budget" if out_of_time else "done",
         "train_samples_per_s": result.metrics["train_samples_per_second"],
         "train_seconds": result.metrics["train_runtime"],
         "steps": trainer.state.global_step,
         "best_step": trainer.state.best_global_step,
-        "resumed_from": _rel(Path(last)) if last else None,
-        "peak_memory_bytes": _peak_memory(),
+        "resumed_from": config.relative(last) if last else None,
+        "peak_memory_bytes": machine.peak_memory(s.device),
         "log_history": trainer.state.log_history,
     }
 
@@ -581,27 +669,18 @@ def _restore_finished(s: Setup, last: Path) -> dict[str, Any]:
     else:
         result = s.model.load_state_dict(load_file(best / "model.safetensors"), strict=False)
         if result.unexpected_keys or set(result.missing_keys) - {"lm_head.weight"}:  # the tied head is not stored
-            raise ValueError(f"{_rel(best)} does not match the model: {result}")
+            raise ValueError(f"{config.relative(best)} does not match the model: {result}")
     earlier = s.previous
     return {
+        "finished": True, "stop_reason": "done",
         "train_samples_per_s": earlier.get("train_samples_per_s"),
         "train_seconds": earlier.get("train_seconds"),
         "steps": state.global_step,
         "best_step": state.best_global_step,
-        "resumed_from": _rel(last),
+        "resumed_from": config.relative(last),
         "peak_memory_bytes": earlier.get("peak_memory_bytes"),
         "log_history": state.log_history,
     }
-
-
-def _save_dir(out_dir: Path, save: Callable[[Path], None]) -> Path:
-    """Write a folder next to ``out_dir`` and swap it in, so a crash never leaves a half-written model."""
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    save(tmp)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    tmp.rename(out_dir)
-    return out_dir
 
 
 def metrics_rows(log_history: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -615,74 +694,94 @@ def metrics_rows(log_history: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
-def finish(s: Setup, before: dict[str, Any], after: dict[str, Any], trained: dict[str, Any]) -> dict[str, Any]:
-    """Save the adapter (and merged model), ``metrics.jsonl`` and the final ``summary.json``; returns the summary."""
-    cfg = s.cfg
-    adapter = merged = None
+def _common(s: Setup, finished: bool, reason: str | None, peak: int | None, train_seconds: float | None) -> dict[str, Any]:
+    return {
+        "name": s.name, "stage": "finetune", "variant": s.variant.name, "label": s.variant.label,
+        "folder": config.relative(s.run_dir), "profile": s.cfg["profile"], "seed": s.seed, "config": s.cfg,
+        "machine": machine.info(s.device), "data": s.data, "compute_dtype": compute_dtype(s.mode, s.device),
+        "finished": finished, "stop_reason": reason, "wall_seconds": time.time() - s.started,
+        "train_seconds": train_seconds, "peak_memory_bytes": peak,
+    }
+
+
+def save_outputs(s: Setup) -> tuple[Path | None, Path | None, str | None]:
+    """Write ``adapter/`` (LoRA) and ``merged/`` (when ``merge``) atomically; returns them and what merged holds."""
+    adapter = merged = weights = None
     if s.lora:
-        s.model.peft_config["default"].base_model_name_or_path = cfg["base_model"]
+        s.model.peft_config["default"].base_model_name_or_path = s.cfg["base_model"]
 
         def save_adapter(d: Path) -> None:  # the trained token rows are in the adapter; the resized base is not needed
             s.model.save_pretrained(d, save_embedding_layers=False)
             s.tokenizer.save_pretrained(d)
 
-        adapter = _save_dir(s.run_dir / "adapter", save_adapter)
-        if cfg["merge"]:
-            merged = merge(adapter, s.run_dir / "merged", cfg["base_model"])
-    elif cfg["merge"]:
+        adapter = replace_dir(s.run_dir / "adapter", save_adapter)
+        if s.cfg["merge"]:
+            merged = merge(adapter, s.run_dir / "merged", s.cfg["base_model"])
+            weights = f"the adapter folded into a 32-bit copy of the base (the {s.mode} base is not merged into, to avoid rounding)"
+    elif s.cfg["merge"]:
         s.model.config.use_cache = True
 
         def save_full(d: Path) -> None:
             s.model.save_pretrained(d)
             s.tokenizer.save_pretrained(d)
 
-        merged = _save_dir(s.run_dir / "merged", save_full)
-    write_jsonl(s.run_dir / "metrics.jsonl", metrics_rows(trained["log_history"]))
-    summary = {
-        **read_json(s.run_dir / "summary.json"),
-        "wall_seconds": time.time() - s.started,
-        "peak_memory_bytes": trained["peak_memory_bytes"],
-        "finished": True,
-        "trainable_params": s.info["trainable_params"],
-        "total_params": s.info["total_params"],
-        "footprint_bytes": s.info["footprint_bytes"],
-        "eval_loss": after["loss"],
-        "eval_ppl": after["ppl"],
-        "base_eval_loss": before["loss"],
-        "base_eval_ppl": before["ppl"],
-        "stop_rate_before": before["stop_rate"],
-        "stop_rate_after": after["stop_rate"],
-        "train_samples_per_s": trained["train_samples_per_s"],
-        "train_seconds": trained["train_seconds"],
-        "steps": trained["steps"],
-        "best_step": trained["best_step"],
-        "train_dialogues": s.info["train_dialogues"],
-        "eval_dialogues": s.info["eval_dialogues"],
-        "dropped_too_long": s.info["dropped_too_long"],
-        "samples": [
-            {"question": b["question"], "before": b["answer"], "after": a["answer"]}
-            for b, a in zip(before["answers"], after["answers"])
-        ],
-        "adapter": _rel(adapter) if adapter else None,
-        "merged": _rel(merged) if merged else None,
-    }
-    write_json(s.run_dir / "summary.json", summary)
-    if cfg["wandb"]:
-        import wandb
+        merged = replace_dir(s.run_dir / "merged", save_full)
+        weights = "the fully fine-tuned weights (32-bit)"
+    return adapter, merged, weights
 
-        if wandb.run is not None:
-            wandb.run.summary.update({k: v for k, v in summary.items() if isinstance(v, (int, float))})
-            table = wandb.Table(columns=["question", "before", "after"])
-            for row in summary["samples"]:
-                table.add_data(row["question"], row["before"], row["after"])
-            wandb.log({"before_after": table})
-            wandb.finish()
+
+def finish(s: Setup, before: dict[str, Any], after: dict[str, Any], trained: dict[str, Any]) -> dict[str, Any]:
+    """Save the adapter (and merged model, evaluated again from disk), ``metrics.jsonl`` and the
+    final ``summary.json``; returns the summary. A session stopped by its time budget only writes
+    an unfinished summary: the next session resumes from its checkpoint."""
+    runs.write_metrics(s.run_dir, metrics_rows(trained["log_history"]))
+    common = _common(s, trained["finished"], trained["stop_reason"], trained["peak_memory_bytes"], trained["train_seconds"])
+    if not trained["finished"]:
+        return runs.write_summary(s.run_dir, common)
+    adapter, merged, weights = save_outputs(s)
+    merged_loss = None
+    if merged is not None:
+        from transformers import AutoModelForCausalLM
+
+        merged_loss, _ = s.evaluate_loss(AutoModelForCausalLM.from_pretrained(merged).to(s.device.torch))
+    summary = runs.write_summary(s.run_dir, {
+        **common, "mode": s.mode, "lora": s.lora, "baselines": list(s.variant.baselines),
+        "base_model": s.cfg["base_model"], "learning_rate": s.learning_rate,
+        "trainable_params": s.info["trainable_params"], "total_params": s.info["total_params"],
+        "footprint_bytes": s.info["footprint_bytes"], "embedding_params": s.info["embedding_params"],
+        "eval_loss": after["loss"], "eval_ppl": after["ppl"], "eval_bpb": after["bpb"],
+        "base_eval_loss": before["loss"], "base_eval_ppl": before["ppl"], "base_eval_bpb": before["bpb"],
+        "merged_eval_loss": merged_loss, "merged_weights": weights,
+        "stop_rate_before": before["stop_rate"], "stop_rate_after": after["stop_rate"],
+        "train_samples_per_s": trained["train_samples_per_s"], "steps": trained["steps"], "best_step": trained["best_step"],
+        "train_dialogues": s.info["train_dialogues"], "eval_dialogues": s.info["eval_dialogues"],
+        "dropped_too_long": s.info["dropped_too_long"],
+        "samples": [{"question": b["question"], "before": b["answer"], "after": a["answer"]}
+                    for b, a in zip(before["answers"], after["answers"])],
+        "adapter": config.relative(adapter) if adapter else None,
+        "merged": config.relative(merged) if merged else None,
+    })
+    _log_to_wandb(s, summary)
     return summary
 
 
-def run(cfg: dict[str, Any]) -> dict[str, Any]:
-    """All the steps in one call (the notebook runs them cell by cell)."""
-    s = setup(cfg)
+def _log_to_wandb(s: Setup, summary: dict[str, Any]) -> None:
+    if not s.cfg["wandb"]:
+        return
+    import wandb
+
+    if wandb.run is not None:
+        wandb.run.summary.update({k: v for k, v in summary.items() if isinstance(v, (int, float))})
+        table = wandb.Table(columns=["question", "before", "after"])
+        for row in summary["samples"]:
+            table.add_data(row["question"], row["before"], row["after"])
+        wandb.log({"before_after": table})
+        wandb.finish()
+
+
+def run(cfg: dict[str, Any], seed: int | None = None) -> dict[str, Any]:
+    """All the steps for one seed in one call (the notebook runs them cell by cell)."""
+    s = setup(cfg, seed)
     before = evaluate(s)
     trained = train(s)
     return finish(s, before, evaluate(s), trained)
@@ -700,51 +799,26 @@ def load_adapter(adapter_dir: str | os.PathLike, base_model: str | None = None, 
     adapter_dir = Path(adapter_dir)
     if not (adapter_dir / "adapter_config.json").is_file():
         raise FileNotFoundError(
-            f"{adapter_dir} holds no adapter_config.json; run 05_finetune_lora_8bit with a LoRA variant"
+            f"{config.relative(adapter_dir)} holds no adapter_config.json; run 05_finetune_lora_8bit with a LoRA variant"
         )
     peft_cfg = PeftConfig.from_pretrained(str(adapter_dir))
-    tokenizer = AutoTokenizer.from_pretrained(str(adapter_dir))
+    tok = AutoTokenizer.from_pretrained(str(adapter_dir))
     model = load_base(base_model or peft_cfg.base_model_name_or_path, mode)
-    if model.get_input_embeddings().weight.shape[0] < len(tokenizer):  # rows for the markers; the adapter fills them
-        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    if model.get_input_embeddings().weight.shape[0] < len(tok):  # rows for the markers; the adapter fills them
+        model.resize_token_embeddings(len(tok), mean_resizing=False)
     peft_cfg.fan_in_fan_out = _conv1d_targets(model, peft_cfg.target_modules)
     with _peft_reads_deprecated_alias():
-        return PeftModel.from_pretrained(model, str(adapter_dir), config=peft_cfg), tokenizer
+        return PeftModel.from_pretrained(model, str(adapter_dir), config=peft_cfg), tok
 
 
 def merge(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike, base_model: str | None = None) -> Path:
     """Fold a LoRA adapter into a 32-bit copy of its base and save a standalone model folder (with tokenizer)."""
-    model, tokenizer = load_adapter(adapter_dir, base_model, "32bit")
+    model, tok = load_adapter(adapter_dir, base_model, "32bit")
     merged = model.merge_and_unload()
     merged.config.use_cache = True
 
     def save(d: Path) -> None:
         merged.save_pretrained(d)
-        tokenizer.save_pretrained(d)
+        tok.save_pretrained(d)
 
-    return _save_dir(Path(out_dir), save)
-
-
-# ---------------------------------------------------------------------------------------------
-# plots
-
-
-def plot_losses(run_dirs: str | os.PathLike | Sequence[str | os.PathLike]) -> Any:
-    """Train (line) and eval (dots) loss on assistant tokens against step, one colour per run folder."""
-    from matplotlib.figure import Figure
-
-    if isinstance(run_dirs, (str, os.PathLike)):
-        run_dirs = [run_dirs]
-    fig = Figure(figsize=(7, 4))
-    ax = fig.subplots()
-    for run_dir in map(Path, run_dirs):
-        rows = read_jsonl(run_dir / "metrics.jsonl")
-        train_rows = [(r["step"], r["loss"]) for r in rows if r["kind"] == "train"]
-        eval_rows = [(r["step"], r["eval_loss"]) for r in rows if r["kind"] == "eval"]
-        (line,) = ax.plot(*zip(*train_rows), label=f"{run_dir.name} train")
-        ax.plot(*zip(*eval_rows), "o--", color=line.get_color(), label=f"{run_dir.name} eval")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss per assistant token")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    return fig
+    return replace_dir(Path(out_dir), save)

@@ -8,9 +8,9 @@ Sources, per item:
   ``.part`` files. Written as served to ``gutenberg/pg<ID>.txt``.
 - The Machado collection: a local folder of plain ``.txt`` files (default ``$NBLIB_MIRROR/machado``),
   copied to ``machado/<genre>/<work>.txt``.
-- QA datasets (Alpaca, Dolly, SciQ, Natural Questions): a local JSON/JSONL file, the mirror's
-  copy, or the Hugging Face Hub through ``datasets``; records kept in their source schema in
-  ``qa/<name>.jsonl``.
+- QA datasets (Alpaca, Dolly, SciQ, Natural Questions; one module each in ``nblib.qa``): a local
+  JSON/JSONL file, the mirror's copy, or the Hugging Face Hub through ``datasets``; records kept
+  in their source schema in ``qa/<name>.jsonl``.
 
 Every file is written atomically and recorded in ``manifest.json`` (kind, source, origin, title,
 bytes, sha256, encoding); a re-run keeps files whose size and sha256 still match the manifest.
@@ -28,20 +28,18 @@ import urllib.request
 import warnings
 from collections import Counter
 from collections.abc import Iterable
-from dataclasses import dataclass
 from http.client import HTTPException
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tqdm.auto import tqdm
 
-from nblib import config
+from nblib import config, qa
 from nblib.clean import START_RE, decode
 from nblib.files import atomic_write_bytes, read_json, read_jsonl, sha256_file, write_json, write_jsonl
 
 if TYPE_CHECKING:
     import pandas as pd
-    from matplotlib.figure import Figure
 
 # Machado de Assis on Project Gutenberg: e-book number -> title.
 CATALOGUE: dict[int, str] = {
@@ -61,34 +59,6 @@ CATALOGUE: dict[int, str] = {
 GUTENBERG_URL = "https://www.gutenberg.org"
 USER_AGENT = "machado-gpt/0.1 (nblib.ingest)"
 MANIFEST = "manifest.json"
-
-
-@dataclass(frozen=True)
-class QASource:
-    """Where a QA dataset lives and the fields every record must have."""
-
-    hub: str
-    fields: tuple[str, ...]
-    split: str = "train"
-    mirror_file: str | None = None  # path under $NBLIB_MIRROR
-    streaming: bool = False  # stream instead of downloading the whole set
-    keep: tuple[str, ...] | None = None  # fields written out (None: all)
-
-
-QA_SOURCES: dict[str, QASource] = {
-    "alpaca": QASource("tatsu-lab/alpaca", ("instruction", "input", "output"), mirror_file="qa/alpaca_5000.json"),
-    "dolly": QASource("databricks/databricks-dolly-15k", ("instruction", "context", "response", "category")),
-    "sciq": QASource(
-        "allenai/sciq", ("question", "distractor1", "distractor2", "distractor3", "correct_answer", "support")
-    ),
-    # ~40 GB in full (each record carries a Wikipedia page): stream, and keep only what QA needs.
-    "natural_questions": QASource(
-        "google-research-datasets/natural_questions",
-        ("question", "annotations"),
-        streaming=True,
-        keep=("id", "question", "annotations"),
-    ),
-}
 
 
 class IngestError(RuntimeError):
@@ -377,11 +347,13 @@ def check_records(name: str, records: list[Any], fields: tuple[str, ...], where:
             )
 
 
-def _hub_records(spec: QASource, limit: int | None) -> list[dict[str, Any]]:
+def _hub_records(spec: qa.QASource, limit: int | None) -> list[dict[str, Any]]:
     from datasets import load_dataset
 
+    if spec.hub is None:
+        raise IngestError(f"QA source {spec.name!r} has no hub copy: give its file with qa_files: {{{spec.name}: <path>}}")
     try:
-        ds = load_dataset(spec.hub, split=spec.split, streaming=spec.streaming)
+        ds = load_dataset(spec.hub, spec.config, split=spec.split, streaming=spec.streaming)
     except Exception as e:  # hub/network errors come in many types
         raise IngestError(
             f"could not load {spec.hub} from the Hugging Face Hub ({type(e).__name__}: {e}). Offline, give a local "
@@ -402,9 +374,7 @@ def fetch_qa(
     Source: ``file`` if given, else the mirror's copy (``QASource.mirror_file``), else the Hub.
     The first ``limit`` records are taken, so a run is repeatable.
     """
-    if name not in QA_SOURCES:
-        raise ValueError(f"unknown QA dataset {name!r}; known: {', '.join(QA_SOURCES)}")
-    spec = QA_SOURCES[name]
+    spec = qa.get(name)
     if file is not None:
         path, source = Path(file), "folder"
         origin = path.name
@@ -487,21 +457,3 @@ def summary_table(manifest: dict[str, Any]) -> pd.DataFrame:
         .round({"MB": 3})
         .reset_index()
     )
-
-
-def plot_sizes(manifest: dict[str, Any]) -> Figure:
-    """Horizontal bars: megabytes per Gutenberg book and per collection genre."""
-    import matplotlib.pyplot as plt
-
-    table = summary_table(manifest)
-    table = table[table["kind"] != "qa"].sort_values("MB")
-    fig, ax = plt.subplots(figsize=(8, 0.35 * len(table) + 1.2))
-    colors = table["kind"].map({"gutenberg": "tab:blue", "collection": "tab:orange"})
-    labels = [
-        f"{g} ({n})" if k == "collection" else g for k, g, n in zip(table["kind"], table["group"], table["files"])
-    ]
-    ax.barh(labels, table["MB"], color=colors)
-    ax.set_xlabel("MB (raw bytes)")
-    ax.set_title("Raw texts: Gutenberg books (blue), collection genres with work counts (orange)")
-    fig.tight_layout()
-    return fig

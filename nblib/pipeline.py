@@ -33,14 +33,13 @@ class Stage:
     params: dict[str, Any] = field(default_factory=dict)
 
 
+FINETUNE_VARIANTS = ("lora-8bit", "lora-32bit", "full")  # the fine-tune variants the pipeline runs and compares
 STAGES = (
     Stage("01_ingest", "01_ingest.ipynb"),
     Stage("02_clean", "02_clean.ipynb"),
     Stage("03_train_mha", "03_train_mha.ipynb"),
     Stage("04_train_gqa", "04_train_gqa.ipynb"),
-    Stage("05_finetune_lora_8bit", "05_finetune_lora_8bit.ipynb", {"variant": "lora-8bit"}),
-    Stage("05_finetune_lora_32bit", "05_finetune_lora_8bit.ipynb", {"variant": "lora-32bit"}),
-    Stage("05_finetune_full", "05_finetune_lora_8bit.ipynb", {"variant": "full"}),
+    *(Stage(f"05_finetune_{v.replace('-', '_')}", "05_finetune_lora_8bit.ipynb", {"variant": v}) for v in FINETUNE_VARIANTS),
     Stage("06_compare", "06_compare.ipynb"),
     Stage("07_chat_demo", "07_chat_demo.ipynb"),
 )

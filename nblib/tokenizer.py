@@ -18,6 +18,7 @@ from nblib import config
 from nblib.files import sha256_file
 
 if TYPE_CHECKING:
+    import numpy as np
     from transformers import PreTrainedTokenizerFast
 
 EOT = "<|endoftext|>"
@@ -78,6 +79,17 @@ def get_encoding(ranks_file: str | os.PathLike | None = None) -> tiktoken.Encodi
     """GPT-2's tiktoken ``Encoding`` (``<|endoftext|>`` = 50256), offline when a ranks file is found."""
     path = Path(ranks_file) if ranks_file is not None else _mirror_ranks()
     return _encoding_from(str(path) if path is not None else None)
+
+
+def token_bytes(enc: tiktoken.Encoding | None = None) -> np.ndarray:
+    """UTF-8 bytes each token id stands for (``int64``, one entry per id); special tokens count 0,
+    so they drop out of bits-per-byte (nanochat's convention)."""
+    import numpy as np
+
+    enc = enc or get_encoding()
+    special = {enc.encode_single_token(t) for t in enc.special_tokens_set}
+    return np.array([0 if i in special else len(enc.decode_single_token_bytes(i)) for i in range(enc.n_vocab)],
+                    dtype=np.int64)
 
 
 def count_tokens(texts: list[str], enc: tiktoken.Encoding | None = None) -> int:

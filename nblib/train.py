@@ -1,72 +1,49 @@
 """Pretraining: one entry point, :func:`run`, shared by the MHA and GQA notebooks.
 
+The loop reads top to bottom like nanoGPT's ``train.py``: :func:`prepare` checks the run folder
+(resume, refuse, or start afresh), :func:`build` makes the model, optimizer and data, :func:`restore`
+loads a checkpoint, then each :func:`train_step` is followed by :func:`evaluate` every
+``eval_interval`` steps and :func:`checkpoint` every ``ckpt_interval`` steps, and :func:`finish`
+writes the summary (and the Hugging Face export of an MHA model).
+
 AdamW (decay on matrices only), linear warmup + cosine decay, gradient accumulation and
-clipping, mixed precision (bf16 on GPUs that have it, fp16 with a grad scaler on T4/P100, fp32 on
-CPU), optional ``torch.compile``, DDP under ``torchrun``. Every ``eval_interval`` steps the loss
-on fixed train/val batches, throughput, MFU (GPU), peak memory, LR and a sample go to
-``runs/<name>/metrics.jsonl`` and W&B; ``ckpt.pt`` (full training state) is written atomically
-every ``ckpt_interval`` steps, ``best.pt`` (weights) whenever val loss improves. Calling
-:func:`run` again with the same name and settings resumes from ``ckpt.pt``.
+clipping, the precision policy of ``nblib.machine`` (fp32 on CPU, bf16 or fp16 + grad scaler on
+GPUs), optional ``torch.compile``, DDP under ``torchrun``. A run is
+``runs/<name>/seed-<seed>/``: ``metrics.jsonl``, ``summary.json`` (``nblib.runs``' schema),
+``ckpt.pt`` (the full training state, with ``ckpt.prev.pt`` the one before it) and ``best.pt``
+(weights at the best val loss). Calling :func:`run` again with the same settings resumes; where a
+session stops (``stop_at``, ``time_budget_minutes``) never changes which steps are evaluated.
 """
 from __future__ import annotations
 
 import math
 import os
-import resource
 import shutil
 import time
-from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import Any, Mapping
 
 import numpy as np
 import torch
 import torch.distributed as dist
-import yaml
+import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
-from tqdm.auto import tqdm
 
-from nblib import config, data, tokenizer, tracking
-from nblib.files import append_jsonl, read_json, read_jsonl, write_json, write_jsonl
+from nblib import config, data, machine, runs, tokenizer, tracking
+from nblib.files import TEMP_SUFFIX, remove_orphans
 from nblib.model import GPT, GPTConfig, export_hf, load_checkpoint, save_checkpoint
-
-if TYPE_CHECKING:
-    import pandas as pd
-    from matplotlib.figure import Figure
+from nblib.progress import Progress
 
 STAGE = "train"
 MODEL_KEYS = ("context_length", "n_layer", "n_head", "n_kv_head", "d_model", "dropout", "bias", "tie_embeddings")
-# Settings that may change between sessions of one run without changing its results.
-RESUME_FREE = ("torch_compile", "wandb")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# Dense fp16/bf16 tensor-core peak FLOP/s per GPU, for MFU (matched by substring of the name).
-PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40": 181e12, "A10": 125e12, "L4": 121e12,
-              "V100": 125e12, "T4": 65e12, "P100": 18.7e12}
+CKPT, PREV, BEST = "ckpt.pt", "ckpt.prev.pt", "best.pt"
+LN2 = math.log(2)
 
 
 # ---------------------------------------------------------------------------------------------
-# settings
-
-
-def presets() -> dict[str, dict[str, Any]]:
-    """Named size presets from ``profiles/train.yaml`` (``presets:``), e.g. ``gpt2-small``."""
-    table = yaml.safe_load((config.PROFILE_DIR / f"{STAGE}.yaml").read_text(encoding="utf-8"))
-    return table.get("presets", {})
-
-
-def settings(profile: str = "auto", preset: str | None = None, **overrides: Any) -> dict[str, Any]:
-    """Training settings: the profile, then the named ``preset``'s sizes, then non-``None`` overrides."""
-    sizes = {}
-    if preset is not None:
-        known = presets()
-        if preset not in known:
-            raise ValueError(f"unknown preset {preset!r}; known presets: {', '.join(sorted(known))}")
-        sizes = known[preset]
-    given = {k: v for k, v in overrides.items() if v is not None}
-    cfg = config.settings(STAGE, profile, **{**sizes, **given})
-    cfg["preset"] = preset
-    return cfg
+# settings and schedules
 
 
 def model_config(cfg: Mapping[str, Any]) -> GPTConfig:
@@ -77,19 +54,6 @@ def model_config(cfg: Mapping[str, Any]) -> GPTConfig:
 def default_name(cfg: Mapping[str, Any]) -> str:
     """``pretrain-mha``, ``pretrain-gqa`` or ``pretrain-mqa``."""
     return f"pretrain-{model_config(cfg).variant}"
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """``auto``: bf16 on GPUs with compute capability >= 8 (A100, L4, H100), fp16 on older ones (T4, P100), fp32 on CPU."""
-    if name == "auto":
-        if device.type != "cuda":
-            return torch.float32
-        return torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else torch.float16
-    if name not in DTYPES:
-        raise ValueError(f"dtype must be 'auto' or one of {', '.join(DTYPES)}, got {name!r}")
-    if device.type != "cuda" and name != "float32":
-        raise ValueError(f"dtype {name!r} needs a CUDA GPU; on CPU use 'float32' (or 'auto')")
-    return DTYPES[name]
 
 
 def lr_factor(step: int, warmup_steps: int, max_steps: int, min_ratio: float) -> float:
@@ -117,28 +81,9 @@ def max_steps_for(cfg: Mapping[str, Any], train_tokens: int) -> int:
     if cfg["max_steps"] is not None:
         return int(cfg["max_steps"])
     if cfg["epochs"] is None:
-        raise ValueError("set max_steps or epochs in the train settings")
+        raise config.SettingsError("set max_steps or epochs in the train settings (both are null)")
     per_step = cfg["batch_size"] * cfg["grad_accum_steps"] * cfg["context_length"]
     return max(1, math.ceil(cfg["epochs"] * train_tokens / per_step))
-
-
-# ---------------------------------------------------------------------------------------------
-# measurements
-
-
-def peak_memory_bytes(device: torch.device) -> int:
-    """Peak CUDA memory allocated on ``device``, or this process's peak RSS on CPU."""
-    if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device))
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-
-
-def peak_flops(device: torch.device) -> float | None:
-    """Dense half-precision peak FLOP/s of the GPU, or ``None`` (CPU, unknown GPU)."""
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
 
 
 def complete(
@@ -153,67 +98,103 @@ def complete(
     return enc.decode(out[0].tolist())
 
 
+# ---------------------------------------------------------------------------------------------
+# evaluation
+
+
 @torch.no_grad()
-def evaluate_loss(
-    model: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], autocast: AbstractContextManager
-) -> float:
-    """Mean loss over fixed batches, in eval mode (no dropout)."""
+def evaluate_loss(model: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], policy: machine.Policy,
+                  token_bytes: torch.Tensor) -> tuple[float, float]:
+    """``(loss, bits per byte)`` over fixed batches in eval mode: the mean cross-entropy per token,
+    and the nats of tokens that stand for text (special tokens excluded) / ln 2 / their UTF-8 bytes."""
     model.eval()
-    losses = []
+    total, nats, nbytes = 0.0, 0.0, 0
     for x, y in batches:
-        with autocast:
-            _, loss = model(x, y)
-        losses.append(loss.item())
+        with policy.autocast_context():
+            logits, _ = model(x, y)
+        per_token = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none")
+        b = token_bytes[y.flatten()]
+        total += per_token.mean().item()
+        nats += per_token[b > 0].sum().item()
+        nbytes += int(b.sum())
     model.train()
-    return float(np.mean(losses))
+    return total / len(batches), nats / LN2 / max(nbytes, 1)
 
 
-def fixed_batches(tokens: np.ndarray, cfg: Mapping[str, Any], salt: int, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def fixed_batches(tokens: np.ndarray, cfg: Mapping[str, Any], seed: int, salt: int,
+                  device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """``eval_batches`` batches drawn once from a seed, so every evaluation sees the same windows."""
-    rng = np.random.default_rng([cfg["seed"], salt])
+    rng = np.random.default_rng([seed, salt])
     return [data.get_batch(tokens, cfg["batch_size"], cfg["context_length"], rng, device) for _ in range(cfg["eval_batches"])]
 
 
 # ---------------------------------------------------------------------------------------------
-# the run
+# the session
 
 
-@dataclass(frozen=True)
-class Dist:
-    """This process's place in a (possibly single-process) DDP job."""
+@dataclass
+class State:
+    """What a checkpoint carries besides weights, optimizer, scheduler, scaler and RNG."""
 
-    rank: int = 0
-    local_rank: int = 0
-    world_size: int = 1
-    owns_group: bool = False
+    step: int = 0
+    tokens_seen: int = 0
+    wall_seconds: float = 0.0
+    train_seconds: float = 0.0
+    best_val_loss: float | None = None
+    best_val_bpb: float | None = None
+    best_step: int | None = None
+    evals_since_best: int = 0
+    last_val_loss: float | None = None
+    last_val_bpb: float | None = None
+    skipped_steps: int = 0  # fp16 steps the grad scaler skipped (inf/nan gradients)
+
+
+@dataclass
+class Session:
+    """Everything one training session holds."""
+
+    cfg: dict[str, Any]
+    name: str
+    seed: int
+    run_dir: Path
+    paths: config.Paths
+    ddp: machine.Dist
+    policy: machine.Policy
+    model: GPT
+    train_model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    max_steps: int
+    micro: list[int]
+    train_tokens: np.ndarray
+    eval_sets: dict[str, list[tuple[torch.Tensor, torch.Tensor]]]
+    token_bytes: torch.Tensor
+    data: dict[str, Any]
+    state: State = field(default_factory=State)
+    best: dict[str, torch.Tensor] | None = None  # weights of the best evaluation (CPU copy)
+    wandb: Any = None
+    started: float = field(default_factory=time.perf_counter)
+    wall_before: float = 0.0
+    window: list[float] = field(default_factory=lambda: [0, 0.0])  # tokens, seconds since the last eval
+    step_seconds: float = 0.0  # running mean, for the time budget
+    ckpt_seconds: float = 1.0
 
     @property
-    def master(self) -> bool:
-        return self.rank == 0
+    def device(self) -> torch.device:
+        return self.policy.device.torch
 
+    @property
+    def tokens_per_step(self) -> int:
+        return self.cfg["batch_size"] * self.cfg["grad_accum_steps"] * self.cfg["context_length"]
 
-def _init_distributed() -> Dist:
-    """Join the DDP job ``torchrun`` describes in the environment (NCCL on GPUs, gloo on CPU)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return Dist()
-    owns = not dist.is_initialized()
-    if owns:
-        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
-    return Dist(dist.get_rank(), int(os.environ.get("LOCAL_RANK", "0")), dist.get_world_size(), owns)
-
-
-def _differences(saved: Mapping[str, Any], cfg: Mapping[str, Any]) -> list[str]:
-    keys = sorted((set(saved) | set(cfg)) - set(RESUME_FREE))
-    return [f"{k}: {saved.get(k)!r} -> {cfg.get(k)!r}" for k in keys if saved.get(k) != cfg.get(k)]
-
-
-def _relative(path: Path, root: Path) -> str:
-    return path.resolve().relative_to(root.resolve()).as_posix()
+    def wall(self) -> float:
+        return self.wall_before + time.perf_counter() - self.started
 
 
 def run(
     cfg: Mapping[str, Any],
+    seed: int | None = None,
     name: str | None = None,
     paths: config.Paths | None = None,
     *,
@@ -221,307 +202,378 @@ def run(
     stop_at: int | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Pretrain a GPT on the corpus token files; returns the run's ``summary.json`` contents.
+    """Pretrain one seed of a GPT on the corpus token files; returns its ``summary.json``.
 
-    A run folder holding a checkpoint from the same settings is resumed (a finished run is
-    returned as is); different settings are an error unless ``overwrite`` (which starts afresh).
-    ``stop_at`` ends this session after that step with a checkpoint, leaving the run unfinished
-    (e.g. before a Kaggle session's time limit); the next call carries on.
+    ``seed`` defaults to the first of ``cfg["seeds"]``; ``name`` to ``pretrain-<variant>``. A run
+    folder whose checkpoint has the same settings resumes (a finished run is returned as is);
+    other settings are an error unless ``overwrite``, which starts afresh. ``stop_at`` ends this
+    session after that step with a checkpoint, as ``time_budget_minutes`` does when time is short;
+    the next call carries on.
     """
     cfg = dict(cfg)
+    seed = cfg["seeds"][0] if seed is None else int(seed)
+    cfg["seed"] = seed
     paths = paths or config.paths()
     name = name or default_name(cfg)
-    ddp = _init_distributed()
+    ddp = machine.distributed()
     try:
-        return _run(cfg, name, paths, ddp, overwrite, stop_at, progress)
+        run_dir = runs.folder(name, seed, paths)
+        decision, ckpt = prepare(run_dir, cfg, ddp, overwrite)
+        if decision == DONE:
+            return runs.read_summary(run_dir)
+        s = build(cfg, name, seed, run_dir, paths, ddp)
+        if ckpt is not None:
+            restore(s, ckpt)
+        return train_loop(s, stop_at, progress)
     finally:
-        if ddp.owns_group:
-            dist.destroy_process_group()
+        ddp.close()
 
 
-def _prepare_run_dir(run_dir: Path, cfg: dict[str, Any], ddp: Dist, overwrite: bool) -> dict[str, Any] | None:
-    """Check the folder against ``cfg``; returns the checkpoint to resume from, if any."""
-    ckpt_path = run_dir / "ckpt.pt"
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True) if ckpt_path.is_file() else None
-    if ckpt is not None and not overwrite:
-        diff = _differences(ckpt["settings"], cfg)
-        if diff:
-            raise ValueError(
-                f"{run_dir} holds a checkpoint from different settings ({'; '.join(diff)}); "
-                "use the same settings to resume, another run name, or overwrite=True to start afresh"
-            )
-        return ckpt
-    if ddp.master and run_dir.exists() and (overwrite or ckpt is None):
-        shutil.rmtree(run_dir)  # nothing resumable (or overwrite asked): start clean
-    if ddp.world_size > 1:
-        dist.barrier()
-    return None
+def _load(path: Path) -> dict[str, Any]:
+    """A checkpoint, or a clear error naming the file when it cannot be read."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated zip, a bad pickle, a short read: all mean the file is damaged
+        raise ValueError(f"{config.relative(path)} cannot be read ({type(e).__name__}: {str(e)[:120]})") from e
 
 
-def _run(cfg: dict[str, Any], name: str, paths: config.Paths, ddp: Dist, overwrite: bool, stop_at: int | None, progress: bool) -> dict[str, Any]:
-    t_start = time.perf_counter()
-    run_dir = paths.run(name)
-    ckpt_path, best_path = run_dir / "ckpt.pt", run_dir / "best.pt"
-    summary_path, metrics_path = run_dir / "summary.json", run_dir / "metrics.jsonl"
-    resume = _prepare_run_dir(run_dir, cfg, ddp, overwrite)
-    if resume is not None and summary_path.is_file() and read_json(summary_path).get("finished"):
-        return read_json(summary_path)
-
-    if ddp.master:
-        tokens_manifest = data.build_token_files(paths)
-    if ddp.world_size > 1:
-        dist.barrier()
-    if not ddp.master:
-        tokens_manifest = data.build_token_files(paths)  # reuses rank 0's files
-    train_tokens, val_tokens = data.load_tokens(paths, "train"), data.load_tokens(paths, "val")
-
-    if torch.cuda.is_available():
-        device = torch.device("cuda", ddp.local_rank)
-        torch.cuda.set_device(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        torch.set_float32_matmul_precision("high")
-    else:
-        device = torch.device("cpu")
-    dtype = resolve_dtype(cfg["dtype"], device)
-    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
-
-    if cfg["grad_accum_steps"] % ddp.world_size:
+def _resumable(run_dir: Path) -> tuple[dict[str, Any] | None, str | None]:
+    """The checkpoint to resume from (``ckpt.pt``, else ``ckpt.prev.pt``) and a warning when the
+    newer one was unreadable; ``(None, None)`` when there is none."""
+    newest, prev = run_dir / CKPT, run_dir / PREV
+    if not newest.is_file() and not prev.is_file():
+        return None, None
+    try:
+        return _load(newest if newest.is_file() else prev), None
+    except ValueError as broken:
+        if newest.is_file() and prev.is_file():
+            try:
+                older = _load(prev)
+            except ValueError:
+                pass
+            else:
+                return older, f"{broken}; resuming from {config.relative(prev)} (step {older['step']}) instead"
         raise ValueError(
+            f"{broken}, and no earlier good checkpoint is kept. Start afresh with overwrite=True "
+            f"(--overwrite), or restore the file from a backup"
+        ) from None
+
+
+FRESH, RESUME, DONE, REFUSE = range(4)
+
+
+def prepare(run_dir: Path, cfg: dict[str, Any], ddp: machine.Dist, overwrite: bool) -> tuple[int, dict[str, Any] | None]:
+    """Rank 0 checks the run folder and decides for every process: ``RESUME`` (with the
+    checkpoint), ``DONE`` (a finished run of the same settings), ``FRESH`` (the folder is emptied),
+    or an error when the folder holds a run of other settings or an unreadable checkpoint."""
+    decision, problem, ckpt = FRESH, "", None
+    if ddp.master:
+        for note in remove_orphans(run_dir):
+            print(f"{config.relative(run_dir)}: {note}")
+        try:
+            decision, ckpt = (FRESH, None) if overwrite else _decide(run_dir, cfg)
+        except (ValueError, OSError) as e:
+            decision, problem = REFUSE, str(e)
+        if decision == FRESH and run_dir.exists():
+            shutil.rmtree(run_dir)
+    decision = ddp.agree(decision, torch.device("cuda", ddp.local_rank) if torch.cuda.is_available() else torch.device("cpu"))
+    if decision == REFUSE:
+        raise ValueError(problem or f"rank 0 refused {config.relative(run_dir)}: see its message")
+    ddp.barrier()
+    if decision == RESUME and ckpt is None:
+        ckpt, _ = _resumable(run_dir)
+    return decision, ckpt if decision == RESUME else None
+
+
+def _decide(run_dir: Path, cfg: dict[str, Any]) -> tuple[int, dict[str, Any] | None]:
+    ckpt, warning = _resumable(run_dir)
+    if warning:
+        print(f"warning: {warning}")
+    summary_path = run_dir / "summary.json"
+    summary = runs.read_summary(run_dir) if summary_path.is_file() else None
+    saved = ckpt["settings"] if ckpt is not None else (summary or {}).get("config")
+    diff = runs.settings_diff(saved, cfg, config.free_keys(STAGE)) if saved is not None else []
+    if diff:
+        raise ValueError(
+            f"{config.relative(run_dir)} holds a run of different settings ({'; '.join(diff)}); use the same "
+            "settings to resume, another run name, or overwrite=True to start afresh"
+        )
+    if summary is not None and summary["finished"]:
+        return DONE, None
+    return (RESUME, ckpt) if ckpt is not None else (FRESH, None)
+
+
+def build(cfg: dict[str, Any], name: str, seed: int, run_dir: Path, paths: config.Paths, ddp: machine.Dist) -> Session:
+    """Token files, precision policy, model, optimizer, schedule, scaler and fixed eval batches."""
+    if ddp.master:
+        manifest = data.build_token_files(paths)
+    ddp.barrier()
+    if not ddp.master:
+        manifest = data.build_token_files(paths)  # reuses rank 0's files
+    if cfg["grad_accum_steps"] % ddp.world_size:
+        raise config.SettingsError(
             f"grad_accum_steps={cfg['grad_accum_steps']} must be a multiple of the {ddp.world_size} DDP processes "
             "(each process takes an equal share of the micro-batches)"
         )
-    max_steps = max_steps_for(cfg, tokens_manifest["splits"]["train"]["tokens"])
-    my_micro = list(range(ddp.rank, cfg["grad_accum_steps"], ddp.world_size))
-    tokens_per_step = cfg["batch_size"] * cfg["grad_accum_steps"] * cfg["context_length"]
+    policy = machine.policy(cfg["dtype"], cfg["torch_compile"], machine.detect(local_rank=ddp.local_rank))
+    for note in policy.notes if ddp.master else ():
+        print(note)
+    if policy.device.type == "cuda":
+        torch.cuda.set_device(policy.device.torch)
+        torch.set_float32_matmul_precision("high")
+    device = policy.device.torch
+    train_tokens, val_tokens = data.load_tokens(paths, "train"), data.load_tokens(paths, "val")
+    max_steps = max_steps_for(cfg, manifest["splits"]["train"]["tokens"])
 
-    config.set_seed(cfg["seed"])
-    mcfg = model_config(cfg)
-    model = GPT(mcfg).to(device)
+    config.set_seed(seed)
+    model = GPT(model_config(cfg)).to(device)
     optimizer = configure_optimizer(model, cfg, device)
     min_ratio = cfg["min_lr"] / cfg["learning_rate"]
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, cfg["warmup_steps"], max_steps, min_ratio)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg["warmup_steps"], max_steps, min_ratio))
+    fwd = torch.compile(model) if policy.compile else model
+    train_model = DDP(fwd, device_ids=[ddp.local_rank] if device.type == "cuda" else None) if ddp.world_size > 1 else fwd
+    return Session(
+        cfg=cfg, name=name, seed=seed, run_dir=run_dir, paths=paths, ddp=ddp, policy=policy, model=model,
+        train_model=train_model, optimizer=optimizer, scheduler=scheduler, scaler=policy.grad_scaler(),
+        max_steps=max_steps, micro=list(range(ddp.rank, cfg["grad_accum_steps"], ddp.world_size)),
+        train_tokens=train_tokens,
+        eval_sets={"train": fixed_batches(train_tokens, cfg, seed, 1, device), "val": fixed_batches(val_tokens, cfg, seed, 2, device)},
+        token_bytes=torch.from_numpy(tokenizer.token_bytes()).to(device),
+        data={"corpus_sha256": manifest["corpus_sha256"],
+              "tokens": {split: info["tokens"] for split, info in manifest["splits"].items()}},
     )
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    state = {"step": 0, "tokens_seen": 0, "best_val_loss": None, "best_step": None, "evals_since_best": 0,
-             "wall_seconds": 0.0, "train_seconds": 0.0, "last_val_loss": None}
-    if resume is not None:
-        model.load_state_dict(resume["model"])
-        optimizer.load_state_dict(resume["optimizer"])
-        scheduler.load_state_dict(resume["scheduler"])
-        scaler.load_state_dict(resume["scaler"])
-        torch.set_rng_state(resume["rng"]["torch"])
-        if device.type == "cuda" and resume["rng"]["cuda"] is not None:
-            torch.cuda.set_rng_state(resume["rng"]["cuda"], device)
-        state.update({k: resume[k] for k in state})
-        if ddp.master:  # drop metrics logged after the checkpoint: they will be logged again
-            rows = read_jsonl(metrics_path) if metrics_path.is_file() else []
-            write_jsonl(metrics_path, [r for r in rows if r["step"] <= state["step"]])
-    wall_before = state["wall_seconds"]
 
-    fwd_model = torch.compile(model) if cfg["torch_compile"] else model
-    train_model = DDP(fwd_model, device_ids=[ddp.local_rank] if device.type == "cuda" else None) if ddp.world_size > 1 else fwd_model
-    eval_sets = {"train": fixed_batches(train_tokens, cfg, 1, device), "val": fixed_batches(val_tokens, cfg, 2, device)}
-    flops_token, peak = model.flops_per_token(), peak_flops(device)
-    wandb_run = tracking.init_wandb(run_dir, name, {**cfg, "max_steps": max_steps}) if cfg["wandb"] and ddp.master else None
 
-    def summary(finished: bool, stopped_early: bool = False, hf_dir: Path | None = None) -> dict[str, Any]:
-        best, last = state["best_val_loss"], state["last_val_loss"]
-        return {
-            "name": name, "stage": "pretrain", "profile": cfg["profile"], "seed": cfg["seed"], "config": cfg,
-            "machine": config.machine_info(), "finished": finished, "stopped_early": stopped_early,
-            "wall_seconds": round(wall_before + time.perf_counter() - t_start, 3),
-            "train_seconds": round(state["train_seconds"], 3),
-            "peak_memory_bytes": peak_memory_bytes(device),
-            "variant": mcfg.variant, "params": model.num_params(), "params_embedding": model.num_params("embedding"),
-            "params_blocks": model.num_params("blocks"), "n_layer": mcfg.n_layer, "n_head": mcfg.n_head,
-            "n_kv_head": mcfg.n_kv_head, "d_model": mcfg.d_model, "context_length": mcfg.context_length,
-            "dtype": str(dtype).removeprefix("torch."), "world_size": ddp.world_size,
-            "kv_cache_bytes_per_token": {"float32": model.kv_cache_bytes(1, 1, torch.float32),
-                                         str(dtype).removeprefix("torch."): model.kv_cache_bytes(1, 1, dtype)},
-            "best_val_loss": best, "best_val_ppl": math.exp(best) if best is not None else None,
-            "best_step": state["best_step"],
-            "final_val_loss": last, "final_val_ppl": math.exp(last) if last is not None else None,
-            "train_tokens_per_s": state["tokens_seen"] / state["train_seconds"] if state["train_seconds"] else None,
-            "tokens_seen": state["tokens_seen"], "steps": state["step"], "max_steps": max_steps,
-            "checkpoint": _relative(best_path, paths.home) if best_path.is_file() else None,
-            "hf_export": _relative(hf_dir, paths.home) if hf_dir is not None else None,
-        }
+def restore(s: Session, ckpt: dict[str, Any]) -> None:
+    """Load a checkpoint into the session; put ``best.pt`` and ``metrics.jsonl`` back in step with it."""
+    s.model.load_state_dict(ckpt["model"])
+    s.optimizer.load_state_dict(ckpt["optimizer"])
+    s.scheduler.load_state_dict(ckpt["scheduler"])
+    s.scaler.load_state_dict(ckpt["scaler"])
+    torch.set_rng_state(ckpt["rng"]["torch"])
+    if s.device.type == "cuda" and ckpt["rng"]["cuda"] is not None:
+        torch.cuda.set_rng_state(ckpt["rng"]["cuda"], s.device)
+    s.state = State(**ckpt["state"])
+    s.best = ckpt.get("best")
+    s.wall_before = s.state.wall_seconds
+    if s.ddp.master:
+        runs.truncate_metrics(s.run_dir, s.state.step)  # rows after the checkpoint are logged again
+        best_path = s.run_dir / BEST
+        on_disk = torch.load(best_path, map_location="cpu", weights_only=True)["step"] if best_path.is_file() else None
+        if s.best is not None and on_disk != s.state.best_step:  # best.pt came from an evaluation now undone
+            _save_best(s)
 
-    def evaluate(tokens_per_s: float | None) -> dict[str, Any]:
-        train_loss = evaluate_loss(fwd_model, eval_sets["train"], autocast)
-        val_loss = evaluate_loss(fwd_model, eval_sets["val"], autocast)
-        return {
-            "kind": "eval", "step": state["step"], "tokens": state["tokens_seen"],
-            "wall": round(wall_before + time.perf_counter() - t_start, 3),
-            "train_loss": train_loss, "train_ppl": math.exp(train_loss), "val_loss": val_loss, "val_ppl": math.exp(val_loss),
-            "lr": scheduler.get_last_lr()[0], "tokens_per_s": tokens_per_s,
-            "mfu": flops_token * tokens_per_s / (peak * ddp.world_size) if peak and tokens_per_s else None,
-            "peak_memory_bytes": peak_memory_bytes(device),
-            "sample": complete(model, cfg["sample_prompt"], cfg["sample_tokens"], seed=cfg["seed"]),
-        }
 
-    saved = {"step": resume["step"] if resume is not None else None}
-
-    def save_state() -> None:
-        saved["step"] = state["step"]
-        cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-        state["wall_seconds"] = wall_before + time.perf_counter() - t_start
-        save_checkpoint(
-            ckpt_path, model, settings=cfg, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-            scaler=scaler.state_dict(), rng={"torch": torch.get_rng_state(), "cuda": cuda_rng}, **state,
-        )
-
-    def record_eval(row: dict[str, Any]) -> bool:
-        """Log an eval row, keep ``best.pt``; True when early stopping says stop."""
-        append_jsonl(metrics_path, row)
-        if wandb_run is not None:
-            wandb_run.log({k: v for k, v in row.items() if k not in ("kind", "step") and v is not None}, step=row["step"])
-        state["last_val_loss"] = row["val_loss"]
-        if state["best_val_loss"] is None or row["val_loss"] < state["best_val_loss"]:
-            state.update(best_val_loss=row["val_loss"], best_step=row["step"], evals_since_best=0)
-            save_checkpoint(best_path, model, settings=cfg, step=row["step"], val_loss=row["val_loss"])
-        else:
-            state["evals_since_best"] += 1
-        return cfg["patience"] is not None and state["evals_since_best"] >= cfg["patience"]
-
-    def agree(flag: bool) -> bool:
-        """Rank 0's decision, shared with every DDP process."""
-        if ddp.world_size == 1:
-            return flag
-        t = torch.tensor([int(flag)], device=device)
-        dist.broadcast(t, src=0)
-        return bool(t.item())
-
-    stopped_early = False
+def train_loop(s: Session, stop_at: int | None, progress: bool) -> dict[str, Any]:
+    """Steps until ``max_steps``, early stopping, ``stop_at`` or the time budget; then :func:`finish`."""
+    s.wandb = tracking.init_wandb(s.run_dir, s.run_dir.parent.name + f"-seed-{s.seed}",
+                                  {**s.cfg, "max_steps": s.max_steps}) if s.cfg["wandb"] and s.ddp.master else None
+    machine.reset_peak_memory(s.device)
+    limit = s.max_steps if stop_at is None else min(stop_at, s.max_steps)
+    reason = "done"
+    bar = Progress(f"{s.name} seed {s.seed}", s.max_steps, initial=s.state.step, disable=not (progress and s.ddp.master))
     try:
-        if state["step"] == 0 and ddp.master:
-            record_eval(evaluate(None))
-            write_json(summary_path, summary(False))
-        bar = tqdm(total=max_steps, initial=state["step"], desc=name, disable=not (progress and ddp.master), mininterval=1.0)
-        window_tokens, window_seconds = 0, 0.0
-        limit = max_steps if stop_at is None else min(stop_at, max_steps)
-        while state["step"] < limit:
-            t0 = time.perf_counter()
-            step = state["step"]
-            loss_sum = torch.zeros((), device=device)
-            for i, micro in enumerate(my_micro):
-                rng = np.random.default_rng([cfg["seed"], step, micro])
-                x, y = data.get_batch(train_tokens, cfg["batch_size"], cfg["context_length"], rng, device)
-                last = i == len(my_micro) - 1
-                sync = nullcontext() if last or ddp.world_size == 1 else train_model.no_sync()
-                with sync:
-                    with autocast:
-                        _, loss = train_model(x, y)
-                    scaler.scale(loss / len(my_micro)).backward()
-                loss_sum += loss.detach()
-            if ddp.world_size > 1:
-                dist.all_reduce(loss_sum)
-            if cfg["grad_clip"]:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
-            lr = scheduler.get_last_lr()[0]
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
-            loss_value = loss_sum.item() / cfg["grad_accum_steps"]
-            if not math.isfinite(loss_value):
-                last_ckpt = (f"{_relative(ckpt_path, paths.home)} (step {saved['step']})" if saved["step"] is not None
-                             else "none written yet")
-                raise FloatingPointError(
-                    f"{name}: loss is {loss_value} at step {step + 1}; training stopped. Last good checkpoint: "
-                    f"{last_ckpt}. Lower learning_rate, raise warmup_steps or use dtype bfloat16/float32, then run again "
-                    "(same settings resume from the checkpoint; overwrite=True starts afresh)."
-                )
-            dt = time.perf_counter() - t0
-            state["step"] += 1
-            state["tokens_seen"] += tokens_per_step
-            state["train_seconds"] += dt
-            window_tokens += tokens_per_step
-            window_seconds += dt
-            step = state["step"]
-            bar.update(1)
-            if ddp.master and (step % cfg["log_interval"] == 0 or step == max_steps):
-                row = {"kind": "train", "step": step, "tokens": state["tokens_seen"],
-                       "wall": round(wall_before + time.perf_counter() - t_start, 3), "loss": loss_value, "lr": lr}
-                append_jsonl(metrics_path, row)
-                if wandb_run is not None:
-                    wandb_run.log({"loss": loss_value, "lr": lr}, step=step)
-                bar.set_postfix(loss=f"{loss_value:.3f}", refresh=False)
-            session_end = step == limit
-            if step % cfg["eval_interval"] == 0 or session_end:
-                stop = False
-                if ddp.master:
-                    stop = record_eval(evaluate(window_tokens / window_seconds))
-                    bar.set_postfix(loss=f"{loss_value:.3f}", val=f"{state['last_val_loss']:.3f}", refresh=False)
-                window_tokens, window_seconds = 0, 0.0
-                stopped_early = agree(stop)
-                session_end = session_end or stopped_early
-            if ddp.master and (step % cfg["ckpt_interval"] == 0 or session_end):
-                save_state()
-                write_json(summary_path, summary(False))
-            if session_end:
+        if s.state.step == 0 and s.ddp.master:
+            record_eval(s, evaluate(s))
+            runs.write_summary(s.run_dir, summary(s, False, None, None))
+        while s.state.step < limit:
+            if out_of_time(s):
+                reason = "time_budget"
                 break
-        bar.close()
-        finished = state["step"] >= max_steps or stopped_early
-        hf_dir = None
-        if ddp.master and finished and cfg["export_hf"] and mcfg.variant == "mha":
-            best_model, _ = load_checkpoint(best_path)
-            hf_dir = export_hf(best_model, run_dir / "hf")
-        result = summary(finished, stopped_early, hf_dir)
-        if ddp.master:
-            write_json(summary_path, result)
-        return result
+            loss = train_step(s)
+            step = s.state.step
+            if s.ddp.master and (step % s.cfg["log_interval"] == 0 or step == s.max_steps):
+                log_train(s, loss)
+            stop = False
+            if step % s.cfg["eval_interval"] == 0 or step == s.max_steps:
+                stop = bool(s.ddp.agree(int(record_eval(s, evaluate(s))) if s.ddp.master else 0, s.device))
+            bar.update(1, loss=loss, **({"val": s.state.last_val_loss} if s.state.last_val_loss is not None else {}))
+            if stop:
+                reason = "early_stopping"
+            elif step == limit and limit < s.max_steps:
+                reason = "stop_at"
+            if s.ddp.master and (step % s.cfg["ckpt_interval"] == 0 or stop or step == limit):
+                checkpoint(s)
+            if stop:
+                break
+        if reason == "time_budget" and s.ddp.master:
+            checkpoint(s)
+        return finish(s, reason)
     finally:
-        if wandb_run is not None:
-            wandb_run.finish()
+        bar.close()
+        if s.wandb is not None:
+            s.wandb.finish()
 
 
-# ---------------------------------------------------------------------------------------------
-# reading runs
+def out_of_time(s: Session) -> bool:
+    """True when the time budget cannot fit another step and a checkpoint (rank 0 decides)."""
+    budget = s.cfg["time_budget_minutes"]
+    if budget is None:
+        return False
+    left = budget * 60 - (time.perf_counter() - s.started)
+    return bool(s.ddp.agree(int(left < 2 * s.step_seconds + 2 * s.ckpt_seconds), s.device))
 
 
-def load_metrics(name: str, paths: config.Paths | None = None) -> list[dict[str, Any]]:
-    """The rows of ``runs/<name>/metrics.jsonl``."""
-    path = (paths or config.paths()).run(name) / "metrics.jsonl"
-    if not path.is_file():
-        raise FileNotFoundError(f"no metrics at {path}; train the run first (notebooks 03/04)")
-    return read_jsonl(path)
+def train_step(s: Session) -> float:
+    """One optimizer step over ``grad_accum_steps`` micro-batches; returns the mean loss.
+
+    Micro-batch ``m`` of step ``t`` is drawn from ``(seed, t, m)``, so any number of DDP
+    processes sees the same global batch. A step the fp16 grad scaler skips (inf gradients)
+    leaves the LR schedule where it was.
+    """
+    t0 = time.perf_counter()
+    step, cfg = s.state.step, s.cfg
+    loss_sum = torch.zeros((), device=s.device)
+    for i, micro in enumerate(s.micro):
+        rng = np.random.default_rng([s.seed, step, micro])
+        x, y = data.get_batch(s.train_tokens, cfg["batch_size"], cfg["context_length"], rng, s.device)
+        last = i == len(s.micro) - 1
+        with nullcontext() if last or s.ddp.world_size == 1 else s.train_model.no_sync():
+            with s.policy.autocast_context():
+                _, loss = s.train_model(x, y)
+            s.scaler.scale(loss / len(s.micro)).backward()
+        loss_sum += loss.detach()
+    if s.ddp.world_size > 1:
+        dist.all_reduce(loss_sum)
+    if cfg["grad_clip"]:
+        s.scaler.unscale_(s.optimizer)
+        torch.nn.utils.clip_grad_norm_(s.model.parameters(), cfg["grad_clip"])
+    scale = s.scaler.get_scale() if s.scaler.is_enabled() else None
+    s.scaler.step(s.optimizer)
+    s.scaler.update()
+    s.optimizer.zero_grad(set_to_none=True)
+    if scale is not None and s.scaler.get_scale() < scale:
+        s.state.skipped_steps += 1
+    else:
+        s.scheduler.step()
+    loss_value = loss_sum.item() / cfg["grad_accum_steps"]
+    if not math.isfinite(loss_value):
+        ckpt = s.run_dir / CKPT
+        last = (f"{config.relative(ckpt)} (step {torch.load(ckpt, weights_only=True)['step']})"
+                if ckpt.is_file() else "none written yet")
+        raise FloatingPointError(
+            f"{s.name} seed {s.seed}: loss is {loss_value} at step {step + 1}; training stopped. Last good checkpoint: "
+            f"{last}. Lower learning_rate, raise warmup_steps or use dtype bfloat16/float32, then run again "
+            "(same settings resume from the checkpoint; overwrite=True starts afresh)."
+        )
+    dt = time.perf_counter() - t0
+    s.state.step += 1
+    s.state.tokens_seen += s.tokens_per_step
+    s.state.train_seconds += dt
+    s.window[0] += s.tokens_per_step
+    s.window[1] += dt
+    s.step_seconds = dt if s.step_seconds == 0 else 0.8 * s.step_seconds + 0.2 * dt
+    return loss_value
 
 
-def plot_losses(runs: Mapping[str, list[dict[str, Any]]]) -> Figure:
-    """Loss vs optimizer step and vs tokens seen: training loss (thin) and val loss (markers) per run."""
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(11, 4))
-    axes = fig.subplots(1, 2, sharey=True)
-    for ax, x in zip(axes, ("step", "tokens")):
-        for i, (name, rows) in enumerate(runs.items()):
-            color = f"C{i}"
-            train = [r for r in rows if r["kind"] == "train"]
-            evals = [r for r in rows if r["kind"] == "eval"]
-            ax.plot([r[x] for r in train], [r["loss"] for r in train], color=color, alpha=0.35, lw=1, label=f"{name} train")
-            ax.plot([r[x] for r in evals], [r["val_loss"] for r in evals], "o-", color=color, ms=3, label=f"{name} val")
-        ax.set_xlabel("optimizer step" if x == "step" else "tokens seen")
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("cross-entropy loss (nats)")
-    axes[1].legend(fontsize=8)
-    fig.set_layout_engine("tight")
-    return fig
+def log_train(s: Session, loss: float) -> None:
+    lr = s.scheduler.get_last_lr()[0]
+    runs.append_metric(s.run_dir, {"kind": "train", "step": s.state.step, "tokens": s.state.tokens_seen,
+                                   "wall": round(s.wall(), 3), "loss": loss, "lr": lr})
+    if s.wandb is not None:
+        s.wandb.log({"loss": loss, "lr": lr}, step=s.state.step)
 
 
-def summary_table(summaries: list[dict[str, Any]]) -> pd.DataFrame:
-    """Key figures of one or more pretraining summaries, one column per run."""
-    import pandas as pd
+def evaluate(s: Session) -> dict[str, Any]:
+    """An eval row: train/val loss and bits per byte on fixed batches, throughput, MFU, peak memory, a sample."""
+    fwd = s.train_model.module if isinstance(s.train_model, DDP) else s.train_model
+    train_loss, train_bpb = evaluate_loss(fwd, s.eval_sets["train"], s.policy, s.token_bytes)
+    val_loss, val_bpb = evaluate_loss(fwd, s.eval_sets["val"], s.policy, s.token_bytes)
+    tokens, seconds = s.window
+    tokens_per_s = tokens / seconds if seconds else None
+    s.window = [0, 0.0]
+    return {
+        "kind": "eval", "step": s.state.step, "tokens": s.state.tokens_seen, "wall": round(s.wall(), 3),
+        "train_loss": train_loss, "train_ppl": math.exp(train_loss), "train_bpb": train_bpb,
+        "val_loss": val_loss, "val_ppl": math.exp(val_loss), "val_bpb": val_bpb,
+        "lr": s.scheduler.get_last_lr()[0], "tokens_per_s": tokens_per_s,
+        "mfu": s.policy.mfu(s.model.flops_per_token(), tokens_per_s, s.ddp.world_size),
+        "peak_memory_bytes": machine.peak_memory(s.device),
+        "sample": complete(s.model, s.cfg["sample_prompt"], s.cfg["sample_tokens"], seed=s.seed),
+    }
 
-    keys = ("variant", "params", "params_embedding", "params_blocks", "n_layer", "n_head", "n_kv_head", "d_model",
-            "context_length", "steps", "tokens_seen", "best_val_loss", "best_val_ppl", "final_val_loss",
-            "final_val_ppl", "train_tokens_per_s", "peak_memory_bytes", "wall_seconds", "finished")
-    table = {s["name"]: {k: s[k] for k in keys} for s in summaries}
-    for s in summaries:
-        table[s["name"]]["kv_cache_bytes_per_token (fp32)"] = s["kv_cache_bytes_per_token"]["float32"]
-    return pd.DataFrame(table)
+
+def record_eval(s: Session, row: dict[str, Any]) -> bool:
+    """Log an eval row and keep the best weights; True when early stopping says stop."""
+    runs.append_metric(s.run_dir, row)
+    if s.wandb is not None:
+        s.wandb.log({k: v for k, v in row.items() if k not in ("kind", "step") and v is not None}, step=row["step"])
+    st = s.state
+    st.last_val_loss, st.last_val_bpb = row["val_loss"], row["val_bpb"]
+    if st.best_val_loss is None or row["val_loss"] < st.best_val_loss:
+        st.best_val_loss, st.best_val_bpb, st.best_step, st.evals_since_best = row["val_loss"], row["val_bpb"], row["step"], 0
+        s.best = {k: v.detach().to("cpu", copy=True) for k, v in s.model.state_dict().items()}
+        _save_best(s)
+    else:
+        st.evals_since_best += 1
+    return s.cfg["patience"] is not None and st.evals_since_best >= s.cfg["patience"]
+
+
+def _save_best(s: Session) -> None:
+    best = GPT(s.model.config)
+    best.load_state_dict(s.best)
+    save_checkpoint(s.run_dir / BEST, best, settings=s.cfg, step=s.state.best_step, val_loss=s.state.best_val_loss)
+
+
+def checkpoint(s: Session) -> None:
+    """Write ``ckpt.pt`` atomically, keeping the one before as ``ckpt.prev.pt``, and the summary."""
+    t0 = time.perf_counter()
+    s.state.wall_seconds = s.wall()
+    ckpt = s.run_dir / CKPT
+    cuda_rng = torch.cuda.get_rng_state(s.device) if s.device.type == "cuda" else None
+    new = s.run_dir / f".{CKPT}.next{TEMP_SUFFIX}"  # a kill before the renames leaves only a temp file
+    save_checkpoint(
+        new, s.model, settings=s.cfg, optimizer=s.optimizer.state_dict(),
+        scheduler=s.scheduler.state_dict(), scaler=s.scaler.state_dict(),
+        rng={"torch": torch.get_rng_state(), "cuda": cuda_rng}, state=asdict(s.state), best=s.best,
+        step=s.state.step,
+    )
+    if ckpt.is_file():
+        os.replace(ckpt, s.run_dir / PREV)
+    os.replace(new, ckpt)
+    runs.write_summary(s.run_dir, summary(s, False, None, None))
+    s.ckpt_seconds = max(s.ckpt_seconds, time.perf_counter() - t0)
+
+
+def finish(s: Session, reason: str) -> dict[str, Any]:
+    """The summary of this session (and, once finished, the HF export of an MHA model's best weights)."""
+    finished = s.state.step >= s.max_steps or reason == "early_stopping"
+    hf_dir = None
+    if s.ddp.master and finished and s.cfg["export_hf"] and s.model.config.variant == "mha":
+        best_model, _ = load_checkpoint(s.run_dir / BEST)
+        hf_dir = export_hf(best_model, s.run_dir / "hf")
+    result = summary(s, finished, reason, hf_dir)
+    if s.ddp.master:
+        result = runs.write_summary(s.run_dir, result)
+    return result
+
+
+def summary(s: Session, finished: bool, reason: str | None, hf_dir: Path | None) -> dict[str, Any]:
+    """This run's ``summary.json`` (``nblib.runs`` schema)."""
+    st, m, c = s.state, s.model, s.model.config
+    best, last = st.best_val_loss, st.last_val_loss
+    return {
+        "name": s.name, "stage": "pretrain", "variant": c.variant, "label": c.variant.upper(),
+        "folder": config.relative(s.run_dir, s.paths.home), "profile": s.cfg["profile"], "seed": s.seed,
+        "config": s.cfg, "machine": machine.info(s.policy.device), "data": s.data,
+        "compute_dtype": s.policy.dtype_name, "finished": finished, "stop_reason": reason,
+        "wall_seconds": round(s.wall(), 3), "train_seconds": round(st.train_seconds, 3),
+        "peak_memory_bytes": machine.peak_memory(s.device),
+        "params": m.num_params(), "params_embedding": m.num_params("embedding"), "params_blocks": m.num_params("blocks"),
+        "n_layer": c.n_layer, "n_head": c.n_head, "n_kv_head": c.n_kv_head, "d_model": c.d_model,
+        "context_length": c.context_length,
+        "kv_cache_bytes_per_token": {"float32": m.kv_cache_bytes(1, 1, torch.float32),
+                                     s.policy.dtype_name: m.kv_cache_bytes(1, 1, s.policy.dtype)},
+        "best_val_loss": best, "best_val_ppl": math.exp(best) if best is not None else None,
+        "best_val_bpb": st.best_val_bpb, "best_step": st.best_step,
+        "final_val_loss": last, "final_val_ppl": math.exp(last) if last is not None else None,
+        "final_val_bpb": st.last_val_bpb,
+        "train_tokens_per_s": st.tokens_seen / st.train_seconds if st.train_seconds else None,
+        "tokens_seen": st.tokens_seen, "steps": st.step, "max_steps": s.max_steps, "skipped_steps": st.skipped_steps,
+        "world_size": s.ddp.world_size,
+        "checkpoint": config.relative(s.run_dir / BEST, s.paths.home),
+        "hf_export": config.relative(hf_dir, s.paths.home) if hf_dir is not None else None,
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -532,11 +584,14 @@ def main(argv: list[str] | None = None) -> int:
     """``python -m nblib.train`` / ``torchrun --standalone --nproc_per_node=2 -m nblib.train``."""
     import argparse
 
+    import yaml
+
     parser = argparse.ArgumentParser(prog="python -m nblib.train", description="Pretrain a GPT (one process or DDP under torchrun).")
     parser.add_argument("--profile", default="auto", help="smoke, full or auto")
     parser.add_argument("--preset", help="named sizes from profiles/train.yaml, e.g. gpt2-small")
-    parser.add_argument("--name", help="run folder under runs/ (default pretrain-<variant>)")
-    parser.add_argument("--overwrite", action="store_true", help="discard an existing run of this name")
+    parser.add_argument("--seed", type=int, help="the seed to train (default: the first of `seeds`)")
+    parser.add_argument("--name", help="variant folder under runs/ (default pretrain-<variant>)")
+    parser.add_argument("--overwrite", action="store_true", help="discard an existing run of this name and seed")
     parser.add_argument("--stop-at", type=int, help="end this session after this step (the run resumes later)")
     parser.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE", help="a setting; VALUE is read as YAML")
     args = parser.parse_args(argv)
@@ -546,11 +601,11 @@ def main(argv: list[str] | None = None) -> int:
         if not sep or not key:
             parser.error(f"-p {item!r} is not KEY=VALUE")
         overrides[key.strip()] = yaml.safe_load(value)
-    cfg = settings(args.profile, args.preset, **overrides)
-    summary = run(cfg, args.name, overwrite=args.overwrite, stop_at=args.stop_at)
+    cfg = config.settings(STAGE, args.profile, args.preset, **overrides)
+    summary = run(cfg, args.seed, args.name, overwrite=args.overwrite, stop_at=args.stop_at)
     if int(os.environ.get("RANK", "0")) == 0:
-        print(f"{summary['name']}: {summary['steps']} steps, best val loss {summary['best_val_loss']:.4f}, "
-              f"finished={summary['finished']}")
+        print(f"{summary['name']} seed {summary['seed']}: {summary['steps']} steps, best val loss "
+              f"{summary['best_val_loss']:.4f}, finished={summary['finished']}")
     return 0
 
 

@@ -19,7 +19,7 @@ from nblib.dialogue import ASSISTANT, USER
 from nblib.tokenizer import hf_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
-MERGED = "runs/finetune-lora-8bit/merged"
+MERGED = "runs/finetune-lora-8bit/seed-1234/merged"
 CLI = ["--model", MERGED, "--profile", "smoke", "--temperature", "0"]
 START = f"model {MERGED} (64-token context: 32 for your message and the history, 32 for each answer); /help for commands"
 # The CLI with a 0.3 s pause after each streamed piece, so that a test can type while an answer streams.
@@ -38,7 +38,7 @@ def smoke(**overrides) -> dict:
 
 
 def test_missing_model_names_the_notebook_that_makes_it(home):
-    with pytest.raises(FileNotFoundError, match=r"no model folder at runs/finetune-lora-8bit/merged\. Run notebooks/05_finetune"):
+    with pytest.raises(FileNotFoundError, match=r"no model folder at runs/finetune-lora-8bit/seed-1234/merged\. Run notebooks/05_finetune"):
         chat.load(MERGED)
     (home / "empty").mkdir()
     with pytest.raises(ValueError, match=r"neither config\.json .* nor adapter_config\.json"):
@@ -76,7 +76,7 @@ def test_adapter_beside_a_missing_merged_folder_is_loaded_on_its_base(home, mirr
             if p.requires_grad:
                 p.add_(torch.randn_like(p) * 0.05)
     peft_model.peft_config["default"].base_model_name_or_path = "runs/pretrain-mha/hf"
-    adapter = home / "runs/finetune-lora-8bit/adapter"
+    adapter = home / "runs/finetune-lora-8bit/seed-1234/adapter"
     peft_model.save_pretrained(adapter, save_embedding_layers=False)
     tok.save_pretrained(adapter)
 
@@ -90,7 +90,7 @@ def test_adapter_beside_a_missing_merged_folder_is_loaded_on_its_base(home, mirr
     for f in (home / "runs/pretrain-mha/hf").iterdir():
         f.unlink()
     (home / "runs/pretrain-mha/hf").rmdir()
-    with pytest.raises(FileNotFoundError, match=r"lora-8bit/adapter needs its base model 'runs/pretrain-mha/hf'"):
+    with pytest.raises(FileNotFoundError, match=r"lora-8bit/seed-1234/adapter needs its base model 'runs/pretrain-mha/hf'"):
         chat.load(MERGED)
 
 
@@ -116,7 +116,7 @@ def test_scripted_conversation_and_transcript(merged, home, capsys):
     assert path == home / "reports" / "chat_transcript.md"
     text = path.read_text(encoding="utf-8")
     assert "## Conversation 2" in text and "**Assistant:** Two plus two is four." in text
-    assert "- model: `runs/finetune-lora-8bit/merged`" in text and str(home) not in text
+    assert "- model: `runs/finetune-lora-8bit/seed-1234/merged`" in text and str(home) not in text
     assert all("<|" not in line for line in text.splitlines() if line.startswith("**Assistant:**"))
 
 

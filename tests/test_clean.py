@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from nblib import clean, config, ingest
+from nblib import clean, config, ingest, plots
 from nblib.files import write_json
 
 FORBIDDEN = ("Gutenberg", "gutenberg.org", "*** START", "*** END", "Project Gutenberg License", "Produced by")
@@ -354,7 +354,7 @@ def test_smoke_corpus_splits_disjoint_and_counted(smoke_corpus):
 
 
 def test_plot_paragraph_lengths(smoke_corpus):
-    fig = clean.plot_paragraph_lengths(smoke_corpus[0])
+    fig = plots.paragraph_lengths(clean.paragraph_lengths(smoke_corpus[0]))
     labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
     assert [label.split()[0] for label in labels] == list(clean.SPLITS)
 

@@ -12,29 +12,101 @@ from nblib import config, files, sampling, tokenizer, tracking
 
 # --- config ---------------------------------------------------------------------------------
 
-def test_settings_merges_overrides_and_rejects_typos(tmp_path, monkeypatch):
-    (tmp_path / "demo.yaml").write_text("smoke:\n  steps: 10\n  lr: 0.1\nfull:\n  steps: 1000\n  lr: 0.01\n")
+DEMO = """
+schema:
+  steps: int >= 1
+  lr: float > 0
+  name: text or null
+  seeds: nonempty list of int
+  dtype: one of auto, float32
+base:
+  steps: 1000
+  lr: 0.01
+  name: null
+  seeds: [1]
+  dtype: auto
+smoke:
+  steps: 10
+  lr: 0.1
+presets:
+  tiny:
+    steps: 2
+"""
+
+
+@pytest.fixture
+def demo_profiles(tmp_path, monkeypatch):
+    (tmp_path / "demo.yaml").write_text(DEMO)
     monkeypatch.setattr(config, "PROFILE_DIR", tmp_path)
-    cfg = config.settings("demo", "smoke", steps=3, lr=None)
-    assert cfg == {"steps": 3, "lr": 0.1, "profile": "smoke"}
-    assert config.settings("demo", "full")["steps"] == 1000
-    with pytest.raises(ValueError, match="unknown setting.*stpes.*valid: lr, steps"):
-        config.settings("demo", "smoke", stpes=3)
+    return tmp_path
+
+
+def test_settings_are_base_plus_profile_plus_preset_plus_overrides(demo_profiles):
+    assert config.settings("demo", "smoke", steps=3, lr=None) == {
+        "steps": 3, "lr": 0.1, "name": None, "seeds": [1], "dtype": "auto", "profile": "smoke", "preset": None}
+    assert config.settings("demo", "full")["steps"] == 1000  # full changes nothing: the base
+    assert config.settings("demo", "full", "tiny")["steps"] == 2
+    assert config.settings("demo", "full", "tiny", steps=5)["steps"] == 5  # overrides win over the preset
+    with pytest.raises(ValueError, match="unknown preset 'huge'"):
+        config.settings("demo", "smoke", "huge")
     with pytest.raises(ValueError, match="no profile file for stage 'nope'"):
         config.settings("nope", "smoke")
     with pytest.raises(ValueError, match="unknown profile 'big'"):
         config.resolve_profile("big")
 
 
+def test_unknown_settings_get_a_did_you_mean(demo_profiles):
+    with pytest.raises(config.SettingsError, match=r"unknown setting\(s\) for stage 'demo': 'stpes' \(did you mean 'steps'\?\)"):
+        config.settings("demo", "smoke", stpes=3)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"steps": 0}, r"steps=0 must be an integer >= 1"),
+    ({"steps": -4}, r"steps=-4 must be an integer >= 1"),
+    ({"steps": "abc"}, r"steps='abc' must be an integer >= 1"),
+    ({"steps": 2.5}, r"steps=2.5 must be an integer >= 1"),
+    ({"lr": 0}, r"lr=0 must be a number > 0"),
+    ({"lr": float("inf")}, r"lr=inf must be a number > 0"),
+    ({"seeds": []}, r"seeds=\[\] must be a non-empty list of integers"),
+    ({"dtype": "fp8"}, r"dtype='fp8' must be one of 'auto', 'float32'"),
+    ({"name": 3}, r"name=3 must be a text, or null"),
+])
+def test_bad_values_name_the_setting_and_its_range(demo_profiles, overrides, message):
+    with pytest.raises(config.SettingsError, match=r"invalid demo setting\(s\): " + message):
+        config.settings("demo", "smoke", **overrides)
+
+
+def test_numbers_given_as_text_are_read(demo_profiles):
+    cfg = config.settings("demo", "smoke", steps="7", lr="1e-4", seeds=[3.0])
+    assert cfg["steps"] == 7 and cfg["lr"] == 1e-4 and cfg["seeds"] == [3]
+    with pytest.raises(config.SettingsError) as info:  # every problem at once
+        config.settings("demo", "smoke", steps=0, lr=-1)
+    assert "steps=0" in str(info.value) and "lr=-1" in str(info.value)
+
+
 def test_auto_profile_is_smoke_without_gpu():
     assert config.resolve_profile("auto") == ("full" if torch.cuda.is_available() else "smoke")
 
 
-def test_every_profile_file_has_smoke_and_full():
+def test_every_profile_file_is_base_plus_overrides_with_a_schema():
     for path in config.PROFILE_DIR.glob("*.yaml"):
-        stage = path.stem
-        smoke, full = config.settings(stage, "smoke"), config.settings(stage, "full")
-        assert set(smoke) == set(full), f"{path.name}: smoke and full define different keys"
+        table = config.profile_table(path.stem)
+        assert set(table["schema"]) == set(table["base"]), f"{path.name}: schema and base differ"
+        for name in ("smoke", "full", *(table.get("presets") or {})):
+            section = table.get(name) or (table.get("presets") or {}).get(name) or {}
+            assert set(section) <= set(table["base"]), f"{path.name}:{name} sets keys the base lacks"
+        assert set(table.get("free", ())) <= set(table["base"])
+        for profile in config.PROFILES:
+            config.settings(path.stem, profile)  # every profile validates
+
+
+def test_relative_paths_mean_the_working_root(tmp_path, monkeypatch):
+    monkeypatch.setenv("NBLIB_HOME", str(tmp_path / "root"))
+    monkeypatch.chdir(tmp_path)
+    assert config.resolve("runs/x") == (tmp_path / "root").resolve() / "runs" / "x"  # never the current directory
+    assert config.resolve("/abs/x") == Path("/abs/x")
+    assert config.relative(tmp_path / "root" / "runs" / "x") == "runs/x"
+    assert config.relative("/elsewhere/y") == "/elsewhere/y"
 
 
 def test_home_and_paths(tmp_path, monkeypatch):
@@ -43,6 +115,7 @@ def test_home_and_paths(tmp_path, monkeypatch):
     assert p.home == tmp_path.resolve()
     assert p.corpus == tmp_path.resolve() / "data" / "processed" / "corpus"
     assert p.run("pretrain-mha") == tmp_path.resolve() / "runs" / "pretrain-mha"
+    assert p.run("pretrain-mha", 7) == tmp_path.resolve() / "runs" / "pretrain-mha" / "seed-7"
     monkeypatch.delenv("NBLIB_HOME")
     assert config.home() == Path(config.__file__).resolve().parents[1]
 
@@ -55,11 +128,6 @@ def test_mirror_unset_missing_and_present(tmp_path, monkeypatch):
         config.mirror()
     monkeypatch.setenv("NBLIB_MIRROR", str(tmp_path))
     assert config.mirror() == tmp_path.resolve()
-
-
-def test_machine_info_names_the_cpu():
-    info = config.machine_info()
-    assert info["cpu"] and info["cpu_cores"] >= 1 and info["torch"] == torch.__version__
 
 
 def test_set_seed_repeats():
@@ -95,6 +163,23 @@ def test_jsonl_roundtrip_and_bad_line(tmp_path):
         files.read_json(tmp_path / "bad.json")
 
 
+def test_replace_dir_swaps_whole_folders_and_orphans_are_cleaned(tmp_path):
+    out = tmp_path / "model"
+    files.replace_dir(out, lambda d: (d / "a.txt").write_text("one"))
+    files.replace_dir(out, lambda d: (d / "b.txt").write_text("two"))
+    assert sorted(p.name for p in out.iterdir()) == ["b.txt"]
+    with pytest.raises(RuntimeError):  # a failing writer leaves the old folder and no temp folder
+        files.replace_dir(out, lambda d: (_ for _ in ()).throw(RuntimeError("disk full")))
+    assert (out / "b.txt").read_text() == "two" and [p.name for p in tmp_path.iterdir()] == ["model"]
+    # what kills at each moment leave behind: a temp file, a half-written folder, an old folder renamed aside
+    (tmp_path / ".ckpt.pt.x1y2.tmp").write_bytes(b"x" * 10)
+    (tmp_path / f".model{files.DIR_TEMP}123").mkdir()
+    out.rename(tmp_path / f".model{files.DIR_OLD}123")  # killed between the two renames
+    done = files.remove_orphans(tmp_path)
+    assert len(done) == 3 and any("restored model/" in d for d in done)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"] and (out / "b.txt").read_text() == "two"
+
+
 def test_sha256_file(tmp_path):
     (tmp_path / "x").write_bytes(b"abc")
     assert files.sha256_file(tmp_path / "x") == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
@@ -126,6 +211,15 @@ def test_hf_tokenizer_gives_identical_ids(mirror):
     assert hf(text)["input_ids"] == enc.encode(text, allowed_special="all")
     assert len(hf) == 50257 and hf.eos_token_id == 50256
     assert hf.decode(hf(text)["input_ids"]) == text
+
+
+def test_token_bytes_count_utf8_and_zero_for_specials(mirror):
+    enc = tokenizer.get_encoding()
+    nbytes = tokenizer.token_bytes(enc)
+    text = "Capitu, olhos de ressaca — ç"
+    ids = enc.encode(text)
+    assert len(nbytes) == enc.n_vocab and nbytes[tokenizer.EOT_ID] == 0
+    assert sum(nbytes[i] for i in ids) == len(text.encode("utf-8"))
 
 
 def test_count_tokens_batches(mirror):

@@ -109,90 +109,6 @@ def test_clean_dialogue_drops_and_merges():
     assert turns == [{"role": "user", "content": "a\nb"}, {"role": "assistant", "content": "c"}]
 
 
-# --- converters, one per schema ------------------------------------------------------------------
-
-
-def test_alpaca_real_records(alpaca):
-    with_input = next(r for r in alpaca if r["input"].strip())
-    without = next(r for r in alpaca if not r["input"].strip())
-    assert dialogue.detect_schema(with_input) == "alpaca"
-    turns = dialogue.from_alpaca(with_input)
-    assert turns[0] == {"role": "user", "content": with_input["instruction"] + "\n\n" + with_input["input"]}
-    assert turns[1] == {"role": "assistant", "content": with_input["output"]}
-    assert dialogue.from_alpaca(without)[0]["content"] == without["instruction"]
-
-
-def test_dolly():
-    rec = {
-        "instruction": "When did Virgin Australia start operating?",
-        "context": "Virgin Australia commenced services on 31 August 2000 as Virgin Blue.",
-        "response": "Virgin Australia commenced services on 31 August 2000.",
-        "category": "closed_qa",
-    }
-    assert dialogue.detect_schema(rec) == "dolly"
-    assert dialogue.from_dolly(rec) == [
-        {"role": "user", "content": rec["instruction"] + "\n\n" + rec["context"]},
-        {"role": "assistant", "content": rec["response"]},
-    ]
-    assert dialogue.from_dolly({**rec, "context": ""})[0]["content"] == rec["instruction"]
-
-
-def test_sciq_answer_first_without_repeating():
-    rec = {
-        "question": "What type of organism is commonly used in preparation of foods such as cheese and yogurt?",
-        "distractor1": "viruses", "distractor2": "protozoa", "distractor3": "gymnosperms",
-        "correct_answer": "mesophilic organisms",
-        "support": "Mesophiles grow best in moderate temperature.",
-    }
-    assert dialogue.detect_schema(rec) == "sciq"
-    reply = dialogue.from_sciq(rec)[1]["content"]
-    assert reply == "Mesophilic organisms. Mesophiles grow best in moderate temperature."
-    opens_with_answer = {**rec, "support": "Mesophilic organisms grow best between 20 and 45 °C."}
-    assert dialogue.from_sciq(opens_with_answer)[1]["content"] == opens_with_answer["support"]
-    assert dialogue.from_sciq({**rec, "support": ""})[1]["content"] == "mesophilic organisms"
-
-
-def test_natural_questions_layouts_and_no_answer():
-    hf = {  # the HF `datasets` layout: annotations are columnar, first annotator has no short answer
-        "id": "1",
-        "question": {"text": "who wrote dom casmurro", "tokens": ["who", "wrote", "dom", "casmurro"]},
-        "annotations": {
-            "id": ["a", "b"],
-            "short_answers": [
-                {"start_token": [], "end_token": [], "text": []},
-                {"start_token": [10], "end_token": [13], "text": ["Machado de Assis"]},
-            ],
-            "yes_no_answer": [-1, -1],
-        },
-    }
-    assert dialogue.detect_schema(hf) == "natural_questions"
-    assert dialogue.from_natural_questions(hf) == [
-        {"role": "user", "content": "Who wrote dom casmurro?"},
-        {"role": "assistant", "content": "Machado de Assis"},
-    ]
-    listed = {"question": "capital of brazil", "annotations": [{"short_answers": [{"text": "Brasília"}]}]}
-    assert dialogue.from_natural_questions(listed)[1]["content"] == "Brasília"
-    none = {**hf, "annotations": {"id": ["a"], "short_answers": [{"text": []}], "yes_no_answer": [-1]}}
-    assert dialogue.from_natural_questions(none) is None
-
-
-def test_multi_turn_lists():
-    messages = {"messages": [{"role": "system", "content": "be nice"}, *TWO_TURNS]}
-    assert dialogue.detect_schema(messages) == "turns"
-    assert dialogue.from_turns(messages) == TWO_TURNS
-    sharegpt = {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]}
-    assert dialogue.from_turns(sharegpt) == [
-        {"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
-    ]
-    with pytest.raises(ValueError, match=r"dialogue\[0\]"):
-        dialogue.from_turns({"dialogue": [{"role": "narrator", "content": "x"}]})
-
-
-def test_unknown_schema_is_named():
-    with pytest.raises(ValueError, match=r"keys \['prompt', 'text'\]"):
-        dialogue.detect_schema({"prompt": "x", "text": "y"})
-
-
 def test_convert_counts_every_drop_reason():
     records = [
         {"instruction": "Say hi", "input": "", "output": "Hi!"},
@@ -200,14 +116,17 @@ def test_convert_counts_every_drop_reason():
         {"instruction": "<p></p>", "input": "", "output": "   "},  # empty
         {"instruction": "Q", "input": "", "output": "\x00"},  # one-sided after cleaning
         {"instruction": "Long", "input": "", "output": "word " * 100},  # too long
-        {"question": "q", "annotations": [{"short_answers": []}]},  # no answer
     ]
-    kept, dropped = dialogue.convert(records, "mixed", max_chars=200)
+    kept, dropped = dialogue.convert(records, "alpaca", max_chars=200)
     assert [r["dialogue"][1]["content"] for r in kept] == ["Hi!"]
-    assert kept[0]["source"] == "mixed"
-    assert dropped == {"duplicate": 1, "empty": 1, "one_sided": 1, "too_long": 1, "no_answer": 1}
-    with pytest.raises(ValueError, match="mixed record 0: cannot convert"):
-        dialogue.convert([{"instruction": "x", "output": None}], "mixed")
+    assert kept[0]["source"] == "alpaca"
+    assert dropped == {"duplicate": 1, "empty": 1, "one_sided": 1, "too_long": 1}
+    nq = [{"question": "q", "annotations": [{"short_answers": []}]}]
+    assert dialogue.convert(nq, "natural_questions")[1] == {"no_answer": 1}
+    with pytest.raises(ValueError, match="alpaca record 0: cannot convert"):
+        dialogue.convert([{"instruction": "x", "output": None}], "alpaca")
+    with pytest.raises(ValueError, match="unknown QA source 'mixed'"):
+        dialogue.convert(records, "mixed")
 
 
 # --- prepare: balancing, split, manifest ---------------------------------------------------------

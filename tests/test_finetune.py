@@ -13,25 +13,20 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
-from nblib import config, dialogue, finetune
+from nblib import config, dialogue, finetune, plots, runs
 from nblib.files import read_json, read_jsonl, write_jsonl
 from nblib.tokenizer import EOT, EOT_ID, hf_tokenizer
 
 BASE = "runs/pretrain-mha/hf"
 QUESTIONS = ["What is the capital of France?", "Name a fruit."]
-SUMMARY_KEYS = {
-    "name", "stage", "profile", "seed", "config", "machine", "wall_seconds", "peak_memory_bytes", "finished",
-    "variant", "mode", "lora", "base_model", "trainable_params", "total_params", "footprint_bytes", "eval_loss",
-    "eval_ppl", "base_eval_loss", "base_eval_ppl", "stop_rate_before", "stop_rate_after", "train_samples_per_s",
-    "samples", "adapter", "merged",
-}
+SUMMARY_KEYS = set(runs.COMMON) | set(runs.FINETUNE)
 
 
 def small(**overrides):
     """Smoke settings cut down to seconds: 8 steps of 4 dialogues, eval every 4."""
     base = dict(
         steps=8, eval_steps=4, logging_steps=2, batch_size=4, eval_batch_size=8, eval_dialogues=12,
-        warmup_steps=1, lora_lr=1e-2, full_lr=1e-3, questions=QUESTIONS, max_new_tokens=6, wandb=False,
+        warmup_steps=1, lora_lr=1e-2, full_lr=1e-3, questions=QUESTIONS, max_new_tokens=6, wandb=False, base_model=BASE,
     )
     return config.settings("finetune", "smoke", **{**base, **overrides})
 
@@ -132,8 +127,10 @@ def test_collator_keeps_eos_labels_when_pad_is_eos():
 
 
 def test_setup_errors(root, home):
+    with pytest.raises(config.SettingsError, match="variant='lora-3bit' must be one of 'lora-8bit'"):
+        small(variant="lora-3bit")
     with pytest.raises(ValueError, match="unknown variant 'lora-3bit'"):
-        finetune.setup(small(variant="lora-3bit"))
+        finetune.setup({**small(), "variant": "lora-3bit"})
     with pytest.raises(FileNotFoundError, match="02_clean"):
         finetune.setup(small())  # `home` is an empty working root
     with pytest.raises(FileNotFoundError, match="03_train_mha"):
@@ -151,14 +148,22 @@ def test_lora_8bit_trains_int8_base_and_beats_it(lora8):
     assert len(int8) == 8 and all(m.weight.dtype == torch.int8 and not m.weight.requires_grad for m in int8)
     assert SUMMARY_KEYS <= set(summary)
     assert summary["finished"] and summary["stage"] == "finetune" and summary["mode"] == "8bit" and summary["lora"]
+    assert summary["folder"] == "runs/finetune-lora-8bit/seed-1234" and summary["label"] == "LoRA + 8-bit"
+    assert summary["baselines"] == ["full", "lora-32bit"] and summary["learning_rate"] == 1e-2
+    assert summary["compute_dtype"] == "int8 matmul, float16 inputs"
     assert summary["eval_loss"] < summary["base_eval_loss"]
+    assert 0 < summary["eval_bpb"] and summary["base_eval_bpb"] > summary["eval_bpb"]
+    # the merged folder (an adapter folded into a 32-bit base) scores about what the int8 model did
+    assert summary["merged_eval_loss"] == pytest.approx(summary["eval_loss"], abs=0.05)
+    assert "32-bit copy of the base" in summary["merged_weights"]
+    assert set(summary["data"]["dialogues_sha256"]) == {"train", "val", "test"} and summary["data"]["base_sha256"]
     assert summary["eval_ppl"] == pytest.approx(math.exp(summary["eval_loss"]))
     assert 0 < summary["trainable_params"] < summary["total_params"] / 10
     assert 0 <= summary["stop_rate_before"] <= 1 and 0 <= summary["stop_rate_after"] <= 1
     assert [x["question"] for x in summary["samples"]] == QUESTIONS
     assert summary["steps"] == 8 and summary["best_step"] in (4, 8)
     assert summary["peak_memory_bytes"] > 0 and summary["train_samples_per_s"] > 0
-    assert read_json(s.run_dir / "summary.json") == json.loads(json.dumps(summary))
+    assert read_json(s.run_dir / "summary.json") == json.loads(json.dumps(summary)) == runs.read_summary(s.run_dir)
 
 
 def test_metrics_wandb_and_no_checkpointing_warnings(lora8):
@@ -200,10 +205,20 @@ def test_merged_model_equals_adapter_on_32bit_base(lora8, root):
         assert torch.allclose(merged(ids).logits, peft_model(input_ids=ids).logits, atol=1e-4)
 
 
+def test_eval_loss_is_one_token_weighted_number(lora8):
+    """The Trainer's eval_loss rows (best-checkpoint choice), the curve and the summary use one definition."""
+    s, summary = lora8["s"], lora8["summary"]
+    evals = [r for r in runs.read_metrics(s.run_dir) if r["kind"] == "eval"]
+    best = next(r for r in evals if r["step"] == summary["best_step"])
+    assert best["eval_loss"] == pytest.approx(summary["eval_loss"], abs=1e-5)
+    assert best["eval_loss"] == min(r["eval_loss"] for r in evals) and "eval_bpb" in best
+
+
 def test_plot_losses(lora8):
-    fig = finetune.plot_losses(lora8["s"].run_dir)
+    fig = plots.finetune_losses({"lora-8bit": runs.read_metrics(lora8["s"].run_dir)})
     ax = fig.axes[0]
-    assert [line.get_label() for line in ax.get_lines()] == ["finetune-lora-8bit train", "finetune-lora-8bit eval"]
+    assert [line.get_label() for line in ax.get_lines()] == ["lora-8bit train", "lora-8bit eval"]
+    assert ax.get_legend() is not None and ax.get_legend().get_bbox_to_anchor().y0 < ax.bbox.y0  # below the axes
 
 
 def test_resume_from_last_checkpoint_and_refuse_other_settings(lora8):
@@ -217,11 +232,13 @@ def test_resume_from_last_checkpoint_and_refuse_other_settings(lora8):
     assert trained["train_samples_per_s"] == summary["train_samples_per_s"]
     assert finetune.evaluate(s)["loss"] == pytest.approx(summary["eval_loss"], abs=1e-4)
     shutil.rmtree(run_dir / "checkpoints" / "checkpoint-8")  # as if the session died after step 4
+    (run_dir / "checkpoints" / "checkpoint-8").mkdir()  # killed just as a checkpoint folder appeared
+    (run_dir / "checkpoints" / "checkpoint-8" / "README.md").write_text("x")
     with pytest.raises(ValueError, match="differs in: lora_r"):
         finetune.setup({**cfg, "lora_r": 4})
     s = finetune.setup({**cfg, "wandb": False})
     trained = finetune.train(s)
-    assert trained["resumed_from"] == "runs/finetune-lora-8bit/checkpoints/checkpoint-4"
+    assert trained["resumed_from"] == "runs/finetune-lora-8bit/seed-1234/checkpoints/checkpoint-4"
     assert trained["steps"] == 8
     assert [r["step"] for r in finetune.metrics_rows(trained["log_history"]) if r["kind"] == "eval"] == [4, 8]
 

@@ -12,7 +12,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from nblib import config, ingest
+from nblib import config, ingest, plots
 from nblib.files import sha256_file
 
 
@@ -273,7 +273,7 @@ def test_fetch_qa_local_file_schema(tmp_path, store):
     bad.write_text(json.dumps([{"question": "q"}]))
     with pytest.raises(ValueError, match="missing distractor1"):
         ingest.fetch_qa("sciq", None, store, file=bad)
-    with pytest.raises(ValueError, match="unknown QA dataset 'squad'"):
+    with pytest.raises(ValueError, match="unknown QA source 'squad'"):
         ingest.fetch_qa("squad", 1, store, file=good)
 
 
@@ -314,7 +314,7 @@ def test_ingest_smoke_and_rerun(home, capsys):
     ]
     table = ingest.summary_table(manifest)
     assert table["files"].sum() == 118 and "Dom Casmurro" in set(table["group"])
-    fig = ingest.plot_sizes(manifest)
+    fig = plots.raw_sizes(table)
     assert len(fig.axes[0].patches) == len(table) - 1  # one bar per book and genre, no QA
 
 

@@ -1,0 +1,322 @@
+"""The machine a stage runs on: device, compute dtype, mixed-precision policy, peak FLOPs, peak
+memory, distributed set-up and the facts every ``summary.json`` records.
+
+Every hardware decision of the suite is made here, from one table a reader can check:
+
+=============  ==============  ====================  =========  =============  ==========================
+device         cc              compute dtype         scaler     torch.compile  bitsandbytes LLM.int8 (8-bit)
+=============  ==============  ====================  =========  =============  ==========================
+CPU            --              float32 (see below)   no         off            yes (CPU kernels)
+P100           6.0             float16               yes        off (< 7.0)    no: use lora-16bit / 4-bit
+V100           7.0             float16               yes        on             no: use lora-16bit / 4-bit
+T4             7.5             float16               yes        on             yes
+A100           8.0             bfloat16              no         on             yes
+L4             8.9             bfloat16              no         on             yes
+H100 / H200    9.0             bfloat16              no         on             yes
+=============  ==============  ====================  =========  =============  ==========================
+
+Rules behind the rows: bf16 where the GPU has it (compute capability 8.0+), else fp16 with a
+gradient scaler (fp16's narrow range underflows small gradients); Triton, which
+``torch.compile`` generates GPU code with, needs compute capability 7.0; bitsandbytes' int8
+matmul (LLM.int8()) needs 7.5 (its installation guide, v0.50), while its 4-bit NF4 needs 6.0.
+On a CPU training stays in fp32: bf16 autocast on the 2-core Xeon this suite is tested on was
+slower than fp32 for the smoke and full shapes (``benchmarks/bench_pretrain.py`` measures it),
+so ``dtype="bfloat16"`` on a CPU is allowed but never chosen for you.
+
+Peak FLOP/s are dense tensor-core figures per dtype from NVIDIA's data sheets (a T4 has no bf16
+units: its 65 TFLOP/s are fp16). MFU is achieved FLOP/s divided by that peak.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import re
+import resource
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+TFLOPS = 1e12
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class GPUSpec:
+    """What the suite needs to know of one GPU model (matched by a substring of its name)."""
+
+    key: str
+    capability: tuple[int, int]
+    peak_flops: dict[str, float]  # dtype name -> dense FLOP/s
+    memory_bandwidth: float  # bytes/s, for decode MBU
+
+
+# Order matters: the first key found in the device name wins ("H100" before "H10").
+GPUS: tuple[GPUSpec, ...] = (
+    GPUSpec("H200", (9, 0), {"bfloat16": 989 * TFLOPS, "float16": 989 * TFLOPS, "float32": 67 * TFLOPS}, 4.8e12),
+    GPUSpec("H100", (9, 0), {"bfloat16": 989 * TFLOPS, "float16": 989 * TFLOPS, "float32": 67 * TFLOPS}, 3.35e12),
+    GPUSpec("A100", (8, 0), {"bfloat16": 312 * TFLOPS, "float16": 312 * TFLOPS, "float32": 19.5 * TFLOPS}, 2.0e12),
+    GPUSpec("L40", (8, 9), {"bfloat16": 181 * TFLOPS, "float16": 181 * TFLOPS, "float32": 90.5 * TFLOPS}, 0.864e12),
+    GPUSpec("L4", (8, 9), {"bfloat16": 121 * TFLOPS, "float16": 121 * TFLOPS, "float32": 30.3 * TFLOPS}, 0.3e12),
+    GPUSpec("A10", (8, 6), {"bfloat16": 125 * TFLOPS, "float16": 125 * TFLOPS, "float32": 31.2 * TFLOPS}, 0.6e12),
+    GPUSpec("V100", (7, 0), {"float16": 125 * TFLOPS, "float32": 15.7 * TFLOPS}, 0.9e12),
+    GPUSpec("T4", (7, 5), {"float16": 65 * TFLOPS, "float32": 8.1 * TFLOPS}, 0.32e12),
+    GPUSpec("P100", (6, 0), {"float16": 18.7 * TFLOPS, "float32": 9.3 * TFLOPS}, 0.732e12),
+)
+COMPILE_MIN_CAPABILITY = (7, 0)  # Triton
+INT8_MIN_CAPABILITY = (7, 5)  # bitsandbytes LLM.int8()
+BF16_MIN_CAPABILITY = (8, 0)
+
+
+@dataclass(frozen=True)
+class Device:
+    """One device as the rules see it; :func:`detect` reads it, tests build fakes of it."""
+
+    type: str  # "cpu" | "cuda"
+    name: str
+    capability: tuple[int, int] | None = None
+    memory_bytes: int | None = None
+    count: int = 1  # visible GPUs of this kind
+    index: int = 0
+
+    @property
+    def torch(self) -> torch.device:
+        return torch.device(self.type, self.index) if self.type == "cuda" else torch.device("cpu")
+
+    @property
+    def spec(self) -> GPUSpec | None:
+        """The table row of this GPU, or ``None`` (CPU, unknown GPU)."""
+        if self.type != "cuda":
+            return None
+        return next((g for g in GPUS if g.key in self.name), None)
+
+
+def cpu_name() -> str:
+    """The CPU model from ``/proc/cpuinfo`` (``platform`` elsewhere)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def detect(preference: str = "auto", local_rank: int = 0) -> Device:
+    """The device to run on: ``auto`` is the CUDA GPU ``local_rank`` when there is one, else the CPU."""
+    if preference not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {preference!r}")
+    if preference == "cpu" or not torch.cuda.is_available():
+        if preference == "cuda":
+            raise RuntimeError("device='cuda' was asked for but torch sees no CUDA GPU; use device='auto' or 'cpu'")
+        return Device("cpu", cpu_name())
+    props = torch.cuda.get_device_properties(local_rank)
+    return Device("cuda", props.name, (props.major, props.minor), props.total_memory, torch.cuda.device_count(), local_rank)
+
+
+# ---------------------------------------------------------------------------------------------
+# precision policy
+
+
+@dataclass(frozen=True)
+class Policy:
+    """How a stage computes on ``device``: dtype, autocast, grad scaler, compile, and why."""
+
+    device: Device
+    dtype: torch.dtype
+    compile: bool
+    notes: tuple[str, ...] = field(default=())
+
+    @property
+    def dtype_name(self) -> str:
+        return str(self.dtype).removeprefix("torch.")
+
+    @property
+    def autocast(self) -> bool:
+        return self.dtype != torch.float32
+
+    @property
+    def scaler(self) -> bool:
+        """fp16 needs loss scaling; bf16 and fp32 do not."""
+        return self.dtype == torch.float16
+
+    def autocast_context(self) -> AbstractContextManager:
+        """``torch.autocast`` in the policy's dtype, or a no-op in fp32."""
+        return torch.autocast(self.device.type, dtype=self.dtype) if self.autocast else nullcontext()
+
+    def grad_scaler(self) -> torch.amp.GradScaler:
+        """A scaler that is active only under fp16 (a disabled one passes calls through)."""
+        return torch.amp.GradScaler(self.device.type, enabled=self.scaler)
+
+    @property
+    def peak_flops(self) -> float | None:
+        """Dense peak FLOP/s of one device in the policy's dtype, or ``None`` (CPU, unknown GPU)."""
+        spec = self.device.spec
+        return spec.peak_flops.get(self.dtype_name) if spec else None
+
+    def mfu(self, flops_per_token: float, tokens_per_s: float | None, world_size: int = 1) -> float | None:
+        """Model FLOPs utilisation: achieved FLOP/s over the peak of every device used."""
+        peak = self.peak_flops
+        if not peak or not tokens_per_s:
+            return None
+        return flops_per_token * tokens_per_s / (peak * world_size)
+
+
+def auto_dtype(device: Device) -> torch.dtype:
+    """The table's compute dtype: fp32 on CPU, bf16 from compute capability 8.0, else fp16."""
+    if device.type != "cuda":
+        return torch.float32
+    cap = device.capability or (0, 0)
+    return torch.bfloat16 if cap >= BF16_MIN_CAPABILITY else torch.float16
+
+
+def policy(dtype: str = "auto", compile: bool = False, device: Device | None = None) -> Policy:
+    """The precision policy for ``device`` (default: :func:`detect`).
+
+    ``dtype`` is ``auto`` (the table) or a name in :data:`DTYPES`; a GPU without bf16 asked for
+    bf16 is an error naming fp16. ``compile`` is switched off below compute capability 7.0, with
+    a note saying so.
+    """
+    device = device or detect()
+    notes: list[str] = []
+    if dtype == "auto":
+        chosen = auto_dtype(device)
+    elif dtype in DTYPES:
+        chosen = DTYPES[dtype]
+        cap = device.capability or (0, 0)
+        if device.type == "cuda" and chosen == torch.bfloat16 and cap < BF16_MIN_CAPABILITY:
+            raise ValueError(
+                f"dtype 'bfloat16' needs compute capability 8.0 (A100, L4, H100); {device.name} has "
+                f"{cap[0]}.{cap[1]}: use dtype 'float16' (with loss scaling) or 'auto'"
+            )
+    else:
+        raise ValueError(f"dtype must be 'auto' or one of {', '.join(DTYPES)}, got {dtype!r}")
+    use_compile = bool(compile)
+    if use_compile and device.type == "cuda" and (device.capability or (0, 0)) < COMPILE_MIN_CAPABILITY:
+        use_compile = False
+        notes.append(
+            f"torch.compile is off: {device.name} has compute capability "
+            f"{device.capability[0]}.{device.capability[1]} and Triton needs 7.0"
+        )
+    return Policy(device, chosen, use_compile, tuple(notes))
+
+
+def half_dtype(device: Device | None = None) -> torch.dtype:
+    """The 16-bit type a model is loaded in for ``16bit`` variants: bf16 where the device has it, else fp16."""
+    device = device or detect()
+    return torch.bfloat16 if auto_dtype(device) != torch.float16 else torch.float16
+
+
+def check_8bit(device: Device | None = None) -> None:
+    """Refuse bitsandbytes' 8-bit matmul on a GPU it cannot serve, naming what to use instead."""
+    device = device or detect()
+    cap = device.capability
+    if device.type == "cuda" and cap is not None and cap < INT8_MIN_CAPABILITY:
+        raise RuntimeError(
+            f"8-bit base models need bitsandbytes' LLM.int8(), which needs compute capability 7.5 (T4 or newer); "
+            f"{device.name} has {cap[0]}.{cap[1]}. Use variant 'lora-16bit' (or 'lora-4bit', NF4 needs 6.0) on "
+            "this GPU, or pick Kaggle's 'GPU T4 x2' accelerator"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# measurement
+
+
+def sync(device: torch.device | Device) -> None:
+    """Wait for queued GPU work (timings must include it); a no-op on CPU."""
+    dev = device.torch if isinstance(device, Device) else device
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def reset_peak_memory(device: torch.device | Device | str = "cpu") -> None:
+    """Start a measured phase: reset CUDA's peak allocation, or on Linux this process's peak
+    resident set size (``/proc/self/clear_refs``), so :func:`peak_memory` covers only what follows."""
+    dev = torch.device(device.torch if isinstance(device, Device) else device)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+        return
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def peak_memory(device: torch.device | Device | str = "cpu") -> int:
+    """Peak bytes since the last :func:`reset_peak_memory`: CUDA's peak allocation on a GPU, the
+    process's peak resident set size (VmHWM) on a CPU (its lifetime peak where VmHWM cannot be read)."""
+    dev = torch.device(device.torch if isinstance(device, Device) else device)
+    if dev.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(dev))
+    try:
+        match = re.search(r"VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text())
+        if match:
+            return int(match.group(1)) * 1024
+    except OSError:
+        pass
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+
+
+def info(device: Device | None = None) -> dict[str, Any]:
+    """Where a number was measured: CPU model and cores, GPU model and count, library versions."""
+    device = device or detect()
+    out: dict[str, Any] = {
+        "cpu": cpu_name(),
+        "cpu_cores": os.cpu_count(),
+        "gpu": None,
+        "device": device.type,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+    }
+    if device.type == "cuda":
+        out.update(gpu=device.name, gpu_count=device.count, capability=list(device.capability or ()))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# distributed
+
+
+@dataclass(frozen=True)
+class Dist:
+    """This process's place in a (possibly single-process) DDP job."""
+
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    owns_group: bool = False
+
+    @property
+    def master(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
+
+    def agree(self, value: int, device: torch.device) -> int:
+        """Rank 0's ``value`` (an int), shared with every process."""
+        if self.world_size == 1:
+            return value
+        t = torch.tensor([value], device=device, dtype=torch.long)
+        dist.broadcast(t, src=0)
+        return int(t.item())
+
+    def close(self) -> None:
+        if self.owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def distributed() -> Dist:
+    """Join the DDP job ``torchrun`` describes in the environment (NCCL on GPUs, gloo on CPU)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Dist()
+    owns = not dist.is_initialized()
+    if owns:
+        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    return Dist(dist.get_rank(), int(os.environ.get("LOCAL_RANK", "0")), dist.get_world_size(), owns)

@@ -1,0 +1,222 @@
+"""Run folders: the contract between the trainers that write runs and the stages that read them.
+
+A run is ``runs/<name>/seed-<seed>/`` under the working root, e.g. ``runs/pretrain-gqa/seed-1337/``:
+one training of one variant with one seed. Several seeds of a variant sit side by side under
+``runs/<name>/``; the compare stage reads them all and reports their mean and spread.
+
+Every run folder holds ``summary.json`` (the fields below, written only through
+:func:`write_summary`, which checks them) and ``metrics.jsonl`` (one JSON object per line,
+``kind`` ``train`` or ``eval``). The field tables here are the schema: ``SCHEMA`` is its version,
+bumped when a field changes meaning; a summary of another version is refused with the notebook
+that rewrites it. While a run is in progress ``finished`` is false and only the common fields
+are promised.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable
+
+from nblib import config
+from nblib.files import append_jsonl, read_json, read_jsonl, write_json, write_jsonl
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+SCHEMA = 2
+STAGES = ("pretrain", "finetune")
+NUMBER = (int, float)
+OPTIONAL_NUMBER = (int, float, type(None))
+OPTIONAL_TEXT = (str, type(None))
+
+# field -> (accepted types, meaning)
+COMMON: dict[str, tuple[tuple[type, ...] | type, str]] = {
+    "schema": (int, "version of this schema"),
+    "name": (str, "the run's variant folder under runs/, e.g. pretrain-gqa"),
+    "stage": (str, "pretrain | finetune"),
+    "variant": (str, "mha | gqa | mqa, or a fine-tune variant such as lora-8bit"),
+    "label": (str, "how reports name the variant: MHA, LoRA + 8-bit, ..."),
+    "folder": (str, "this run's folder, relative to the working root"),
+    "profile": (str, "smoke | full"),
+    "seed": (int, "the seed of this run"),
+    "config": (dict, "every setting the run was trained with"),
+    "machine": (dict, "nblib.machine.info(): CPU, GPU, library versions"),
+    "data": (dict, "what was trained on: sha256 and counts of the inputs (matched runs agree on it)"),
+    "compute_dtype": (str, "the dtype training computed in (float32, bfloat16, float16)"),
+    "finished": (bool, "false while the run is in progress or stopped before its last step"),
+    "stop_reason": (OPTIONAL_TEXT, "why the last session ended: done, early_stopping, time_budget, stop_at"),
+    "wall_seconds": (OPTIONAL_NUMBER, "wall time of every session together"),
+    "train_seconds": (OPTIONAL_NUMBER, "time inside optimizer steps"),
+    "peak_memory_bytes": (OPTIONAL_NUMBER, "peak memory of the training phase (nblib.machine.peak_memory)"),
+}
+PRETRAIN: dict[str, tuple[tuple[type, ...] | type, str]] = {
+    "params": (int, "parameters (tied weights once)"),
+    "params_embedding": (int, "token + position embeddings (+ untied head)"),
+    "params_blocks": (int, "parameters of the transformer blocks"),
+    "n_layer": (int, "layers"),
+    "n_head": (int, "query heads"),
+    "n_kv_head": (int, "key/value heads"),
+    "d_model": (int, "width"),
+    "context_length": (int, "positions"),
+    "kv_cache_bytes_per_token": (dict, "KV-cache bytes per token by dtype name (float32 and the run's dtype)"),
+    "best_val_loss": (NUMBER, "lowest validation loss (nats per token)"),
+    "best_val_ppl": (NUMBER, "exp(best_val_loss)"),
+    "best_val_bpb": (NUMBER, "validation bits per UTF-8 byte at the best evaluation"),
+    "best_step": (int, "step of the best evaluation (best.pt holds its weights)"),
+    "final_val_loss": (NUMBER, "validation loss at the last evaluation"),
+    "final_val_ppl": (NUMBER, "exp(final_val_loss)"),
+    "final_val_bpb": (NUMBER, "validation bits per byte at the last evaluation"),
+    "train_tokens_per_s": (OPTIONAL_NUMBER, "the run's own training throughput (its machine, its moment)"),
+    "tokens_seen": (int, "training tokens processed"),
+    "steps": (int, "optimizer steps taken"),
+    "max_steps": (int, "optimizer steps planned"),
+    "skipped_steps": (int, "fp16 steps the grad scaler skipped (inf/nan gradients)"),
+    "world_size": (int, "DDP processes"),
+    "checkpoint": (str, "best.pt, relative to the working root (what later stages load)"),
+    "hf_export": (OPTIONAL_TEXT, "Hugging Face GPT2LMHeadModel folder of best.pt (MHA only), or null"),
+}
+FINETUNE: dict[str, tuple[tuple[type, ...] | type, str]] = {
+    "mode": (str, "precision of the base weights: 8bit | 4bit | 16bit | 32bit"),
+    "lora": (bool, "LoRA adapter (true) or every weight trained (false)"),
+    "baselines": (list, "variants this one is compared against in the report"),
+    "base_model": (str, "hub name or folder (relative to the working root) of the base"),
+    "learning_rate": (NUMBER, "peak learning rate used"),
+    "trainable_params": (int, "parameters trained"),
+    "total_params": (int, "parameters of the model"),
+    "footprint_bytes": (int, "bytes of weights and buffers as loaded for training"),
+    "embedding_params": (int, "token + position embedding parameters (kept in full precision by bitsandbytes)"),
+    "eval_loss": (NUMBER, "loss per assistant token on the eval dialogues, best checkpoint"),
+    "eval_ppl": (NUMBER, "exp(eval_loss)"),
+    "eval_bpb": (NUMBER, "bits per UTF-8 byte of the assistant text"),
+    "base_eval_loss": (NUMBER, "the same loss before training"),
+    "base_eval_ppl": (NUMBER, "exp(base_eval_loss)"),
+    "base_eval_bpb": (NUMBER, "bits per byte before training"),
+    "merged_eval_loss": (OPTIONAL_NUMBER, "the same loss of the merged model folder (what chat loads), or null"),
+    "merged_weights": (OPTIONAL_TEXT, "what merged/ holds, e.g. the adapter folded into a 32-bit copy of the base"),
+    "stop_rate_before": (NUMBER, "share of fixed questions answered and closed by <|endoftext|>, before"),
+    "stop_rate_after": (NUMBER, "the same after training"),
+    "train_samples_per_s": (OPTIONAL_NUMBER, "the run's own throughput (its machine, its moment)"),
+    "steps": (int, "optimizer steps taken"),
+    "best_step": (OPTIONAL_NUMBER, "step of the kept checkpoint"),
+    "train_dialogues": (int, "training dialogues"),
+    "eval_dialogues": (int, "eval dialogues"),
+    "dropped_too_long": (int, "dialogues dropped for not fitting max_length"),
+    "samples": (list, "[{question, before, after}] greedy answers to the fixed questions"),
+    "adapter": (OPTIONAL_TEXT, "LoRA adapter folder, relative to the working root, or null"),
+    "merged": (OPTIONAL_TEXT, "merged model folder, relative to the working root, or null"),
+}
+FIELDS = {"pretrain": PRETRAIN, "finetune": FINETUNE}
+
+
+class RunError(FileNotFoundError):
+    """A run is absent, unfinished or unreadable; the message names the notebook that (re)writes it."""
+
+
+def producer(name: str) -> str:
+    """The notebook (with its parameters) that writes run ``name``."""
+    stage, _, variant = name.partition("-")
+    if name == "pretrain-mha":
+        return "03_train_mha"
+    if name == "pretrain-gqa":
+        return "04_train_gqa"
+    if stage == "pretrain" and variant:
+        return f"04_train_gqa (with the n_kv_head of {variant} and name={name!r})"
+    if stage == "finetune" and variant:
+        return f"05_finetune_lora_8bit with variant={variant!r}"
+    return f"03_train_mha, 04_train_gqa or 05_finetune_lora_8bit (whichever wrote {name!r})"
+
+
+def folder(name: str, seed: int, paths: config.Paths | None = None) -> Path:
+    """``runs/<name>/seed-<seed>`` under the working root."""
+    return (paths or config.paths()).run(name, seed)
+
+
+def check(summary: dict[str, Any], where: str) -> None:
+    """Raise naming ``where`` and the producer when ``summary`` does not follow the schema."""
+    name = str(summary.get("name", where))
+    if summary.get("schema") != SCHEMA:
+        raise RunError(
+            f"{where}/summary.json has schema {summary.get('schema')!r}, this nblib reads schema {SCHEMA}: "
+            f"it was written by another version; re-run notebook {producer(name)}"
+        )
+    stage = summary.get("stage")
+    if stage not in STAGES:
+        raise ValueError(f"{where}/summary.json: stage is {stage!r}, expected one of {', '.join(STAGES)}")
+    fields = {**COMMON, **FIELDS[stage]} if summary.get("finished") else COMMON
+    problems = []
+    for key, (types, _) in fields.items():
+        if key not in summary:
+            problems.append(f"{key} is missing")
+        elif not isinstance(summary[key], types) or (types in (int, NUMBER) and isinstance(summary[key], bool)):
+            problems.append(f"{key}={summary[key]!r} is not {types}")
+    if problems:
+        raise ValueError(f"{where}/summary.json does not follow the run schema ({'; '.join(problems)}); "
+                         f"re-run notebook {producer(name)}")
+
+
+def write_summary(run_dir: str | os.PathLike, summary: dict[str, Any]) -> dict[str, Any]:
+    """Check ``summary`` against the schema, stamp its version and write it atomically."""
+    summary = {**summary, "schema": SCHEMA}
+    check(summary, config.relative(run_dir))
+    write_json(Path(run_dir) / "summary.json", summary)
+    return summary
+
+
+def read_summary(run_dir: str | os.PathLike) -> dict[str, Any]:
+    """The checked ``summary.json`` of a run folder."""
+    run_dir = Path(run_dir)
+    where = config.relative(run_dir)
+    path = run_dir / "summary.json"
+    if not path.is_file():
+        raise RunError(f"{where}/summary.json not found: run notebook {producer(run_dir.parent.name)} first")
+    summary = read_json(path)
+    check(summary, where)
+    return summary
+
+
+def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """The rows of a run's ``metrics.jsonl``."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise RunError(f"{config.relative(path)} not found: train the run first (notebooks 03/04/05)")
+    return read_jsonl(path)
+
+
+def append_metric(run_dir: str | os.PathLike, row: dict[str, Any]) -> None:
+    """Append one metrics row (flushed, so a crash keeps every row before it)."""
+    append_jsonl(Path(run_dir) / "metrics.jsonl", row)
+
+
+def write_metrics(run_dir: str | os.PathLike, rows: Iterable[dict[str, Any]]) -> None:
+    """Replace ``metrics.jsonl`` atomically."""
+    write_jsonl(Path(run_dir) / "metrics.jsonl", rows)
+
+
+def truncate_metrics(run_dir: str | os.PathLike, step: int) -> None:
+    """Drop rows logged after ``step`` (a resumed run logs them again)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if path.is_file():
+        write_metrics(run_dir, [r for r in read_jsonl(path) if r["step"] <= step])
+
+
+def settings_diff(saved: dict[str, Any], cfg: dict[str, Any], free: Iterable[str] = ()) -> list[str]:
+    """``key: old -> new`` for every setting that differs, ignoring ``free`` ones."""
+    keys = sorted((set(saved) | set(cfg)) - set(free))
+    return [f"{k}: {saved.get(k)!r} -> {cfg.get(k)!r}" for k in keys if saved.get(k) != cfg.get(k)]
+
+
+def find(paths: config.Paths | None = None) -> list[Path]:
+    """Every run folder (``runs/<name>/seed-<seed>`` holding ``summary.json``), sorted."""
+    runs = (paths or config.paths()).runs
+    return sorted(p.parent for p in runs.glob("*/seed-*/summary.json"))
+
+
+def table(summaries: list[dict[str, Any]]) -> pd.DataFrame:
+    """The schema's figures of one or more finished runs of a stage, one column per run folder."""
+    import pandas as pd
+
+    stage = summaries[0]["stage"]
+    keys = [k for k in ("label", "seed", "profile", "compute_dtype", "stop_reason", *FIELDS[stage],
+                        "wall_seconds", "train_seconds", "peak_memory_bytes")
+            if not isinstance(summaries[0].get(k), (dict, list))]
+    return pd.DataFrame({s["folder"]: {k: s.get(k) for k in keys} for s in summaries})
