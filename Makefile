@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 NBLIB_MIRROR ?= $(if $(wildcard ../shared/data),$(abspath ../shared/data),)
 export NBLIB_MIRROR
 
-.PHONY: setup pipeline test bench clean-venv
+.PHONY: setup pipeline test bench bench-inference clean-venv
 
 setup: $(VENV)/.installed
 
@@ -23,6 +23,10 @@ test: setup
 
 bench: setup
 	$(PY) benchmarks/bench_pretrain.py
+
+# Decode cost of MHA/GQA/MQA; pass options with BENCH_ARGS, e.g. BENCH_ARGS="--shape gpt2-small --batches 1,8"
+bench-inference: setup
+	$(PY) benchmarks/bench_inference.py $(BENCH_ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

@@ -2,8 +2,8 @@
 streaming, and a chat history that fits the context window.
 
 The loop feeds the prompt once, then one token at a time through the model's KV cache
-(``past_key_values`` for a Hugging Face model, ``KVCache`` for nblib's GPT) and picks each
-token with :func:`nblib.sampling.sample_next`. The generated ids go through a
+(``past_key_values`` for a Hugging Face model, ``KVCache`` for nblib's GPT), computes logits
+for the last position only, and picks each token with :func:`nblib.sampling.sample_next`. The generated ids go through a
 :class:`StopScanner`: it decodes them, stops at the first stop string (also one spread over
 several tokens) and releases text only once no later token can change it. The streamed text is
 therefore exactly the returned text: a stop marker never shows, not even half of one.
@@ -119,7 +119,7 @@ def _next_logits(model: torch.nn.Module, max_len: int) -> Callable[[torch.Tensor
         cache = model.new_cache(1, max_len)
 
         def step(ids: torch.Tensor) -> torch.Tensor:
-            logits, _ = model(ids, cache=cache)
+            logits, _ = model(ids, cache=cache, last_only=True)  # the LM head only where we sample
             return logits[:, -1, :]
 
         return step
@@ -127,7 +127,7 @@ def _next_logits(model: torch.nn.Module, max_len: int) -> Callable[[torch.Tensor
 
     def step_hf(ids: torch.Tensor) -> torch.Tensor:
         nonlocal past
-        out = model(input_ids=ids, past_key_values=past, use_cache=True)
+        out = model(input_ids=ids, past_key_values=past, use_cache=True, logits_to_keep=1)
         past = out.past_key_values
         return out.logits[:, -1, :]
 
@@ -197,10 +197,11 @@ def generate(
     was_training = model.training
     model.eval()  # no dropout while generating
     t0 = time.perf_counter()
+    generated = torch.empty(1, budget, dtype=torch.long, device=device)  # the repetition penalty's history
     logits = step(torch.tensor([ids], device=device))
-    for _ in range(budget):
-        previous = torch.tensor([scanner.ids], dtype=torch.long, device=device)
-        token = sample_next(logits, temperature, top_k, top_p, repetition_penalty, previous, generator)
+    for n in range(budget):
+        token = sample_next(logits, temperature, top_k, top_p, repetition_penalty, generated[:, :n], generator)
+        generated[:, n : n + 1] = token
         released = scanner.push(int(token))
         if stream is not None and released:
             stream(released)

@@ -51,14 +51,19 @@ class GPUSpec:
     key: str
     capability: tuple[int, int]
     peak_flops: dict[str, float]  # dtype name -> dense FLOP/s
-    memory_bandwidth: float  # bytes/s, for decode MBU
+    memory_bandwidth: float  # bytes/s (spec sheet), for decode MBU
 
 
-# Order matters: the first key found in the device name wins ("H100" before "H10").
+_A100 = {"bfloat16": 312 * TFLOPS, "float16": 312 * TFLOPS, "float32": 19.5 * TFLOPS}
+# Order matters: the first key found in the device name wins (the specific "H100 PCIe" before "H100").
 GPUS: tuple[GPUSpec, ...] = (
     GPUSpec("H200", (9, 0), {"bfloat16": 989 * TFLOPS, "float16": 989 * TFLOPS, "float32": 67 * TFLOPS}, 4.8e12),
+    GPUSpec("H100 PCIe", (9, 0), {"bfloat16": 756 * TFLOPS, "float16": 756 * TFLOPS, "float32": 51 * TFLOPS}, 2.0e12),
     GPUSpec("H100", (9, 0), {"bfloat16": 989 * TFLOPS, "float16": 989 * TFLOPS, "float32": 67 * TFLOPS}, 3.35e12),
-    GPUSpec("A100", (8, 0), {"bfloat16": 312 * TFLOPS, "float16": 312 * TFLOPS, "float32": 19.5 * TFLOPS}, 2.0e12),
+    GPUSpec("A100-SXM4-80GB", (8, 0), _A100, 2.039e12),
+    GPUSpec("A100 80GB PCIe", (8, 0), _A100, 1.935e12),
+    GPUSpec("A100", (8, 0), _A100, 1.555e12),  # 40 GB
+    GPUSpec("L40S", (8, 9), {"bfloat16": 362 * TFLOPS, "float16": 362 * TFLOPS, "float32": 91.6 * TFLOPS}, 0.864e12),
     GPUSpec("L40", (8, 9), {"bfloat16": 181 * TFLOPS, "float16": 181 * TFLOPS, "float32": 90.5 * TFLOPS}, 0.864e12),
     GPUSpec("L4", (8, 9), {"bfloat16": 121 * TFLOPS, "float16": 121 * TFLOPS, "float32": 30.3 * TFLOPS}, 0.3e12),
     GPUSpec("A10", (8, 6), {"bfloat16": 125 * TFLOPS, "float16": 125 * TFLOPS, "float32": 31.2 * TFLOPS}, 0.6e12),

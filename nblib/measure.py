@@ -1,25 +1,210 @@
-"""Timing and memory of models, measured side by side in one process.
+"""Timing and memory of models, measured side by side in one process: prefill and decode, generation
+and training speed of the compare stage's checkpoints, KV-cache and weight bytes, memory
+bandwidth, MBU, and what fine-tuning GPT-2 small costs in each variant.
 
-The machine this suite runs on is shared and noisy, so every figure here is taken with the
-variants interleaved (repeat ``i`` runs A B, repeat ``i + 1`` runs B A), after an untimed
-warm-up, and reported per repeat so tables can show the median and its range. Used by the
-compare stage and by the benchmarks in ``benchmarks/``.
+A shared machine speeds up and slows down, so variants are always measured interleaved (A B C,
+then C B A, ...) in one process, after an untimed warm-up, and reported per repeat or as the
+median of the repeats; on CUDA every timing synchronises the device. A decode step must read
+every weight once and the whole filled KV cache; those bytes over the step's time, as a fraction
+of the memory bandwidth, are the model bandwidth utilisation (MBU, nanochat's term). The
+bandwidth is the GPU's spec sheet figure where known (``nblib.machine.GPUS``), else a measured
+copy (bytes read + bytes written per second, as STREAM counts them).
+
+Speed does not depend on the weights' values, so sweeps and cost rows use randomly initialised
+models. Used by the compare stage (06) and the benchmarks in ``benchmarks/``.
 """
 from __future__ import annotations
 
+import statistics
 import tempfile
 import time
-from typing import Any, Iterable, Sequence
+from dataclasses import replace
+from typing import Any, Callable, Iterable, Sequence
 
 import pandas as pd
 import torch
 
 from nblib import machine, runs, tokenizer
-from nblib.model import GPT, GPTConfig, load_checkpoint
+from nblib.model import GPT, GPTConfig, KVCache, load_checkpoint
+
+def interleaved(calls: dict[str, Callable[[], Any]], repeats: int, device: torch.device, warmup: int = 1) -> tuple[dict[str, list[float]], dict[str, Any]]:
+    """Time each of ``calls`` ``repeats`` times, the order reversed every other round, after ``warmup`` untimed rounds.
+
+    Returns the seconds of every timed call per label and each call's last result.
+    """
+    labels = list(calls)
+    times: dict[str, list[float]] = {label: [] for label in labels}
+    results: dict[str, Any] = {}
+    for rep in range(warmup + repeats):
+        for label in labels if rep % 2 == 0 else labels[::-1]:
+            machine.sync(device)
+            t0 = time.perf_counter()
+            results[label] = calls[label]()
+            machine.sync(device)
+            if rep >= warmup:
+                times[label].append(time.perf_counter() - t0)
+    return times, results
 
 
-def _order(labels: list[str], repeat: int) -> list[str]:
-    return labels if repeat % 2 == 0 else labels[::-1]
+def copy_bandwidth(device: torch.device | str = "cpu", nbytes: int = 256 * 2**20, repeats: int = 9) -> float:
+    """Measured memory bandwidth, bytes/s: a ``nbytes`` tensor copy counts its bytes read plus written."""
+    device = torch.device(device)
+    src = torch.ones(nbytes // 4, device=device)
+    dst = torch.empty_like(src)
+    times, _ = interleaved({"copy": lambda: dst.copy_(src)}, repeats, device)
+    return 2 * src.nbytes / statistics.median(times["copy"])
+
+
+def peak_bandwidth(device: torch.device | str = "cpu") -> tuple[float, str]:
+    """``(bytes/s, source)``: a known GPU's spec sheet figure, else :func:`copy_bandwidth` measured here."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        gpu = machine.detect("cuda", device.index or 0)
+        if gpu.spec is not None:
+            return gpu.spec.memory_bandwidth, f"{gpu.name} spec sheet"
+        return copy_bandwidth(device, nbytes=2**30), f"{gpu.name} measured copy"
+    return copy_bandwidth(device), "measured copy"
+
+
+def weight_bytes(model: GPT) -> int:
+    """Bytes of the weights one decode step reads: all but the position table (and, untied, the
+    input table), of which it reads one row per sequence."""
+    t = model.transformer
+    skipped = t.wpe.weight.numel() + (0 if model.config.tie_embeddings else t.wte.weight.numel())
+    ref = model.lm_head.weight
+    return (model.num_params() - skipped) * ref.dtype.itemsize
+
+
+def decode_step_bytes(model: GPT, batch: int, cache_len: float) -> float:
+    """Bytes a decode step must read: the weights plus K/V of ``cache_len`` positions per sequence."""
+    dtype = model.lm_head.weight.dtype
+    return weight_bytes(model) + model.config.kv_cache_bytes(batch, 1, dtype) * cache_len
+
+
+def attention_variants(n_layer: int, n_head: int, d_model: int, kv_heads: dict[str, int], **config: Any) -> dict[str, GPTConfig]:
+    """One config per label of ``kv_heads`` (label -> ``n_kv_head``), all else equal, e.g.
+    ``attention_variants(8, 8, 512, {"MHA": 8, "GQA": 2, "MQA": 1})``."""
+    return {
+        label: GPTConfig(n_layer=n_layer, n_head=n_head, n_kv_head=n_kv, d_model=d_model, **{"dropout": 0.0, **config})
+        for label, n_kv in kv_heads.items()
+    }
+
+
+def random_model(config: GPTConfig, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0) -> GPT:
+    """A GPT with GPT-2's random initialisation, in eval mode, on ``device`` in ``dtype``."""
+    torch.manual_seed(seed)
+    return GPT(config).to(device=device, dtype=dtype).eval()
+
+
+def prefill(model: GPT, prompt: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    """Feed ``prompt`` into an emptied ``cache``; returns the greedy next token, ``[B, 1]``."""
+    cache.reset()
+    logits, _ = model(prompt, cache=cache, last_only=True)
+    return logits[:, -1].argmax(-1, keepdim=True)
+
+
+def decode(model: GPT, cache: KVCache, token: torch.Tensor, steps: int) -> torch.Tensor:
+    """``steps`` greedy decode steps from ``token`` (``[B, 1]``), appending to ``cache``; returns the last token."""
+    for _ in range(steps):
+        logits, _ = model(token, cache=cache, last_only=True)
+        token = logits[:, -1].argmax(-1, keepdim=True)
+    return token
+
+
+def decode_sweep(
+    variants: dict[str, GPTConfig],
+    batches: list[int],
+    contexts: list[int],
+    new_tokens: int = 16,
+    repeats: int = 3,
+    prefill_repeats: int = 1,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    bandwidth: tuple[float, str] | None = None,
+    log: Callable[[str], None] | None = None,
+    prefill_cache: bool = True,
+) -> pd.DataFrame:
+    """Prefill time, decode speed, KV-cache bytes and MBU for every variant x batch x context.
+
+    Each model (random weights, ``context_length = max(contexts)``) gets a prompt of
+    ``context - new_tokens`` random tokens, then ``new_tokens`` greedy decode steps, so the last
+    step attends over ``context`` positions. For each batch x context the variants' caches are
+    allocated side by side and measured interleaved: the prefill on the first ``prefill_repeats``
+    rounds, the decode on all ``repeats`` (restarted at the end of the prompt each time).
+    ``dtype`` defaults to bf16 on a GPU, fp32 on CPU; ``bandwidth`` (bytes/s, source) to
+    :func:`peak_bandwidth`. With ``prefill_cache=False`` the cache is filled with random keys and
+    values instead of a real prefill (decode speed does not depend on them; ``prefill_s`` is then
+    NaN), which keeps long contexts of large shapes affordable on a CPU. One row per variant x
+    batch x context, with each repeat's decode tokens/s in ``decode_repeats``; the bandwidth
+    used is in ``df.attrs``.
+    """
+    device = torch.device(device or machine.detect().torch)
+    dtype = dtype or machine.auto_dtype(machine.detect(device.type, device.index or 0))
+    if not 1 <= prefill_repeats <= repeats:
+        raise ValueError(f"prefill_repeats must be in [1, repeats={repeats}], got {prefill_repeats}")
+    if min(contexts) <= new_tokens:
+        raise ValueError(f"every context must exceed new_tokens={new_tokens} (the prompt is context - new_tokens)")
+    peak, source = bandwidth or peak_bandwidth(device)
+    models = {label: random_model(replace(c, context_length=max(contexts)), device, dtype) for label, c in variants.items()}
+    labels = list(models)
+    vocab = min(c.vocab_size for c in variants.values())
+    rows = []
+    with torch.inference_mode():
+        for model in models.values():  # warm up the code paths once
+            cache = model.new_cache(1, 2 * new_tokens)
+            decode(model, cache, prefill(model, torch.zeros(1, new_tokens, dtype=torch.long, device=device), cache), new_tokens)
+        for batch in batches:
+            for context in contexts:
+                prompt_len = context - new_tokens
+                prompt = torch.randint(0, vocab, (batch, prompt_len), generator=torch.Generator().manual_seed(context)).to(device)
+                caches = {label: m.new_cache(batch, context) for label, m in models.items()}
+                first: dict[str, torch.Tensor] = {}
+                prefill_s: dict[str, list[float]] = {label: [] for label in labels}
+                decode_s: dict[str, list[float]] = {label: [] for label in labels}
+                for rep in range(repeats):
+                    for label in labels if rep % 2 == 0 else labels[::-1]:
+                        model, cache = models[label], caches[label]
+                        if rep < prefill_repeats and not prefill_cache:
+                            cache.k.normal_()
+                            cache.v.normal_()
+                            first[label] = prompt[:, -1:]
+                        elif rep < prefill_repeats:
+                            machine.sync(device)
+                            t0 = time.perf_counter()
+                            first[label] = prefill(model, prompt, cache)
+                            machine.sync(device)
+                            prefill_s[label].append(time.perf_counter() - t0)
+                        cache.length = prompt_len
+                        machine.sync(device)
+                        t0 = time.perf_counter()
+                        decode(model, cache, first[label], new_tokens)
+                        machine.sync(device)
+                        decode_s[label].append(time.perf_counter() - t0)
+                for label in labels:
+                    model, c = models[label], models[label].config
+                    step_s = statistics.median(decode_s[label]) / new_tokens
+                    step_bytes = decode_step_bytes(model, batch, prompt_len + (new_tokens + 1) / 2)
+                    rows.append({
+                        "variant": label, "n_layer": c.n_layer, "n_head": c.n_head, "n_kv_head": c.n_kv_head,
+                        "d_model": c.d_model, "batch": batch, "context": context, "new_tokens": new_tokens,
+                        "prefill_s": statistics.median(prefill_s[label]) if prefill_s[label] else float("nan"),
+                        "decode_tokens_per_s": batch / step_s,
+                        "decode_repeats": [batch * new_tokens / t for t in decode_s[label]],
+                        "ms_per_token": 1e3 * step_s,
+                        "kv_cache_bytes": caches[label].nbytes,
+                        "bytes_per_step": step_bytes,
+                        "bandwidth_GBps": step_bytes / step_s / 1e9,
+                        "mbu": step_bytes / step_s / peak,
+                        "device": device.type, "dtype": str(dtype).removeprefix("torch."),
+                    })
+                    if log is not None:
+                        r = rows[-1]
+                        log(f"{label} batch {batch} context {context}: prefill {r['prefill_s']:.2f} s, "
+                            f"{r['decode_tokens_per_s']:,.0f} tok/s, MBU {r['mbu']:.2f}")
+                del caches
+    df = pd.DataFrame(rows)
+    df.attrs.update(peak_bandwidth_GBps=peak / 1e9, bandwidth_source=source)
+    return df
 
 
 # ---------------------------------------------------------------------------------------------
@@ -44,26 +229,15 @@ def load_models(groups: dict[str, Any], device: str = "auto") -> dict[str, GPT]:
     return models
 
 
-def _time_generate(model: GPT, idx: torch.Tensor, new_tokens: int) -> float:
-    """Seconds for one greedy generation with the KV cache (prefill included)."""
-    machine.sync(idx.device)
-    t0 = time.perf_counter()
-    model.generate(idx, new_tokens, temperature=0.0, use_cache=True)
-    machine.sync(idx.device)
-    return time.perf_counter() - t0
-
-
 @torch.inference_mode()
 def generation(models: dict[str, GPT], prompt: str, batch_sizes: Iterable[int] = (1, 8), new_tokens: int = 32,
                repeats: int = 5) -> pd.DataFrame:
     """Greedy generation speed with the KV cache, every model at every batch size, interleaved.
 
     One row per timing: ``variant, batch, repeat, seconds, tokens_per_s, cache_tokens,
-    cache_bytes`` (bytes of a real cache for ``batch x cache_tokens``, the prompt plus the new
-    tokens) and, on CUDA, ``peak_memory_bytes``.
+    cache_bytes`` (bytes of the cache the model allocates for ``batch x cache_tokens``, the
+    prompt plus the new tokens).
     """
-    from tqdm.auto import tqdm
-
     ids = tokenizer.get_encoding().encode_ordinary(prompt)
     for label, model in models.items():
         room = model.config.context_length - len(ids)
@@ -72,23 +246,17 @@ def generation(models: dict[str, GPT], prompt: str, batch_sizes: Iterable[int] =
                 f"gen_new_tokens={new_tokens} does not fit {label}'s context: the prompt is {len(ids)} tokens "
                 f"and the context {model.config.context_length}; use gen_new_tokens <= {room} or a shorter speed_prompt"
             )
-    batch_sizes, labels, rows = list(batch_sizes), list(models), []
+    rows = []
     for batch in batch_sizes:
-        for model in models.values():
-            _time_generate(model, torch.tensor([ids] * batch, device=next(model.parameters()).device), new_tokens)
-    for rep in tqdm(range(repeats), desc="generation speed", unit="repeat"):
-        for batch in batch_sizes:
-            for label in _order(labels, rep):
-                model = models[label]
-                device = next(model.parameters()).device
-                machine.reset_peak_memory(device)
-                seconds = _time_generate(model, torch.tensor([ids] * batch, device=device), new_tokens)
-                row = {"variant": label, "batch": batch, "repeat": rep, "seconds": seconds,
-                       "tokens_per_s": batch * new_tokens / seconds, "cache_tokens": len(ids) + new_tokens,
-                       "cache_bytes": model.kv_cache_bytes(batch, len(ids) + new_tokens, next(model.parameters()).dtype)}
-                if device.type == "cuda":
-                    row["peak_memory_bytes"] = machine.peak_memory(device)
-                rows.append(row)
+        idx = {label: torch.tensor([ids] * batch, device=next(m.parameters()).device) for label, m in models.items()}
+        calls = {label: (lambda m=m, x=idx[label]: m.generate(x, new_tokens, temperature=0.0)) for label, m in models.items()}
+        times, _ = interleaved(calls, repeats, next(iter(idx.values())).device)
+        for label, seconds in times.items():
+            model = models[label]
+            rows += [{"variant": label, "batch": batch, "repeat": rep, "seconds": t,
+                      "tokens_per_s": batch * new_tokens / t, "cache_tokens": len(ids) + new_tokens,
+                      "cache_bytes": model.kv_cache_bytes(batch, len(ids) + new_tokens, next(model.parameters()).dtype)}
+                     for rep, t in enumerate(seconds)]
     return pd.DataFrame(rows)
 
 
@@ -142,20 +310,11 @@ def training_steps(configs: dict[str, dict[str, Any]], steps: int = 3, repeats: 
         scaler.update()
         opt.zero_grad(set_to_none=True)
 
-    for label in setups:
-        step(label)
-    rows, labels = [], list(setups)
-    for rep in range(repeats):
-        for label in _order(labels, rep):
-            machine.sync(dev)
-            t0 = time.perf_counter()
-            for _ in range(steps):
-                step(label)
-            machine.sync(dev)
-            seconds = time.perf_counter() - t0
-            x = setups[label][2]
-            rows.append({"variant": label, "repeat": rep, "seconds": seconds, "tokens_per_s": steps * x.numel() / seconds})
-    return pd.DataFrame(rows)
+    calls = {label: (lambda label=label: [step(label) for _ in range(steps)]) for label in setups}
+    times, _ = interleaved(calls, repeats, dev.torch)
+    return pd.DataFrame([{"variant": label, "repeat": rep, "seconds": t,
+                          "tokens_per_s": steps * setups[label][2].numel() / t}
+                         for label, seconds in times.items() for rep, t in enumerate(seconds)])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -220,10 +379,25 @@ def _train_peak(model: Any, dev: machine.Device, batch_size: int, length: int, s
     return {"peak_memory_mib": machine.peak_memory(dev) / 2**20, "step_seconds": (time.perf_counter() - t0) / steps}
 
 
-def bench_shapes() -> dict[str, GPTConfig]:
-    """The real shapes the compare stage measures cost at (MHA widths; variants change ``n_kv_head``)."""
-    return {
-        "full": GPTConfig(n_layer=8, n_head=8, n_kv_head=8, d_model=512, context_length=4096),
-        "gpt2-small": GPTConfig(n_layer=12, n_head=12, n_kv_head=12, d_model=768, context_length=4096),
-    }
+SHAPES = {"full": (8, 8, 512), "gpt2-small": (12, 12, 768)}  # (n_layer, n_head, d_model)
 
+
+def cost_sweep(shapes: Sequence[str], contexts: Sequence[int], batch: int = 8, repeats: int = 3,
+               device: str = "auto", new_tokens: int = 8) -> pd.DataFrame:
+    """Decode tokens/s and KV-cache bytes against context for MHA, GQA (a quarter of the heads as
+    K/V heads) and MQA at each named shape of :data:`SHAPES`, random weights, on this machine.
+
+    The caches are filled with random values rather than prefilled (decode speed does not depend
+    on them), so a CPU can take GPT-2 small's shape to 4k context. One row per shape x variant x
+    context, with a ``shape`` column (see :func:`decode_sweep` for the others).
+    """
+    dev = machine.detect(device).torch
+    parts = []
+    for shape in shapes:
+        if shape not in SHAPES:
+            raise ValueError(f"unknown shape {shape!r}; known: {', '.join(SHAPES)}")
+        n_layer, n_head, d_model = SHAPES[shape]
+        variants = attention_variants(n_layer, n_head, d_model, {"MHA": n_head, "GQA": n_head // 4, "MQA": 1})
+        sweep = decode_sweep(variants, [batch], list(contexts), new_tokens, repeats, 1, dev, prefill_cache=False)
+        parts.append(sweep.assign(shape=f"{shape} ({n_layer}x{n_head}x{d_model})"))
+    return pd.concat(parts, ignore_index=True)

@@ -3,8 +3,8 @@
 One attention class covers all three: queries use ``n_head`` heads, keys and values
 ``n_kv_head`` heads, each K/V head shared by ``n_head // n_kv_head`` query heads
 (MHA: ``n_kv_head == n_head``; GQA: ``1 < n_kv_head < n_head``; MQA: ``n_kv_head == 1``).
-K/V are projected, and cached, at ``n_kv_head`` heads and only repeated to ``n_head`` inside
-the attention call, so a GQA cache is ``n_kv_head / n_head`` of an MHA cache.
+K/V are projected, cached and attended to at ``n_kv_head`` heads, never copied up to ``n_head``,
+so a GQA cache is ``n_kv_head / n_head`` of an MHA cache and a decode step reads that much less.
 
 Module names follow Hugging Face's ``GPT2LMHeadModel`` so an MHA model exports to it by
 transposing the four linear weights (HF's ``Conv1D`` stores them as ``[in, out]``).
@@ -121,18 +121,27 @@ class KVCache:
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, dropout_p: float = 0.0) -> torch.Tensor:
     """Causal attention of queries at positions ``start..start+T-1`` over keys ``0..start+T-1``.
 
-    ``k``/``v`` may have fewer heads than ``q``; each is repeated to ``q``'s head count here,
-    just for this call, so callers (and the cache) keep them at ``n_kv_head`` heads.
+    ``q`` is ``[B, n_head, T, hd]``; ``k``/``v`` are ``[B, n_kv_head, start+T, hd]``, and query head
+    ``h`` reads K/V head ``h // (n_head // n_kv_head)``. K/V are never copied up to ``n_head`` heads.
     """
-    n_rep = q.size(1) // k.size(1)
-    if n_rep > 1:
-        k = k.repeat_interleave(n_rep, dim=1)
-        v = v.repeat_interleave(n_rep, dim=1)
+    B, n_head, T, hd = q.shape
+    group = n_head // k.size(1)
+    if T == 1:  # one new token sees every key: no mask
+        if q.device.type == "cpu":
+            # CPU decode: fold each group's query heads into the query axis, [B, n_kv_head, group, hd],
+            # so one kernel task reads its K/V head once for the whole group; enable_gqa runs one task
+            # per query head. Whole decode steps, 8x8x512, batch 8, 2k context, 1 thread of a 2-core
+            # EPYC: 2.3x (GQA 2/8) and 5.0x (MQA) faster than repeat_interleave, enable_gqa 2.1x and 3.9x.
+            y = F.scaled_dot_product_attention(q.reshape(B, k.size(1), group, hd), k, v, dropout_p=dropout_p)
+            return y.view(B, n_head, 1, hd)
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, enable_gqa=group > 1)
+    # SDPA's flash kernels (CUDA and CPU) share K/V heads in place with enable_gqa. The CPU flash
+    # kernel has no dropout: CPU training with dropout runs the math kernel, which repeats K/V inside.
     if start == 0:
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
-    # Query i sits at absolute position start + i and may see keys 0..start + i.
-    mask = torch.ones(q.size(2), k.size(2), dtype=torch.bool, device=q.device).tril(diagonal=start)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, enable_gqa=group > 1)
+    # Several new tokens after a filled cache: query i sits at position start + i and sees keys 0..start + i.
+    mask = torch.ones(T, k.size(2), dtype=torch.bool, device=q.device).tril(diagonal=start)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, enable_gqa=group > 1)
 
 
 class CausalSelfAttention(nn.Module):
@@ -222,12 +231,14 @@ class GPT(nn.Module):
             nn.init.zeros_(module.bias)
 
     def forward(
-        self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None, last_only: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Logits (and mean cross-entropy when ``targets`` is given; ``-1`` targets are ignored).
+        """``(logits, loss)`` for token ids ``idx`` (``[B, T]``).
 
-        Without targets and cache, logits are for the last position only (``[B, 1, vocab]``);
-        with ``cache``, the new positions are appended to it and logits cover all of them.
+        - ``targets`` given: logits at every position and the mean cross-entropy (``-1`` targets are ignored);
+        - no targets, no cache: logits of the last position only, ``[B, 1, vocab]``;
+        - ``cache``: the new positions are appended to it; logits cover all of them, ``[B, T, vocab]``,
+          or with ``last_only`` just the last one (what sampling needs: the LM head is the largest matmul).
         """
         B, T = idx.shape
         start = cache.length if cache is not None else 0
@@ -252,9 +263,9 @@ class GPT(nn.Module):
             logits = self.lm_head(x)
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
             return logits, loss
-        if cache is not None:
-            return self.lm_head(x), None
-        return self.lm_head(x[:, [-1], :]), None
+        if cache is None or last_only:
+            return self.lm_head(x[:, [-1], :]), None
+        return self.lm_head(x), None
 
     def new_cache(
         self, batch_size: int, max_len: int | None = None, device: torch.device | str | None = None, dtype: torch.dtype | None = None
@@ -300,7 +311,7 @@ class GPT(nn.Module):
             n -= self.transformer.wte.weight.numel()
         return 6 * n + 12 * c.n_layer * c.n_head * c.head_dim * c.context_length
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def generate(
         self,
         idx: torch.Tensor,
@@ -310,7 +321,7 @@ class GPT(nn.Module):
         use_cache: bool = True,
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
-        """Append ``max_new_tokens`` tokens to ``idx`` (``[B, T]``); ``temperature=0`` is greedy.
+        """``idx`` (``[B, T]``) followed by ``max_new_tokens`` new tokens; ``temperature=0`` is greedy.
 
         With ``use_cache`` each step feeds one token through a KV cache; without it every step
         recomputes the last ``context_length`` tokens. Both give the same tokens while the
@@ -319,23 +330,25 @@ class GPT(nn.Module):
         """
         was_training = self.training
         self.eval()
+        B, T = idx.shape
         L = self.config.context_length
-        cache = self.new_cache(idx.size(0), min(L, idx.size(1) + max_new_tokens)) if use_cache else None
-        logits, _ = self(idx[:, -L:], cache=cache)
-        for i in range(max_new_tokens):
-            nxt = sample_next(logits[:, -1, :], temperature=temperature, top_k=top_k, generator=generator)
-            idx = torch.cat((idx, nxt), dim=1)
-            if i == max_new_tokens - 1:
+        out = idx.new_empty(B, T + max_new_tokens)  # filled in place: no per-token reallocation
+        out[:, :T] = idx
+        cache = self.new_cache(B, min(L, T + max_new_tokens)) if use_cache else None
+        logits, _ = self(idx[:, -L:], cache=cache, last_only=True)
+        for n in range(T, T + max_new_tokens):  # n: the position being sampled
+            out[:, n : n + 1] = sample_next(logits[:, -1, :], temperature=temperature, top_k=top_k, generator=generator)
+            if n == T + max_new_tokens - 1:
                 break
             if cache is None:
-                logits, _ = self(idx[:, -L:])
+                logits, _ = self(out[:, max(0, n + 1 - L) : n + 1])
             elif cache.length < cache.max_len:
-                logits, _ = self(nxt, cache=cache)
+                logits, _ = self(out[:, n : n + 1], cache=cache, last_only=True)
             else:
                 cache.reset()
-                logits, _ = self(idx[:, -(L // 2) :], cache=cache)
+                logits, _ = self(out[:, n + 1 - L // 2 : n + 1], cache=cache, last_only=True)
         self.train(was_training)
-        return idx
+        return out
 
 
 def save_checkpoint(path: str | os.PathLike, model: GPT, **state: Any) -> Path:

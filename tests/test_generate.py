@@ -5,11 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers import chat_tokenizer, run_on_model
+from test_model import OpRecorder
 from transformers import GPT2LMHeadModel, StoppingCriteriaList
 
 from nblib.dialogue import ASSISTANT, EOT, USER, render
 from nblib.generate import CHAT_STOPS, ChatSession, StopOnStrings, StopScanner, fit_history, generate, hf_decoder, trim
 from nblib.model import GPT, GPTConfig
+from nblib.sampling import sample_next
 from nblib.tokenizer import hf_tokenizer
 
 
@@ -225,3 +227,45 @@ def test_chat_session_refuses_a_model_it_cannot_chat_with(tok, run_on):
         ChatSession(run_on, tok, max_new_tokens=64)
 
 
+
+
+# --- the loop's cost on nblib's GPT ------------------------------------------------------------
+
+
+def small_gpt(tok, n_kv_head: int) -> GPT:
+    torch.manual_seed(0)
+    return GPT(GPTConfig(vocab_size=len(tok), context_length=64, n_layer=2, n_head=4, n_kv_head=n_kv_head, d_model=64)).eval()
+
+
+def recomputed(gpt: GPT, prompt: list[int], n: int, repetition_penalty: float) -> list[int]:
+    """Greedy reference without any cache: the whole sequence through the model at every step."""
+    ids: list[int] = []
+    for _ in range(n):
+        logits = gpt(torch.tensor([prompt + ids]), targets=torch.tensor([prompt + ids]))[0][:, -1]
+        ids.append(int(sample_next(logits, 0, repetition_penalty=repetition_penalty, previous=torch.tensor([ids], dtype=torch.long))))
+    return ids
+
+
+@pytest.mark.parametrize("n_kv_head", [4, 2, 1])
+def test_cached_chat_loop_equals_recomputation(tok, n_kv_head):
+    gpt = small_gpt(tok, n_kv_head)
+    prompt = tok.encode("Capitu tinha olhos de")
+    for penalty in (1.0, 1.5):
+        out = generate(gpt, tok, prompt, max_new_tokens=20, temperature=0, repetition_penalty=penalty, stops=())
+        with torch.no_grad():
+            assert out.token_ids == recomputed(gpt, prompt, 20, penalty)
+
+
+def test_chat_loop_on_gpt_computes_last_logits_only_and_allocates_ids_once(tok, monkeypatch):
+    gpt = small_gpt(tok, 2)
+    prompt = tok.encode("Capitu tinha olhos de ressaca, disse José Dias")
+    made: list[object] = []
+    as_tensor = torch.tensor
+    monkeypatch.setattr(torch, "tensor", lambda *a, **kw: made.append(a) or as_tensor(*a, **kw))
+    with OpRecorder() as rec:
+        out = generate(gpt, tok, prompt, max_new_tokens=16, temperature=0.8, top_k=50, repetition_penalty=1.3, seed=1, stops=())
+    assert len(out.token_ids) == 16
+    vocab_rows = [t.shape[:-1].numel() for _, ts in rec.calls for t in ts if t.dim() and t.shape[-1] == len(tok)]
+    assert max(vocab_rows) == 1, "the LM head runs on the last position only, the prompt's included"
+    assert len(made) == 1, "only the prompt becomes a tensor; the penalty's history is preallocated"
+    assert "cat" not in rec.names()

@@ -3,12 +3,18 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
+import nblib.model
 from nblib import tokenizer
-from nblib.model import GPT, GPTConfig, KVCache, export_hf, load_checkpoint, save_checkpoint
+from nblib.model import GPT, GPTConfig, KVCache, attend, export_hf, load_checkpoint, save_checkpoint
 
 VOCAB = 97
 
@@ -236,3 +242,136 @@ def test_kv_cache_reset_and_dtype():
     again, _ = model(tokens(1, 10), cache=cache)
     assert cache.length == 10
     torch.testing.assert_close(first, again)
+
+
+# --- attention against an independent reference; K/V never expanded ------------------------------
+
+
+def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
+    """Textbook causal attention: K/V heads repeated for their query groups, explicit softmax."""
+    group = q.size(1) // k.size(1)
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    T, L = q.size(2), k.size(2)
+    scores = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))
+    visible = torch.arange(L)[None, :] <= start + torch.arange(T)[:, None]  # query i sits at start + i
+    return scores.masked_fill(~visible, float("-inf")).softmax(-1) @ v
+
+
+def reference_logits(model: GPT, idx: torch.Tensor) -> torch.Tensor:
+    """The model's logits at every position, recomputed from its weights with ``reference_attention``."""
+    c, t = model.config, model.transformer
+    B, T = idx.shape
+
+    def heads(z: torch.Tensor, n: int) -> torch.Tensor:
+        return z.view(B, T, n, c.head_dim).transpose(1, 2)
+
+    x = t.wte(idx) + t.wpe(torch.arange(T))
+    for block in t.h:
+        a = block.attn
+        h = F.layer_norm(x, (c.d_model,), block.ln_1.weight, block.ln_1.bias)
+        q, k, v = F.linear(h, a.c_attn.weight, a.c_attn.bias).split([c.n_head * c.head_dim, c.n_kv_head * c.head_dim, c.n_kv_head * c.head_dim], 2)
+        y = reference_attention(heads(q, c.n_head), heads(k, c.n_kv_head), heads(v, c.n_kv_head), 0)
+        x = x + F.linear(y.transpose(1, 2).reshape(B, T, c.d_model), a.c_proj.weight, a.c_proj.bias)
+        h = F.layer_norm(x, (c.d_model,), block.ln_2.weight, block.ln_2.bias)
+        x = x + block.mlp.c_proj(F.gelu(block.mlp.c_fc(h), approximate="tanh"))
+    return model.lm_head(F.layer_norm(x, (c.d_model,), t.ln_f.weight, t.ln_f.bias))
+
+
+@pytest.mark.parametrize("n_kv_head", [8, 2, 1])
+@pytest.mark.parametrize("start, T", [(0, 7), (0, 1), (9, 1), (9, 6)])
+def test_attend_matches_reference(n_kv_head, start, T):
+    """Training/prefill from scratch, a decode step, and a multi-token prefill after a filled cache."""
+    g = torch.Generator().manual_seed(n_kv_head * 100 + start + T)
+    q = torch.randn(2, 8, T, 16, generator=g)
+    k, v = (torch.randn(2, n_kv_head, start + T, 16, generator=g) for _ in range(2))
+    torch.testing.assert_close(attend(q, k, v, start), reference_attention(q, k, v, start), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("n_kv_head", [4, 2, 1])
+def test_model_matches_reference_with_and_without_cache(n_kv_head):
+    model = tiny(n_kv_head)
+    idx = tokens(2, 30)
+    ref = reference_logits(model, idx)
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx, targets=idx)[0], ref, atol=1e-5, rtol=1e-5)
+        cache = model.new_cache(2, 30)
+        # a prefill, a multi-token chunk after it (mask path), single decode steps, another chunk
+        parts = [model(idx[:, a:b], cache=cache)[0] for a, b in ((0, 11), (11, 19), (19, 20), (20, 21), (21, 30))]
+        torch.testing.assert_close(torch.cat(parts, dim=1), ref, atol=1e-5, rtol=1e-5)
+        cache.reset()
+        last = [model(idx[:, a:b], cache=cache, last_only=True)[0] for a, b in ((0, 11), (11, 19), (19, 20))]
+    assert [p.shape[1] for p in last] == [1, 1, 1]
+    torch.testing.assert_close(torch.cat(last, dim=1), ref[:, [10, 18, 19]], atol=1e-5, rtol=1e-5)
+
+
+class OpRecorder(TorchDispatchMode):
+    """Every aten op run inside the block (also those a composite op such as SDPA's math kernel
+    runs from C++) with the tensors it returns."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[Any, list[torch.Tensor]]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.calls.append((func, [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]))
+        return out
+
+    def largest_new_tensor(self) -> int:
+        """Elements of the largest tensor an op allocated (views of existing tensors excluded)."""
+        return max((t.numel() for func, ts in self.calls if not func.is_view for t in ts), default=0)
+
+    def names(self) -> set[str]:
+        return {func.__name__ for func, _ in self.calls}
+
+
+def recorded_decode_step(model: GPT, batch: int, cached: int) -> tuple[OpRecorder, torch.Tensor]:
+    cache = model.new_cache(batch, cached + 1)
+    # no_grad, not inference_mode: under inference_mode a composite op (SDPA) reaches the recorder
+    # whole, and the ops its math kernel runs would stay hidden.
+    with torch.no_grad():
+        model(tokens(batch, cached), cache=cache)
+        with OpRecorder() as rec:
+            logits, _ = model(tokens(batch, 1, seed=5), cache=cache, last_only=True)
+    return rec, logits
+
+
+@pytest.mark.parametrize("n_kv_head", [4, 2, 1])
+def test_decode_never_expands_kv(n_kv_head, monkeypatch):
+    """A decode step allocates nothing as large as K or V at n_head heads ([B, n_head, L, hd]) and builds no mask."""
+    model = tiny(n_kv_head)
+    c, B, L = model.config, 3, 24
+    expanded = B * c.n_head * (L + 1) * c.head_dim
+    assert expanded > B * c.vocab_size  # larger than the step's legitimate outputs (the logits)
+    rec, logits = recorded_decode_step(model, B, L)
+    assert logits.shape == (B, 1, c.vocab_size)
+    assert rec.largest_new_tensor() < expanded, "a decode step copied K/V up to n_head heads"
+    assert not {"tril", "triu", "ones"} & rec.names(), "a one-token decode step needs no mask"
+    if n_kv_head == c.n_head:
+        return
+    # The check catches a copy made in Python and one made inside a C++ kernel: the old
+    # repeat_interleave path, and SDPA's math kernel with enable_gqa, both fail it.
+    def repeated(q, k, v, start, dropout_p=0.0):
+        group = q.size(1) // k.size(1)
+        return F.scaled_dot_product_attention(q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1))
+
+    def math_gqa(q, k, v, start, dropout_p=0.0):
+        with sdpa_kernel(SDPBackend.MATH):
+            return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+
+    for copying in (repeated, math_gqa):
+        monkeypatch.setattr(nblib.model, "attend", copying)
+        rec, _ = recorded_decode_step(model, B, L)
+        assert rec.largest_new_tensor() >= expanded, copying.__name__
+
+
+def test_generate_reallocates_nothing_per_token_and_computes_logits_only_where_it_samples():
+    model = tiny(2)
+    prompt = tokens(2, 10)
+    with OpRecorder() as rec:
+        out = model.generate(prompt, 12, temperature=0)
+    assert out.shape == (2, 22) and torch.equal(out[:, :10], prompt)
+    assert "cat" not in rec.names(), "the output is preallocated, not grown with torch.cat"
+    vocab_rows = [t.shape[:-1].numel() for _, ts in rec.calls for t in ts if t.dim() and t.shape[-1] == VOCAB]
+    assert max(vocab_rows) == 2, "logits at one position per sequence only (the prefill included)"
+    assert not torch.is_inference_mode_enabled() and not model.training

@@ -1,0 +1,217 @@
+"""Inference benchmarks: what grouped-query attention saves when generating, measured side by side.
+
+    python benchmarks/bench_inference.py [--shape full|gpt2-small] [--quick] [--batches 1,8,32]
+        [--contexts 256,1024,2048,4096] [--repeats N]
+
+1. Decode sweep, MHA / GQA / MQA at equal width (``nblib.measure.decode_sweep``): prefill time,
+   decode tokens/s and ms per token, KV-cache bytes, and the bytes a decode step must read
+   (weights plus cache) over its time, also as a fraction of the memory bandwidth (MBU).
+2. nblib's ``GPT.generate`` against Hugging Face's ``GPT2LMHeadModel.generate`` (greedy,
+   ``use_cache=True``) on the very weights of the MHA model (through ``nblib.model.export_hf``).
+3. KV-cache generation against full recomputation (``use_cache=False``), batch 1.
+
+Models have random weights: speed does not depend on their values. Variants run interleaved in
+this one process and each figure is the median of the repeats, so ratios hold on a noisy
+machine even when absolute times do not. On a GPU everything runs in bf16 and MBU is taken
+against the GPU's spec-sheet bandwidth. The last line printed is one JSON object.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+from dataclasses import replace
+
+import torch
+
+from nblib import config, machine, measure
+from nblib.model import GPTConfig, export_hf
+
+TARGET_CELL = (8, 2048)  # batch, context of the GQA-vs-MHA decode target
+
+
+def table(rows: list[dict], title: str) -> None:
+    print(f"\n## {title}\n")
+    keys = list(rows[0])
+    widths = {k: max(len(k), *(len(str(r[k])) for r in rows)) for k in keys}
+    print(" | ".join(k.ljust(widths[k]) for k in keys))
+    print("-|-".join("-" * widths[k] for k in keys))
+    for r in rows:
+        print(" | ".join(str(r[k]).ljust(widths[k]) for k in keys))
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",")]
+
+
+def shape(name: str, quick: bool) -> dict[str, int]:
+    if quick:
+        return dict(n_layer=2, n_head=8, d_model=128)
+    cfg = config.settings("train", "full", "gpt2-small" if name == "gpt2-small" else None)
+    return {k: cfg[k] for k in ("n_layer", "n_head", "d_model")}
+
+
+def bench_sweep(args: argparse.Namespace, variants: dict, device: torch.device, dtype: torch.dtype, bandwidth: tuple[float, str]):
+    df = measure.decode_sweep(variants, args.batches, args.contexts, args.new_tokens, args.repeats, args.prefill_repeats,
+                              device, dtype, bandwidth, log=log)
+    mha = df[df.variant == "MHA"].set_index(["batch", "context"])
+    rows = []
+    for r in df.itertuples():
+        base = mha.loc[(r.batch, r.context)]
+        rows.append({"attention": f"{r.variant} ({r.n_head}q/{r.n_kv_head}kv)", "batch": r.batch, "context": r.context,
+                     "prefill s": f"{r.prefill_s:.3f}", "decode tok/s": f"{r.decode_tokens_per_s:,.1f}",
+                     "ms/token": f"{r.ms_per_token:.2f}", "vs MHA": f"{r.decode_tokens_per_s / base.decode_tokens_per_s:.2f}x",
+                     "KV cache MiB": f"{r.kv_cache_bytes / 2**20:,.1f}", "MB read/step": f"{r.bytes_per_step / 1e6:,.1f}",
+                     "GB/s": f"{r.bandwidth_GBps:.2f}", "MBU": f"{r.mbu:.2f}"})
+    c = variants["MHA"]
+    table(rows, f"1. Decode sweep, {c.n_layer} layers x {c.n_head} heads x {c.d_model}, {device.type} "
+                f"{str(dtype).removeprefix('torch.')}, prompt = context - {args.new_tokens}, then {args.new_tokens} decode "
+                f"steps; median of {args.repeats} interleaved repeats (prefill: {args.prefill_repeats}); MBU against "
+                f"{bandwidth[0] / 1e9:.1f} GB/s ({bandwidth[1]})")
+    return df
+
+
+def bench_hf(args: argparse.Namespace, base: GPTConfig, device: torch.device, dtype: torch.dtype) -> dict:
+    """nblib's generate against HF's on the same (MHA) weights, greedy, at batch 1 and 8."""
+    from transformers import GPT2LMHeadModel
+
+    ours = measure.random_model(replace(base, context_length=args.hf_prompt + args.hf_new_tokens), device, dtype)
+    with tempfile.TemporaryDirectory() as tmp:
+        hf = GPT2LMHeadModel.from_pretrained(export_hf(ours, os.path.join(tmp, "hf"))).to(device=device, dtype=dtype).eval()
+    hf.generation_config.eos_token_id = None  # a random model may emit end-of-text; generate every token
+    result, rows = {}, []
+    for batch in (1, 8):
+        prompt = torch.randint(0, base.vocab_size, (batch, args.hf_prompt), generator=torch.Generator().manual_seed(batch)).to(device)
+        n = args.hf_new_tokens
+
+        def run_hf() -> torch.Tensor:
+            with torch.inference_mode():
+                return hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n, do_sample=False,
+                                   use_cache=True, pad_token_id=0)
+
+        times, outs = measure.interleaved({"nblib": lambda: ours.generate(prompt, n, temperature=0), "HF": run_hf},
+                                          args.gen_repeats, device)
+        t_ours, t_hf = statistics.median(times["nblib"]), statistics.median(times["HF"])
+        same = bool(torch.equal(outs["nblib"], outs["HF"]))
+        result[str(batch)] = {"ratio": t_hf / t_ours, "same_tokens": same}
+        rows.append({"batch": batch, "nblib tok/s": f"{batch * n / t_ours:,.1f}", "HF tok/s": f"{batch * n / t_hf:,.1f}",
+                     "nblib / HF": f"{t_hf / t_ours:.2f}x", "same tokens": same})
+        log(f"HF comparison batch {batch}: {t_hf / t_ours:.2f}x, same tokens {same}")
+    table(rows, f"2. Greedy generation, nblib GPT.generate vs HF GPT2LMHeadModel.generate (use_cache=True, "
+                f"attn {hf.config._attn_implementation}) on the same MHA weights, {args.hf_prompt}-token prompt + {n} new "
+                f"tokens, median of {args.gen_repeats} interleaved runs")
+    return result
+
+
+def bench_recompute(args: argparse.Namespace, variants: dict, device: torch.device, dtype: torch.dtype) -> dict:
+    """KV-cache generation against full recomputation, batch 1."""
+    prompt_len, n = 16, args.gen_tokens
+    result, rows = {}, []
+    prompt = torch.randint(0, 50257, (1, prompt_len), generator=torch.Generator().manual_seed(2)).to(device)
+    for label in ("MHA", "GQA"):
+        model = measure.random_model(replace(variants[label], context_length=prompt_len + n), device, dtype)
+        times, outs = measure.interleaved({
+            "cache": lambda: model.generate(prompt, n, temperature=0, use_cache=True),
+            "recompute": lambda: model.generate(prompt, n, temperature=0, use_cache=False),
+        }, args.gen_repeats, device)
+        t_cache, t_full = statistics.median(times["cache"]), statistics.median(times["recompute"])
+        same = bool(torch.equal(outs["cache"], outs["recompute"]))
+        result[label] = {"ratio": t_full / t_cache, "same_tokens": same}
+        c = model.config
+        rows.append({"attention": f"{label} ({c.n_head}q/{c.n_kv_head}kv)", "KV cache tok/s": f"{n / t_cache:,.1f}",
+                     "recompute tok/s": f"{n / t_full:,.1f}", "speed-up": f"{t_full / t_cache:.1f}x", "same tokens": same})
+        log(f"cache vs recompute {label}: {t_full / t_cache:.1f}x, same tokens {same}")
+    table(rows, f"3. Greedy generation of {n} tokens after a {prompt_len}-token prompt, batch 1: KV cache vs full "
+                f"recomputation, median of {args.gen_repeats} interleaved runs")
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shape", choices=("full", "gpt2-small"), default="full",
+                        help="full profile (8x8x512) or GPT-2 small (12x12x768)")
+    parser.add_argument("--quick", action="store_true", help="tiny model and sweep, for a smoke test")
+    parser.add_argument("--batches", type=ints, help="comma list (default 1,8,32)")
+    parser.add_argument("--contexts", type=ints, help="comma list (default 256,1024,2048,4096)")
+    parser.add_argument("--repeats", type=int, help="interleaved decode repeats per cell (default 3)")
+    parser.add_argument("--prefill-repeats", type=int, default=1, help="of which also time the prefill (default 1)")
+    parser.add_argument("--new-tokens", type=int, help="decode steps per timing (default 16)")
+    parser.add_argument("--gqa-kv-heads", type=int, default=2, help="K/V heads of the GQA variant")
+    parser.add_argument("--gen-tokens", type=int, help="new tokens for cache vs recomputation (default 256)")
+    parser.add_argument("--hf-prompt", type=int, help="prompt tokens for the HF comparison (default 128)")
+    parser.add_argument("--hf-new-tokens", type=int, help="new tokens for the HF comparison (default 128)")
+    parser.add_argument("--gen-repeats", type=int, help="interleaved runs per generation measurement (default 3)")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    args = parser.parse_args()
+    defaults = (dict(batches=[1, 2], contexts=[32, 64], repeats=1, new_tokens=4, gen_tokens=16, hf_prompt=8,
+                     hf_new_tokens=8, gen_repeats=1) if args.quick else
+                dict(batches=[1, 8, 32], contexts=[256, 1024, 2048, 4096], repeats=3, new_tokens=16, gen_tokens=256,
+                     hf_prompt=128, hf_new_tokens=128, gen_repeats=3))
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.prefill_repeats = min(args.prefill_repeats, args.repeats)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = machine.auto_dtype(machine.detect(device.type))
+    sizes = shape(args.shape, args.quick)
+    kv_heads = {"MHA": sizes["n_head"], "GQA": args.gqa_kv_heads, "MQA": 1}
+    variants = measure.attention_variants(**sizes, kv_heads=kv_heads, context_length=max(args.contexts))
+    info = machine.info()
+    load = os.getloadavg()
+    print(f"# bench_inference — {info['cpu']} ({info['cpu_cores']} cores, load average {load[0]:.2f} {load[1]:.2f} "
+          f"{load[2]:.2f}), GPU: {info['gpu'] or 'none'}, torch {info['torch']}, {torch.get_num_threads()} threads, "
+          f"{device.type} {str(dtype).removeprefix('torch.')}")
+    print(f"# shape {'quick' if args.quick else args.shape}: {sizes['n_layer']} layers x {sizes['n_head']} heads x "
+          f"{sizes['d_model']}, K/V heads {kv_heads}; random weights (speed does not depend on their values)")
+    bandwidth = measure.peak_bandwidth(device)
+    print(f"# memory bandwidth: {bandwidth[0] / 1e9:.1f} GB/s ({bandwidth[1]})")
+
+    df = bench_sweep(args, variants, device, dtype, bandwidth)
+    hf = bench_hf(args, variants["MHA"], device, dtype)
+    recompute = bench_recompute(args, variants, device, dtype)
+
+    batch, context = TARGET_CELL
+    if not ((df.batch == batch) & (df.context == context)).any():
+        batch, context = int(df.batch.max()), int(df.context.max())
+    cell = df[(df.batch == batch) & (df.context == context)].set_index("variant").decode_tokens_per_s
+    ratios = {
+        "gqa_vs_mha_decode": float(cell["GQA"] / cell["MHA"]),
+        "mqa_vs_gqa_decode": float(cell["MQA"] / cell["GQA"]),
+        "cache_vs_recompute": {k: v["ratio"] for k, v in recompute.items()},
+        "nblib_vs_hf": {k: v["ratio"] for k, v in hf.items()},
+    }
+    same = {"cache_vs_recompute": {k: v["same_tokens"] for k, v in recompute.items()},
+            "nblib_vs_hf": {k: v["same_tokens"] for k, v in hf.items()}}
+    targets = {
+        "gqa_vs_mha_decode >= 1.5": ratios["gqa_vs_mha_decode"] >= 1.5,
+        "mqa_vs_gqa_decode >= 1.0": ratios["mqa_vs_gqa_decode"] >= 1.0,
+        "cache_vs_recompute >= 5": all(r >= 5 for r in ratios["cache_vs_recompute"].values()) and all(same["cache_vs_recompute"].values()),
+        "nblib_vs_hf >= 1.2, same tokens": all(r >= 1.2 for r in ratios["nblib_vs_hf"].values()) and all(same["nblib_vs_hf"].values()),
+    }
+    table([{"target": k, "measured": v} for k, v in {
+        f"GQA / MHA decode tok/s, batch {batch}, context {context}": f"{ratios['gqa_vs_mha_decode']:.2f}x",
+        f"MQA / GQA decode tok/s, batch {batch}, context {context}": f"{ratios['mqa_vs_gqa_decode']:.2f}x",
+        f"KV cache / recompute, {args.gen_tokens} tokens, batch 1": ", ".join(f"{k} {v:.1f}x" for k, v in ratios["cache_vs_recompute"].items()),
+        "nblib / HF generate, batch 1 and 8": ", ".join(f"b{k} {v:.2f}x" for k, v in ratios["nblib_vs_hf"].items()),
+    }.items()], "Ratios (targets on a 2-core CPU, fp32: GQA/MHA >= 1.5x, MQA >= GQA, cache >= 5x recompute, nblib >= 1.2x HF)")
+    load = os.getloadavg()
+    print(json.dumps({
+        "bench": "inference", "machine": info, "threads": torch.get_num_threads(), "load_average_end": load,
+        "device": device.type, "dtype": str(dtype).removeprefix("torch."), "shape": sizes, "kv_heads": kv_heads,
+        "bandwidth_GBps": bandwidth[0] / 1e9, "bandwidth_source": bandwidth[1], "ratio_cell": {"batch": batch, "context": context},
+        "ratios": ratios, "same_tokens": same, "targets_met": targets, "rows": df.to_dict("records"),
+    }))
+
+
+if __name__ == "__main__":
+    main()
