@@ -14,7 +14,6 @@ from __future__ import annotations
 import io
 import math
 import os
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nblib.files import atomic_write_bytes
+from nblib.files import atomic_write_bytes, replace_dir
 from nblib.sampling import sample_next
 
 CHECKPOINT_FORMAT = 1
@@ -378,7 +377,7 @@ def load_checkpoint(path: str | os.PathLike, device: torch.device | str = "cpu")
 def export_hf(model: GPT, out_dir: str | os.PathLike) -> Path:
     """Write an MHA model as a Hugging Face ``GPT2LMHeadModel`` folder with the GPT-2 tokenizer.
 
-    The folder is built next to ``out_dir`` and swapped in when complete. Models without bias
+    The folder is built next to ``out_dir`` and swapped in when complete (``files.replace_dir``). Models without bias
     get zero biases (HF's GPT-2 always has them). GQA/MQA have no ``GPT2LMHeadModel`` form.
     """
     from transformers import GPT2Config, GPT2LMHeadModel
@@ -422,17 +421,8 @@ def export_hf(model: GPT, out_dir: str | os.PathLike) -> Path:
         if mapped[key].shape != ref.shape:
             raise ValueError(f"export_hf: {key} has shape {tuple(mapped[key].shape)}, HF expects {tuple(ref.shape)}")
     hf.load_state_dict(mapped)
-    out_dir = Path(out_dir)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)  # left by a crashed export
-    tmp.mkdir(parents=True)
-    try:
-        hf.save_pretrained(tmp)
-        hf_tokenizer().save_pretrained(tmp)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
+    def write(folder: Path) -> None:
+        hf.save_pretrained(folder)
+        hf_tokenizer().save_pretrained(folder)
+
+    return replace_dir(out_dir, write)

@@ -2,23 +2,30 @@
 
     python -m nblib.pipeline --profile smoke [--only STAGE[,STAGE]] [--from STAGE] [-p key=value]
 
-Executed copies are kept in ``runs/pipeline-<timestamp>/`` with a ``pipeline.json`` status
-file. The run stops at the first failing stage, says which cell failed and why, and exits 1.
+Each stage's own progress (step, loss, ETA) shows live while it runs; warnings a stage printed
+are repeated in the pipeline's output; the run ends with where the results are and the report's
+headline figures. Executed copies are kept in ``runs/pipeline-<timestamp>/`` with a
+``pipeline.json`` status file. A failing cell, a kernel that dies (an out-of-memory kill) or
+Ctrl-C stops the run: ``pipeline.json`` marks the stage failed or interrupted and names the last
+cell that started, and the command exits 1.
 """
 from __future__ import annotations
 
 import argparse
+import difflib
 import os
 import sys
+import threading
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import yaml
 
-from nblib import config
+from nblib import config, progress
 from nblib.files import write_json
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
@@ -46,7 +53,7 @@ STAGES = (
 
 
 class StageFailed(RuntimeError):
-    """A notebook raised; the message names the stage, the cell and the error."""
+    """A notebook raised, its kernel died, or the run was interrupted; the message says where and why."""
 
 
 def select(only: str | None = None, start: str | None = None) -> list[Stage]:
@@ -70,7 +77,8 @@ def select(only: str | None = None, start: str | None = None) -> list[Stage]:
 
 
 def parse_params(items: list[str]) -> dict[str, Any]:
-    """``key=value`` strings to a dict; values are read as YAML (``3``, ``0.1``, ``true``, ``[a, b]``)."""
+    """``key=value`` strings to a dict; values are read as YAML (``3``, ``0.1``, ``true``, ``[a, b]``);
+    numbers YAML reads as text (``1e-4``) are converted by the stage's settings schema."""
     out: dict[str, Any] = {}
     for item in items:
         key, sep, value = item.partition("=")
@@ -101,12 +109,16 @@ def declared_parameters(notebook: Path) -> set[str]:
 
 
 def check_user_params(stages: list[Stage], user: dict[str, Any], declared: dict[str, set[str]]) -> None:
-    """Refuse a ``-p`` that no selected stage declares (a typo must not pass silently)."""
+    """Refuse a ``-p`` that no selected stage declares (a typo must not pass silently), with the closest name."""
     for key in user:
         target, dot, name = key.rpartition(".")
         scope = [s for s in stages if not dot or s.name == target or s.name.startswith(target)]
         if not any(name in declared[s.notebook] for s in scope):
-            raise ValueError(f"parameter {key!r} is not declared by any selected stage ({', '.join(s.name for s in scope) or 'none'})")
+            known = sorted({p for s in scope for p in declared[s.notebook]})
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(f"parameter {key!r} is not declared by any selected stage "
+                             f"({', '.join(s.name for s in scope) or 'none'}){hint}")
 
 
 def _cell_label(notebook: Path, source: str) -> str:
@@ -120,30 +132,114 @@ def _cell_label(notebook: Path, source: str) -> str:
     return f"a cell of {notebook.name}"
 
 
-def run_stage(stage: Stage, out_dir: Path, params: dict[str, Any], progress: bool) -> Path:
-    """Execute one notebook into ``out_dir``; raise :class:`StageFailed` naming the failing cell."""
+def last_started_cell(executed: Path, notebook: Path) -> str:
+    """The cell that was running when a stage stopped, from papermill's saved cell states."""
+    import nbformat
+
+    try:
+        cells = nbformat.read(executed, as_version=4).cells
+    except (OSError, ValueError):
+        return f"a cell of {notebook.name} (the executed copy could not be read)"
+    started = [c for c in cells if c.cell_type == "code" and c.metadata.get("papermill", {}).get("status") in ("running", "failed")]
+    if not started:
+        return f"before the first cell of {notebook.name}"
+    source = started[-1].source
+    lines = "\n".join("    " + line for line in source.splitlines()[:4])
+    return f"{_cell_label(notebook, source)}:\n{lines}"
+
+
+class Watcher:
+    """Shows a stage's live progress (``$NBLIB_PROGRESS``) while papermill runs it: one rewritten
+    line on a terminal, else a line at most every ``interval`` seconds (logs stay short)."""
+
+    def __init__(self, path: Path, label: str, out: TextIO = sys.stdout, interval: float = 30.0):
+        self.path, self.label, self.out = path, label, out
+        self.tty = out.isatty()
+        self.interval = 1.0 if self.tty else interval
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+        self.started = time.perf_counter()
+        self.shown = ""
+
+    def __enter__(self) -> Watcher:
+        self.path.unlink(missing_ok=True)
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join()
+        if self.tty and self.shown:
+            self.out.write("\r\033[K")
+            self.out.flush()
+        self.path.unlink(missing_ok=True)
+
+    def _loop(self) -> None:
+        while not self.stop.wait(self.interval):
+            status = progress.read_status(self.path)
+            elapsed = time.perf_counter() - self.started
+            text = f"  {self.label} {elapsed:.0f} s" + (f" | {progress.line(status)}" if status else "")
+            if text == self.shown:
+                continue
+            self.shown = text
+            if self.tty:
+                self.out.write("\r\033[K" + text[: os.get_terminal_size(self.out.fileno()).columns - 1])
+            else:
+                self.out.write(text + "\n")
+            self.out.flush()
+
+
+def stage_warnings(executed: Path, limit: int = 5) -> list[str]:
+    """Warning lines a stage's cells printed (stderr), deduplicated, so the pipeline can repeat them."""
+    import nbformat
+
+    try:
+        cells = nbformat.read(executed, as_version=4).cells
+    except (OSError, ValueError):
+        return []
+    found: list[str] = []
+    for cell in cells:
+        for out in cell.get("outputs", []):
+            if out.get("output_type") == "stream" and out.get("name") == "stderr":
+                for line in out.get("text", "").splitlines():
+                    if "warning" in line.lower() and line.strip() not in found:
+                        found.append(line.strip())
+    return found[:limit]
+
+
+def run_stage(stage: Stage, out_dir: Path, params: dict[str, Any], progress_on: bool) -> Path:
+    """Execute one notebook into ``out_dir``; raise :class:`StageFailed` naming the cell and the reason."""
     import papermill
+    from nbclient.exceptions import CellTimeoutError, DeadKernelError
     from papermill.exceptions import PapermillExecutionError
 
     output = out_dir / f"{stage.name}.ipynb"
+    status_file = out_dir / f".{stage.name}.progress.json"
+    os.environ[progress.ENV] = str(status_file)
+    notebook = NOTEBOOKS / stage.notebook
     try:
-        papermill.execute_notebook(
-            str(NOTEBOOKS / stage.notebook),
-            str(output),
-            parameters=params,
-            kernel_name="python3",
-            progress_bar=progress,
-            cwd=str(NOTEBOOKS),
-            # The kernel's own start-up notices (e.g. ipykernel 7's TCP warning on loopback) are
-            # noise here; errors still show, and a cell's warnings land in its outputs as usual.
-            extra_arguments=["--IPKernelApp.log_level=ERROR"],
-        )
+        with Watcher(status_file, stage.name) if progress_on else nullcontext():
+            papermill.execute_notebook(
+                str(notebook), str(output), parameters=params, kernel_name="python3", progress_bar=False,
+                cwd=str(NOTEBOOKS),
+                # The kernel's own start-up notices (e.g. ipykernel 7's TCP warning on loopback) are
+                # noise here; errors still show, and a cell's warnings land in its outputs as usual.
+                extra_arguments=["--IPKernelApp.log_level=ERROR"],
+            )
     except PapermillExecutionError as e:
         source = "\n".join("    " + line for line in e.source.splitlines()[:8])
         raise StageFailed(
-            f"stage {stage.name} failed in {_cell_label(NOTEBOOKS / stage.notebook, e.source)}:\n"
-            f"{source}\n  {e.ename}: {e.evalue}\n  executed copy: {output}"
+            f"stage {stage.name} failed in {_cell_label(notebook, e.source)}:\n"
+            f"{source}\n  {e.ename}: {e.evalue}\n  executed copy: {config.relative(output)}"
         ) from None
+    except (DeadKernelError, CellTimeoutError) as e:
+        reason = ("its kernel died (killed from outside, most often for running out of memory: lower batch_size "
+                  "or use a smaller profile)" if isinstance(e, DeadKernelError) else f"a cell timed out ({e})")
+        raise StageFailed(f"stage {stage.name} stopped in {last_started_cell(output, notebook)}\n  {reason}\n"
+                          f"  executed copy: {config.relative(output)}; run the stage again to resume from its "
+                          "last checkpoint") from None
+    finally:
+        os.environ.pop(progress.ENV, None)
     return output
 
 
@@ -154,8 +250,13 @@ def run(
     params: dict[str, Any] | None = None,
     out_dir: Path | None = None,
     progress: bool = True,
+    time_budget_minutes: float | None = None,
 ) -> dict[str, Any]:
-    """Run the selected stages in order; returns the status dict also saved as ``pipeline.json``."""
+    """Run the selected stages in order; returns the status dict also saved as ``pipeline.json``.
+
+    ``time_budget_minutes`` is the whole session's: each stage that declares
+    ``time_budget_minutes`` gets what is left of it, so a Kaggle session ends with checkpoints.
+    """
     profile = config.resolve_profile(profile)
     stages = select(only, start)
     user = params or {}
@@ -165,23 +266,72 @@ def run(
     out_dir = out_dir or config.paths().runs / f"pipeline-{stamp}"
     out_dir.mkdir(parents=True, exist_ok=True)
     status: dict[str, Any] = {"profile": profile, "home": str(config.home()), "started": stamp, "stages": []}
+    t_start = time.perf_counter()
     for i, stage in enumerate(stages, 1):
         print(f"[{i}/{len(stages)}] {stage.name} ...", flush=True)
         t0 = time.perf_counter()
         entry = {"name": stage.name, "notebook": stage.notebook, "params": stage_params(stage, profile, user, declared[stage.notebook])}
+        if time_budget_minutes is not None and "time_budget_minutes" in declared[stage.notebook]:
+            entry["params"]["time_budget_minutes"] = max(0.1, time_budget_minutes - (t0 - t_start) / 60)
         status["stages"].append(entry)
         try:
-            run_stage(stage, out_dir, entry["params"], progress)
-        except StageFailed as e:
-            entry.update(status="failed", seconds=round(time.perf_counter() - t0, 1), error=str(e))
+            executed = run_stage(stage, out_dir, entry["params"], progress)
+        except (StageFailed, KeyboardInterrupt) as e:
+            interrupted = isinstance(e, KeyboardInterrupt)
+            error = (f"stage {stage.name} interrupted (Ctrl-C) in {last_started_cell(out_dir / f'{stage.name}.ipynb', NOTEBOOKS / stage.notebook)}"
+                     if interrupted else str(e))
+            entry.update(status="interrupted" if interrupted else "failed", seconds=round(time.perf_counter() - t0, 1), error=error)
             write_json(out_dir / "pipeline.json", status)
-            raise
-        entry.update(status="ok", seconds=round(time.perf_counter() - t0, 1))
+            raise StageFailed(error) from None
+        entry.update(status="ok", seconds=round(time.perf_counter() - t0, 1), warnings=stage_warnings(executed))
         write_json(out_dir / "pipeline.json", status)
         print(f"[{i}/{len(stages)}] {stage.name} ok in {entry['seconds']:.1f} s", flush=True)
+        for line in entry["warnings"]:
+            print(f"      {stage.name}: {line}", flush=True)
     status["total_seconds"] = round(sum(s["seconds"] for s in status["stages"]), 1)
+    status["out_dir"] = config.relative(out_dir)
     write_json(out_dir / "pipeline.json", status)
     return status
+
+
+def headlines(report_md: Path, n: int = 4) -> list[str]:
+    """The first ``n`` at-a-glance lines of a rendered report (Markdown), without the bold marks."""
+    if not report_md.is_file():
+        return []
+    lines = report_md.read_text(encoding="utf-8").splitlines()
+    try:
+        start = lines.index("## At a glance")
+    except ValueError:
+        return []
+    out = []
+    for line in lines[start + 1 :]:
+        if line.startswith("## "):
+            break
+        if line.startswith("- "):
+            out.append(line[2:].replace("**", ""))
+    return out[:n]
+
+
+def closing_summary(status: dict[str, Any]) -> str:
+    """Where the results are, what to try next and the report's headline figures."""
+    paths = config.paths()
+    stages = [s["name"] for s in status["stages"]]
+    lines = [f"pipeline finished: {len(stages)} stage(s) in {status['total_seconds']:.1f} s ({status['profile']} profile)",
+             f"  executed notebooks: {status['out_dir']}/ (pipeline.json says how each stage went)"]
+    report = paths.reports / "compare.html"
+    if report.is_file():
+        lines.append(f"  report:             {config.relative(report)} (also .md and .csv)")
+    transcript = paths.reports / "chat_transcript.md"
+    if transcript.is_file():
+        lines.append(f"  chat transcript:    {config.relative(transcript)}")
+    chat_model = config.resolve(config.settings("chat", status["profile"])["model"])
+    if chat_model.is_dir():
+        lines.append(f"  chat with it:       python -m nblib.chat --model {config.relative(chat_model)}")
+    figures = headlines(paths.reports / "compare.md")
+    if figures:
+        lines.append("  at a glance:")
+        lines += [f"    - {f}" for f in figures]
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -190,23 +340,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", help="comma list of stages (name or prefix, e.g. 03,04)")
     parser.add_argument("--from", dest="start", help="start at this stage")
     parser.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE", help="notebook parameter; STAGE.KEY=VALUE for one stage")
+    parser.add_argument("--time-budget-minutes", type=float, help="the whole session's time: training stages stop with a checkpoint in time")
     parser.add_argument("--home", help="working root (sets NBLIB_HOME)")
     parser.add_argument("--out", type=Path, help="folder for executed notebooks (default runs/pipeline-<time>)")
     parser.add_argument("--list", action="store_true", help="list the stages and exit")
-    parser.add_argument("--no-progress", action="store_true", help="no per-cell progress bars")
+    parser.add_argument("--no-progress", action="store_true", help="no live progress lines")
     args = parser.parse_args(argv)
     if args.list:
         for s in STAGES:
-            print(s.name, s.notebook, s.params or "")
+            fixed = ", ".join(f"{k}={v}" for k, v in s.params.items())
+            print(f"{s.name:<24} notebooks/{s.notebook}" + (f"  ({fixed})" if fixed else ""))
         return 0
     if args.home:
         os.environ["NBLIB_HOME"] = str(Path(args.home).resolve())
     try:
-        status = run(args.profile, args.only, args.start, parse_params(args.param), args.out, not args.no_progress)
+        status = run(args.profile, args.only, args.start, parse_params(args.param), args.out, not args.no_progress,
+                     args.time_budget_minutes)
     except (StageFailed, ValueError, FileNotFoundError) as e:
         print(f"pipeline stopped: {e}", file=sys.stderr)
         return 1
-    print(f"pipeline finished: {len(status['stages'])} stage(s) in {status['total_seconds']:.1f} s ({status['profile']} profile)")
+    print(closing_summary(status))
     return 0
 
 

@@ -1,8 +1,8 @@
-"""The compare stage: run loading and refusals, tables, side-by-side generation measurement,
-the rendered report (parsed) and a headless-Chromium screenshot of it.
+"""The compare stage: run loading, matched-pair refusals, spreads and verdicts, side-by-side
+measurement, the rendered report (parsed) and headless-Chromium screenshots of it.
 
-Fixture runs follow docs/DESIGN.md's run-folder contract; the pretraining ones hold tiny real
-GPT checkpoints (about 400k parameters) saved through ``nblib.model.save_checkpoint``.
+Fixture runs are written through ``nblib.runs.write_summary`` (so they follow the schema); the
+pretraining ones hold tiny real GPT checkpoints saved through ``nblib.model.save_checkpoint``.
 """
 from __future__ import annotations
 
@@ -21,163 +21,231 @@ import pytest
 import torch
 from PIL import Image
 
-from nblib import config, report
-from nblib.files import write_json, write_jsonl
+from nblib import config, machine, measure, report, runs
+from nblib.files import write_jsonl
 from nblib.model import GPT, GPTConfig, save_checkpoint
+from nblib.report.__main__ import publish_example
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "06_compare.ipynb"
 CONTEXT = 64
+DATA = {"corpus_sha256": {"train": "a" * 64, "val": "b" * 64, "test": "c" * 64}, "tokens": {"train": 1000, "val": 100, "test": 100}}
 
 
-def _machine() -> dict:
-    return {"cpu": "Test CPU", "cpu_cores": 2, "gpu": None, "device": "cpu", "python": "3.11", "torch": torch.__version__}
+def _common(name: str, stage: str, variant: str, label: str, seed: int, cfg: dict, data: dict, wall: float) -> dict:
+    return {"name": name, "stage": stage, "variant": variant, "label": label, "folder": f"runs/{name}/seed-{seed}",
+            "profile": "smoke", "seed": seed, "config": {**cfg, "seed": seed}, "machine": machine.info(), "data": data,
+            "compute_dtype": "float32", "finished": True, "stop_reason": "done", "wall_seconds": wall,
+            "train_seconds": wall, "peak_memory_bytes": 50 * 2**20}
 
 
-def make_pretrain_run(root: Path, variant: str, n_kv_head: int, val_offset: float = 0.0, speed: float = 1.0) -> GPT:
-    """``runs/pretrain-<variant>`` with a tiny real checkpoint, a summary and eval metrics."""
-    torch.manual_seed(0)
-    cfg = GPTConfig(context_length=CONTEXT, n_layer=2, n_head=4, n_kv_head=n_kv_head, d_model=8)
-    model = GPT(cfg)
-    run = config.paths(root).run(f"pretrain-{variant}")
-    save_checkpoint(run / "best.pt", model)
-    evals = [
-        {"kind": "eval", "step": s, "tokens": s * 512, "wall": s * 0.5 / speed, "train_loss": 9 - s / 10,
-         "val_loss": 9.5 - s / 10 + val_offset, "val_ppl": 2.0 ** (9.5 - s / 10 + val_offset), "lr": 1e-3,
-         "tokens_per_s": 1000 * speed, "mfu": None, "peak_memory_bytes": None, "sample": "Era uma vez"}
-        for s in (0, 10, 20, 30)
-    ]
-    train = [{"kind": "train", "step": s, "tokens": s * 512, "wall": s * 0.5 / speed, "loss": 9 - s / 10, "lr": 1e-3} for s in range(0, 31, 5)]
-    write_jsonl(run / "metrics.jsonl", train + evals)
-    write_json(run / "summary.json", {
-        "name": f"pretrain-{variant}", "stage": "pretrain", "profile": "smoke", "seed": 1337,
-        "config": {"n_layer": 2, "n_head": 4, "n_kv_head": n_kv_head, "d_model": 8, "context_length": CONTEXT, "lr": 1e-3, "batches": [4, 8]},
-        "machine": _machine(), "wall_seconds": 15.0 / speed, "peak_memory_bytes": 50 * 2**20, "finished": True,
-        "variant": variant, "params": model.num_params(), "params_embedding": model.num_params("embedding"),
-        "params_blocks": model.num_params("blocks"), "n_layer": 2, "n_head": 4, "n_kv_head": n_kv_head, "d_model": 8,
-        "context_length": CONTEXT,
-        "kv_cache_bytes_per_token": {"float32": model.kv_cache_bytes(1, 1), "bfloat16": model.kv_cache_bytes(1, 1, torch.bfloat16)},
-        "best_val_loss": 6.5 + val_offset, "best_val_ppl": 2.0 ** (6.5 + val_offset), "final_val_loss": 6.5 + val_offset,
-        "final_val_ppl": 2.0 ** (6.5 + val_offset), "train_tokens_per_s": 1000.0 * speed, "tokens_seen": 15360, "steps": 30,
-        "checkpoint": f"runs/pretrain-{variant}/best.pt", "hf_export": None,
-    })
+def make_pretrain_run(root: Path, variant: str, n_kv_head: int, seeds=(1337,), val_offset: float = 0.0,
+                      speed: float = 1.0, cfg_extra: dict | None = None, data: dict | None = None) -> GPT:
+    """``runs/pretrain-<variant>/seed-<s>`` for each seed: a tiny real checkpoint, a summary and metrics."""
+    cfg = {**config.settings("train", "smoke", n_layer=2, n_head=4, n_kv_head=n_kv_head, d_model=8,
+                             context_length=CONTEXT, seeds=list(seeds)), **(cfg_extra or {})}
+    for i, seed in enumerate(seeds):
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(context_length=CONTEXT, n_layer=2, n_head=4, n_kv_head=n_kv_head, d_model=8))
+        name = f"pretrain-{variant}"
+        run = config.paths(root).run(name, seed)
+        save_checkpoint(run / "best.pt", model)
+        wobble = 0.01 * i  # seeds differ a little
+        evals = [{"kind": "eval", "step": s, "tokens": s * 512, "wall": s * 0.5 / speed, "train_loss": 9 - s / 10,
+                  "val_loss": 9.5 - s / 10 + val_offset + wobble, "val_ppl": 1.0, "val_bpb": 3.0, "lr": 1e-3,
+                  "tokens_per_s": 1000 * speed, "mfu": None, "peak_memory_bytes": None, "sample": "Era uma vez"}
+                 for s in (0, 10, 20, 30)]
+        train = [{"kind": "train", "step": s, "tokens": s * 512, "wall": s * 0.5 / speed, "loss": 9 - s / 10, "lr": 1e-3}
+                 for s in range(0, 31, 5)]
+        write_jsonl(run / "metrics.jsonl", train + evals)
+        best = 6.5 + val_offset + wobble
+        runs.write_summary(run, {
+            **_common(name, "pretrain", variant, variant.upper(), seed, cfg, data or DATA, 15.0 / speed),
+            "params": model.num_params(), "params_embedding": model.num_params("embedding"),
+            "params_blocks": model.num_params("blocks"), "n_layer": 2, "n_head": 4, "n_kv_head": n_kv_head, "d_model": 8,
+            "context_length": CONTEXT, "kv_cache_bytes_per_token": {"float32": model.kv_cache_bytes(1, 1)},
+            "best_val_loss": best, "best_val_ppl": 2.0 ** best, "best_val_bpb": best / 3, "best_step": 30,
+            "final_val_loss": best, "final_val_ppl": 2.0 ** best, "final_val_bpb": best / 3,
+            "train_tokens_per_s": 1000.0 * speed, "tokens_seen": 15360, "steps": 30, "max_steps": 30, "skipped_steps": 0,
+            "world_size": 1, "checkpoint": f"runs/{name}/seed-{seed}/best.pt", "hf_export": None,
+        })
     return model
 
 
-def make_finetune_run(root: Path, variant: str, trainable: int, footprint_mib: float, eval_loss: float, samples_per_s: float) -> None:
-    """``runs/finetune-<variant>``: summary and Trainer-style metrics (no weights needed by the report)."""
-    run = config.paths(root).run(f"finetune-{variant}")
-    rows = [{"kind": "train", "step": s, "loss": 4 - s / 20} for s in (5, 10, 15, 20)]
-    rows += [{"kind": "eval", "step": s, "eval_loss": eval_loss + 1 - s / 20} for s in (10, 20)]
-    write_jsonl(run / "metrics.jsonl", rows)
+def make_finetune_run(root: Path, variant: str, trainable: int, footprint_mib: float, eval_loss: float,
+                      samples_per_s: float, seeds=(1234,), answer: str = "resposta") -> None:
+    """``runs/finetune-<variant>/seed-<s>``: summary and Trainer-style metrics (no weights needed by the report)."""
+    from nblib.finetune import VARIANTS
+
+    v = VARIANTS[variant]
+    cfg = config.settings("finetune", "smoke", variant=variant, seeds=list(seeds))
+    data = {"dialogues_sha256": {"train": "d" * 64}, "base_model": "runs/pretrain-mha/seed-1337/hf", "base_sha256": "e" * 64,
+            "train_dialogues": 100, "eval_dialogues": 10}
     questions = ["Quem escreveu Dom Casmurro?", "O que é um verbo?"]
-    write_json(run / "summary.json", {
-        "name": f"finetune-{variant}", "stage": "finetune", "profile": "smoke", "seed": 1337,
-        "config": {"variant": variant, "steps": 20, "lora_r": 8}, "machine": _machine(), "wall_seconds": 60 / samples_per_s,
-        "peak_memory_bytes": int(3 * footprint_mib * 2**20), "finished": True, "variant": variant,
-        "mode": "8bit" if "8bit" in variant else "32bit", "lora": variant.startswith("lora"), "base_model": "runs/pretrain-mha/hf",
-        "trainable_params": trainable, "total_params": 400_000, "footprint_bytes": int(footprint_mib * 2**20),
-        "eval_loss": eval_loss, "eval_ppl": 2.718 ** eval_loss, "base_eval_loss": 5.0, "base_eval_ppl": 148.4,
-        "stop_rate_before": 0.0, "stop_rate_after": 0.5, "train_samples_per_s": samples_per_s,
-        "samples": [{"question": q, "before": "...", "after": f"{variant} diz: resposta {i}"} for i, q in enumerate(questions)],
-        "adapter": "adapter" if variant.startswith("lora") else None, "merged": "merged",
-    })
+    for i, seed in enumerate(seeds):
+        name = f"finetune-{variant}"
+        run = config.paths(root).run(name, seed)
+        loss = eval_loss + 0.01 * i
+        rows = [{"kind": "train", "step": s, "loss": 4 - s / 20} for s in (5, 10, 15, 20)]
+        rows += [{"kind": "eval", "step": s, "eval_loss": loss + 1 - s / 20} for s in (10, 20)]
+        write_jsonl(run / "metrics.jsonl", rows)
+        runs.write_summary(run, {
+            **_common(name, "finetune", variant, v.label, seed, cfg, data, 60 / samples_per_s),
+            "peak_memory_bytes": int(3 * footprint_mib * 2**20),
+            "mode": v.mode, "lora": v.lora, "baselines": list(v.baselines), "base_model": cfg["base_model"],
+            "learning_rate": 0.01 if v.lora else 0.001, "trainable_params": trainable, "total_params": 400_000,
+            "footprint_bytes": int(footprint_mib * 2**20), "embedding_params": 390_000,
+            "eval_loss": loss, "eval_ppl": 2.718 ** loss, "eval_bpb": loss / 3, "base_eval_loss": 5.0,
+            "base_eval_ppl": 148.4, "base_eval_bpb": 5 / 3, "merged_eval_loss": loss + 0.001,
+            "merged_weights": "test weights", "stop_rate_before": 0.0, "stop_rate_after": 0.5,
+            "train_samples_per_s": samples_per_s, "steps": 20, "best_step": 20, "train_dialogues": 100,
+            "eval_dialogues": 10, "dropped_too_long": 0,
+            "samples": [{"question": q, "before": "...", "after": f"{variant} diz: {answer} {j}"} for j, q in enumerate(questions)],
+            "adapter": f"runs/{name}/seed-{seed}/adapter" if v.lora else None, "merged": f"runs/{name}/seed-{seed}/merged",
+        })
 
 
-def make_all_runs(root: Path) -> None:
-    make_pretrain_run(root, "mha", 4)
-    make_pretrain_run(root, "gqa", 2, val_offset=0.05, speed=1.1)
-    make_finetune_run(root, "lora-8bit", 4_000, 0.6, 3.2, 10.0)
-    make_finetune_run(root, "lora-32bit", 4_000, 1.6, 3.1, 14.0)
-    make_finetune_run(root, "full", 400_000, 1.6, 3.0, 12.0)
+def make_all_runs(root: Path, seeds=(1337,), ft_seeds=(1234,)) -> None:
+    make_pretrain_run(root, "mha", 4, seeds)
+    make_pretrain_run(root, "gqa", 2, seeds, val_offset=0.05, speed=1.1)
+    make_finetune_run(root, "lora-8bit", 4_000, 0.6, 3.2, 10.0, ft_seeds, answer="<script>alert(1)</script>")
+    make_finetune_run(root, "lora-32bit", 4_000, 1.6, 3.1, 14.0, ft_seeds)
+    make_finetune_run(root, "full", 400_000, 1.6, 3.0, 12.0, ft_seeds)
 
 
 # --------------------------------------------------------------------------- loading
 
 
 def test_refuses_missing_runs_naming_the_notebook(home):
-    with pytest.raises(report.MissingRunError, match=r"runs/pretrain-mha/summary.json not found: run notebook 03_train_mha"):
-        report.load_runs()
+    with pytest.raises(report.MissingRunError, match=r"runs/pretrain-mha/seed-\*/summary.json not found: run notebook 03_train_mha"):
+        report.load()
     make_pretrain_run(home, "mha", 4)
-    with pytest.raises(report.MissingRunError, match=r"runs/pretrain-gqa/summary.json not found: run notebook 04_train_gqa"):
-        report.load_runs()
+    with pytest.raises(report.MissingRunError, match=r"runs/pretrain-gqa/seed-\*/summary.json not found: run notebook 04_train_gqa"):
+        report.load()
     make_pretrain_run(home, "gqa", 2)
     with pytest.raises(report.MissingRunError, match=r"05_finetune_lora_8bit with variant='lora-8bit'"):
-        report.load_runs(["pretrain-mha", "pretrain-gqa", "finetune-lora-8bit"])
+        report.load(["pretrain-mha", "pretrain-gqa", "finetune-lora-8bit"])
     with pytest.raises(report.MissingRunError, match=r"add pretrain-mha to `runs` \(notebook 03_train_mha"):
-        report.load_runs(["pretrain-gqa"])
-    summary = home / "runs" / "pretrain-gqa" / "summary.json"
+        report.load(["pretrain-gqa"])
+    summary = home / "runs" / "pretrain-gqa" / "seed-1337" / "summary.json"
     summary.write_text(summary.read_text().replace('"finished": true', '"finished": false'))
-    with pytest.raises(report.MissingRunError, match=r"runs/pretrain-gqa is not finished .* re-run notebook 04_train_gqa"):
-        report.load_runs()
+    with pytest.raises(report.MissingRunError, match=r"runs/pretrain-gqa/seed-1337 is not finished .* re-run notebook 04_train_gqa"):
+        report.load()
     summary.write_text(summary.read_text().replace('"finished": false', '"finished": true').replace('"best_val_loss"', '"old_key"'))
-    with pytest.raises(ValueError, match=r"runs/pretrain-gqa/summary.json lacks best_val_loss"):
-        report.load_runs()
-    summary.write_text(summary.read_text().replace('"old_key"', '"best_val_loss"'))
-    (home / "runs" / "pretrain-gqa" / "best.pt").unlink()
-    with pytest.raises(report.MissingRunError, match=r"runs/pretrain-gqa: the checkpoint .* re-run notebook 04_train_gqa"):
-        report.load_models(report.load_runs(), "cpu")
+    with pytest.raises(ValueError, match=r"runs/pretrain-gqa/seed-1337/summary.json does not follow the run schema \(best_val_loss is missing"):
+        report.load()
+    summary.write_text(summary.read_text().replace('"old_key"', '"best_val_loss"').replace('"schema": 2', '"schema": 1'))
+    with pytest.raises(runs.RunError, match=r"schema 1, this nblib reads schema 2.*re-run notebook 04_train_gqa"):
+        report.load()
+    summary.write_text(summary.read_text().replace('"schema": 1', '"schema": 2'))
+    (home / "runs" / "pretrain-gqa" / "seed-1337" / "best.pt").unlink()
+    with pytest.raises(runs.RunError, match=r"runs/pretrain-gqa/seed-1337: the checkpoint .* re-run notebook 04_train_gqa"):
+        measure.load_models(report.load().pretrain, "cpu")
 
 
 def test_loads_every_run_in_a_fixed_order(home):
     make_all_runs(home)
-    (home / "runs" / "pipeline-20250101-000000").mkdir()  # the pipeline's own folder has no summary
-    runs = report.load_runs()
-    assert list(runs) == ["pretrain-mha", "pretrain-gqa", "finetune-lora-8bit", "finetune-lora-32bit", "finetune-full"]
-    assert list(report.pretrain_runs(runs)) == ["MHA", "GQA"]
-    overview = report.runs_overview(runs)
-    assert overview.loc["pretrain-gqa", "folder"] == "runs/pretrain-gqa"
-    assert list(report.load_runs(["finetune-full"])) == ["finetune-full"]
-    summary = home / "runs" / "finetune-full" / "summary.json"
+    (home / "runs" / "pipeline-20250101-000000").mkdir()  # the pipeline's own folder has no seeds
+    comparison = report.load()
+    assert list(comparison.groups) == ["pretrain-mha", "pretrain-gqa", "finetune-lora-8bit", "finetune-lora-32bit", "finetune-full"]
+    assert list(comparison.pretrain) == ["MHA", "GQA"]
+    overview = report.runs_overview(comparison)
+    assert overview.loc["pretrain-gqa", "folder"] == "runs/pretrain-gqa" and overview.loc["pretrain-gqa", "seeds"] == "1337"
+    assert list(report.load(["finetune-full"]).groups) == ["finetune-full"]
+    summary = home / "runs" / "finetune-full" / "seed-1234" / "summary.json"
     summary.write_text(summary.read_text().replace('"finished": true', '"finished": false'))
-    with pytest.warns(UserWarning, match=r"runs/finetune-full is not finished and is left out; re-run notebook 05_finetune_lora_8bit with variant='full'"):
-        assert "finetune-full" not in report.load_runs()
-    with pytest.raises(report.MissingRunError, match="runs/finetune-full is not finished"):
-        report.load_runs(["finetune-full"])
+    with pytest.warns(UserWarning, match=r"runs/finetune-full/seed-1234 is not finished.*left out of the comparison"):
+        assert "finetune-full" not in report.load().groups
+    with pytest.raises(report.MissingRunError, match="runs/finetune-full/seed-1234 is not finished"):
+        report.load(["finetune-full"])
 
 
-# --------------------------------------------------------------------------- tables and measurement
+def test_a_mismatched_pair_is_refused_or_flagged(home):
+    make_pretrain_run(home, "mha", 4)
+    make_pretrain_run(home, "gqa", 2, cfg_extra={"learning_rate": 1e-3},
+                      data={**DATA, "tokens": {**DATA["tokens"], "train": 999}})
+    with pytest.raises(report.MismatchError, match=r"runs/pretrain-mha and runs/pretrain-gqa are not a matched pair: they differ "
+                                                   r"in learning_rate, data.tokens \(only n_kv_head may differ\)"):
+        report.load()
+    comparison = report.load(allow_mismatch=True)
+    assert len(comparison.mismatches) == 1
+    pre = report.pretrain_table(comparison)
+    rep = report.compose(comparison, config.settings("compare", "smoke"), pre, pre.iloc[:0, :0].rename_axis("prompt"))
+    html = rep.html()
+    assert "Unmatched pairs" in html and 'class="warning"' in html and "GQA ÷ MHA ⚠" in html and 'class="mismatch"' in html
+    assert report.at_a_glance(comparison, pre, None)[0].startswith("**Warning**: 1 compared pair(s) are not matched")
+
+
+def test_seeds_of_one_variant_must_agree_and_seed_sets_must_match(home):
+    make_pretrain_run(home, "mha", 4, seeds=(1, 2))
+    make_pretrain_run(home, "gqa", 2, seeds=(1, 3))
+    with pytest.raises(report.MismatchError, match=r"differ in seeds \(\[1, 2\] vs \[1, 3\]\)"):
+        report.load()
+
+
+# --------------------------------------------------------------------------- tables, spreads and verdicts
 
 
 def test_pretrain_table_states_each_figure_as_a_ratio_to_mha(home):
     mha = make_pretrain_run(home, "mha", 4)
     gqa = make_pretrain_run(home, "gqa", 2, val_offset=0.05, speed=1.1)
-    t = report.pretrain_table(report.load_runs(), contexts=(1024, 4096))
+    comparison = report.load()
+    t = report.pretrain_table(comparison, contexts=(1024, 4096))
     assert list(t.columns) == ["MHA", "GQA", "GQA ÷ MHA"]
-    assert t.loc["KV heads", "GQA ÷ MHA"] == 0.5
-    assert t.loc["KV cache per token (bytes, fp32)", "GQA ÷ MHA"] == 0.5
-    assert t.loc["KV cache at 4k context (MiB, fp32)", "MHA"] == mha.kv_cache_bytes(1, 4096) / 2**20
-    assert t.loc["Parameters", "GQA"] == gqa.num_params() < mha.num_params()
-    assert t.loc["Train tokens/s", "GQA ÷ MHA"] == pytest.approx(1.1)
-    assert t.loc["Best val loss", "GQA"] == pytest.approx(6.55)
-    glance = report.at_a_glance(t)
+    assert t.loc["n_kv_head", "GQA ÷ MHA"] == 0.5 and t.loc["kv_per_token", "GQA ÷ MHA"] == 0.5
+    assert t.loc["kv_at_4096", "MHA"] == mha.kv_cache_bytes(1, 4096) / 2**20
+    assert t.loc["params", "GQA"] == gqa.num_params() < mha.num_params()
+    assert t.loc["run_tokens_per_s", "GQA ÷ MHA"] == pytest.approx(1.1)
+    assert t.loc["best_val_loss", "GQA"] == pytest.approx(6.55)
+    shown = report.format_table(t)
+    assert "Best val loss (nats/token)" in shown.index and "KV cache at 4k context (MiB per sequence, fp32)" in shown.index
+    glance = report.at_a_glance(comparison, t, None)
     assert any("KV cache 0.50× the size of MHA's" in line for line in glance)
-    assert any("training 1.10×" in line for line in glance)
+    assert any("+0.050 with one seed: no difference can be called" in line for line in glance)
 
 
-def test_generation_is_measured_interleaved_with_real_caches(home):
+def test_seeds_give_spreads_and_verdicts(home):
+    make_pretrain_run(home, "mha", 4, seeds=(1, 2, 3))
+    make_pretrain_run(home, "gqa", 2, seeds=(1, 2, 3), val_offset=0.05)
+    comparison = report.load()
+    t = report.pretrain_table(comparison)
+    cell = t.loc["best_val_loss", "GQA"]
+    assert isinstance(cell, report.Stat) and cell.n == 3 and cell.lo == pytest.approx(6.55) and cell.hi == pytest.approx(6.57)
+    assert report.format_value(cell) == "6.56 (6.55–6.57, n=3)"
+    d = report.paired(comparison.pretrain["MHA"], comparison.pretrain["GQA"], "best_val_loss")
+    assert d.values == pytest.approx((0.05, 0.05, 0.05))
+    assert report.verdict(d).endswith("clearly worse")
+    noisy = report.Difference((0.03, -0.01, 0.02))
+    assert report.verdict(noisy).endswith("no difference at this size") and "3 seeds" in report.verdict(noisy)
+    assert report.verdict(report.Difference((0.1,))).endswith("no difference can be called (run several seeds to measure the spread)")
+    assert report.verdict(report.Difference((-0.2, -0.21))).endswith("clearly better")
+
+
+def test_measured_rows_carry_the_repeat_range(home):
     make_pretrain_run(home, "mha", 4)
     make_pretrain_run(home, "gqa", 2)
-    runs = report.load_runs()
-    models = report.load_models(runs, "cpu")
-    timings = report.measure_generation(models, "Uma noite destas,", batch_sizes=(1, 8), new_tokens=8, repeats=3)
-    assert len(timings) == 3 * 2 * 2
-    order = list(timings["variant"])
-    assert order[:4] == ["MHA", "GQA", "MHA", "GQA"] and order[4:8] == ["GQA", "MHA", "GQA", "MHA"]
-    assert (timings["tokens_per_s"] > 0).all()
-    table = report.generation_table(timings)
-    assert list(table.columns) == ["MHA", "GQA"]
-    tokens = len(report_prompt_ids("Uma noite destas,")) + 8
-    cache_mib = table.loc[f"KV cache allocated, batch 8 × {tokens} tokens (MiB)"]
-    assert cache_mib["MHA"] == models["MHA"].kv_cache_bytes(8, tokens) / 2**20
-    assert cache_mib["GQA"] / cache_mib["MHA"] == 0.5
-    full = report.pretrain_table(runs, table)
-    assert "Generation tokens/s, batch 8 (KV cache)" in full.index
-    assert full.loc[f"KV cache allocated, batch 1 × {tokens} tokens (MiB)", "GQA ÷ MHA"] == 0.5
+    comparison = report.load()
+    models = measure.load_models(comparison.pretrain, "cpu")
+    timings = measure.generation(models, "Uma noite destas,", batch_sizes=(1, 8), new_tokens=8, repeats=3)
+    assert len(timings) == 3 * 2 * 2 and (timings["tokens_per_s"] > 0).all()
+    tokens = len(_ids("Uma noite destas,")) + 8
+    cache = timings[(timings.batch == 8)].groupby("variant")["cache_bytes"].first()
+    assert cache["MHA"] == models["MHA"].kv_cache_bytes(8, tokens) and cache["GQA"] / cache["MHA"] == 0.5
+    configs = {label: g.summary["config"] for label, g in comparison.pretrain.items()}
+    training = measure.training_steps(configs, steps=1, repeats=2, device="cpu")
+    assert training.groupby("variant")["repeat"].apply(list).to_dict() == {"GQA": [0, 1], "MHA": [0, 1]}
+    assert (training["tokens_per_s"] > 0).all()  # interleaving itself: tests/test_measure.py
+    rows = report.measured_rows(timings, training)
+    full = report.pretrain_table(comparison, rows)
+    cell = full.loc["gen_tokens_per_s_b8", "MHA"]
+    assert isinstance(cell, report.Stat) and cell.n == 3 and cell.center == "median"
+    assert full.loc["gen_cache_mib_b1", "GQA ÷ MHA"] == 0.5 and "train_tokens_per_s" in full.index
+    glance = report.at_a_glance(comparison, full, None)
+    assert any(re.search(r"generation batch 8 [\d.]+× \([\d.]+–[\d.]+×\); training [\d.]+×", line) for line in glance)
     with pytest.raises(ValueError, match=r"gen_new_tokens=80 does not fit MHA's context"):
-        report.measure_generation(models, "Uma noite destas,", new_tokens=80, repeats=1)
+        measure.generation(models, "Uma noite destas,", new_tokens=80, repeats=1)
 
 
-def report_prompt_ids(text: str) -> list[int]:
+def _ids(text: str) -> list[int]:
     from nblib.tokenizer import get_encoding
 
     return get_encoding().encode_ordinary(text)
@@ -186,32 +254,32 @@ def report_prompt_ids(text: str) -> list[int]:
 def test_sample_generations_are_side_by_side_and_seeded(home):
     make_pretrain_run(home, "mha", 4)
     make_pretrain_run(home, "gqa", 2)
-    models = report.load_models(report.load_runs(), "cpu")
+    models = measure.load_models(report.load().pretrain, "cpu")
     prompts = ["Capitu tinha olhos de", "A vida é"]
-    a = report.sample_generations(models, prompts, max_new_tokens=6, seed=7)
-    b = report.sample_generations(models, prompts, max_new_tokens=6, seed=7)
+    a = measure.sample_generations(models, prompts, max_new_tokens=6, seed=7)
+    b = measure.sample_generations(models, prompts, max_new_tokens=6, seed=7)
     assert list(a.index) == prompts and list(a.columns) == ["MHA", "GQA"]
-    assert a.equals(b)
-    assert all(isinstance(x, str) and x for x in a.to_numpy().ravel())
+    assert a.equals(b) and all(isinstance(x, str) and x for x in a.to_numpy().ravel())
 
 
 def test_finetune_table_and_glance(home):
     make_all_runs(home)
-    runs = report.load_runs()
-    t = report.finetune_table(runs)
+    comparison = report.load()
+    t = report.finetune_table(comparison)
     assert list(t.columns) == ["LoRA + 8-bit", "LoRA + 32-bit", "Full fine-tune"]
-    assert t.loc["Trainable share (%)", "LoRA + 8-bit"] == 1.0
-    assert t.loc["Model footprint (MiB)", "LoRA + 8-bit"] == pytest.approx(0.6, rel=1e-6)
-    glance = report.at_a_glance(None, t)
+    assert t.loc["trainable_share", "LoRA + 8-bit"] == 1.0
+    assert t.loc["footprint_mib", "LoRA + 8-bit"] == pytest.approx(0.6, rel=1e-6)
+    assert t.loc["merged_eval_loss", "Full fine-tune"] == pytest.approx(3.001) and t.loc["compute_dtype", "Full fine-tune"] == "float32"
+    glance = report.at_a_glance(comparison, None, t)
     assert any(line.startswith("**LoRA + 8-bit** against Full fine-tune: 0.37× the footprint") for line in glance)
-    assert any("8-bit** against LoRA + 32-bit" in line and "eval loss +0.100" in line for line in glance)
+    assert any("8-bit** against LoRA + 32-bit" in line and "eval loss +0.100 with one seed" in line for line in glance)
     assert not any(line.startswith("**Full fine-tune** against") for line in glance)
-    samples = report.finetune_samples(runs)
+    samples = report.finetune_samples(comparison)
     assert list(samples.columns) == ["Base model", "LoRA + 8-bit", "LoRA + 32-bit", "Full fine-tune"]
     assert samples.loc["O que é um verbo?", "Full fine-tune"] == "full diz: resposta 1"
-    report.finetune_runs(runs)["LoRA + 8-bit"].summary["samples"][1]["after"] = ""
-    assert report.finetune_samples(runs).loc["O que é um verbo?", "LoRA + 8-bit"] == report.EMPTY_ANSWER
-    assert report.finetune_table(report.load_runs(["pretrain-mha", "pretrain-gqa"])) is None
+    comparison.finetune["LoRA + 8-bit"].summary["samples"][1]["after"] = ""
+    assert report.finetune_samples(comparison).loc["O que é um verbo?", "LoRA + 8-bit"] == report.EMPTY_ANSWER
+    assert report.finetune_table(report.load(["pretrain-mha", "pretrain-gqa"])) is None
 
 
 def test_format_value():
@@ -223,6 +291,21 @@ def test_format_value():
     assert report.format_value(float("nan")) == "–"
     assert report.format_value(None) == "–"
     assert report.format_value("8bit") == "8bit"
+
+
+def test_cost_at_real_scale_rows(home):
+    sweep = measure.cost_sweep(["full"], [64, 128], batch=2, repeats=1, device="cpu")
+    assert set(sweep["variant"]) == {"MHA", "GQA", "MQA"} and set(sweep["context"]) == {64, 128}
+    assert sweep["prefill_s"].isna().all()  # caches filled with random values, no prefill timed
+    mha = sweep[(sweep.variant == "MHA") & (sweep.context == 128)].iloc[0]
+    gqa = sweep[(sweep.variant == "GQA") & (sweep.context == 128)].iloc[0]
+    assert gqa["kv_cache_bytes"] * 4 == mha["kv_cache_bytes"] == 2 * 8 * 2 * 8 * 128 * 64 * 4
+    table = report.cost_table(sweep, 128)
+    assert list(table.columns) == ["MHA", "GQA", "GQA ÷ MHA", "MQA", "MQA ÷ MHA"]
+    kv_row = next(k for k in table.index if "KV cache" in k)
+    assert table.loc[kv_row, "GQA ÷ MHA"] == 0.25
+    lines = report.glance.cost_lines(sweep, 128)
+    assert any("**GQA** decodes" in line and "KV cache 0.25× the size" in line for line in lines)
 
 
 # --------------------------------------------------------------------------- the rendered report
@@ -242,7 +325,7 @@ class _Page(HTMLParser):
     def handle_starttag(self, tag, attrs):
         a = dict(attrs)
         self.urls += [v for k, v in attrs if k in ("src", "href", "srcset", "action", "data") and v]
-        if tag == "script" or tag == "link":
+        if tag in ("script", "link"):
             self.scripts += 1
         elif tag == "table":
             self.tables.append([])
@@ -265,26 +348,27 @@ class _Page(HTMLParser):
 
 @pytest.fixture(scope="module")
 def rendered(tmp_path_factory, mirror) -> Path:
-    """The 06 notebook executed by papermill over fixture runs; returns the working root."""
+    """The 06 notebook executed by papermill over fixture runs with two seeds; returns the working root."""
     root = tmp_path_factory.mktemp("compare-home")
-    make_all_runs(root)
+    make_all_runs(root, seeds=(1337, 1338), ft_seeds=(1234, 1235))
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("NBLIB_HOME", str(root))
         papermill.execute_notebook(
             str(NOTEBOOK), str(root / "06_compare.ipynb"), kernel_name="python3", progress_bar=False,
             cwd=str(NOTEBOOK.parent),
-            parameters={"profile": "smoke", "gen_new_tokens": 8, "gen_repeats": 2, "sample_new_tokens": 8},
+            parameters={"profile": "smoke", "gen_new_tokens": 8, "gen_repeats": 2, "sample_new_tokens": 8,
+                        "cost_contexts": [128, 256]},
         )
     return root
 
 
-def test_report_is_rendered_self_contained_with_tables_and_images(rendered):
+def test_report_is_rendered_self_contained_with_spreads(rendered):
     html_text = (rendered / "reports" / "compare.html").read_text(encoding="utf-8")
     page = _Page()
     page.feed(html_text)
     assert page.scripts == 0
     assert all(u.startswith(("#", "data:image/png;base64,")) for u in page.urls), [u[:40] for u in page.urls]
-    assert len(page.images) >= 5
+    assert len(page.images) >= 6
     for src in page.images:
         png = base64.b64decode(src.removeprefix("data:image/png;base64,"))
         assert Image.open(io.BytesIO(png)).size[0] > 300
@@ -292,15 +376,28 @@ def test_report_is_rendered_self_contained_with_tables_and_images(rendered):
     pre = next(t for t in page.tables if t[0][:4] == ["metric", "MHA", "GQA", "GQA ÷ MHA"])
     rows = {r[0]: r[1:] for r in pre[1:]}
     assert rows["KV heads"] == ["4", "2", "0.50×"]
-    assert rows["KV cache per token (bytes, fp32)"][2] == "0.50×"
-    assert rows["Generation tokens/s, batch 8 (KV cache)"][2].endswith("×")
+    assert rows["Seeds"] == ["2", "2", "1.00×"]
+    assert re.fullmatch(r"6\.5\d+ \(6\.5\d+–6\.5\d+, n=2\)", rows["Best val loss (nats/token)"][1])
+    assert rows["Best val bits per byte"][2].endswith("×")
+    assert rows["Generation tokens/s, batch 8 (KV cache, measured here)"][2].endswith("×")
+    assert "Train tokens/s, measured here side by side" in rows
     assert "question" in head and "prompt" in head
-    ft = next(t for t in page.tables if t[0][1:] == ["LoRA + 8-bit", "LoRA + 32-bit", "Full fine-tune"])
-    assert dict((r[0], r[1:]) for r in ft[1:])["Trainable parameters"] == ["4,000", "4,000", "400,000"]
+    ft = next(t for t in page.tables if t[0][1:] == ["LoRA + 8-bit", "LoRA + 32-bit", "Full fine-tune"]
+              and any(r[0] == "Base precision" for r in t))
+    cost = next(t for t in page.tables if any(r[0] == "footprint_mib" or r[0] == "Model footprint (MiB)" for r in t)
+                and not any(r[0] == "Base precision" for r in t))
+    costrows = dict((r[0], r[1:]) for r in cost[1:])
+    assert costrows["Total parameters"][2] == "124,441,344"  # GPT-2 small plus the two role markers' rows (full)
+    ftrows = dict((r[0], r[1:]) for r in ft[1:])
+    assert ftrows["Trainable parameters"] == ["4,000", "4,000", "400,000"]
+    assert ftrows["Compute dtype"] == ["float32"] * 3 and "Eval loss of the merged model (what chat loads)" in ftrows
+    assert any(t[0][0].startswith("metric") and any("full (8x8x512): decode tokens/s" in r[0] for r in t) for t in page.tables)
     assert 'name="viewport"' in html_text and "overflow-x:auto" in html_text
     assert "CPU smoke run" in html_text and "profile <strong>smoke</strong>" in html_text
-    assert config.machine_info()["cpu"] in html_text
+    assert machine.info()["cpu"] in html_text
     assert "KV cache 0.50× the size of MHA&#x27;s" in html_text  # the at-a-glance summary
+    assert "2 seeds): clearly worse" in html_text  # a verdict with its evidence
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html_text and "<script>" not in html_text
     assert html_text.index(">At a glance</h2>") < html_text.index(">MHA vs GQA</h2>")
     for name in ("compare.html", "compare.md", "compare.csv"):
         assert str(rendered) not in (rendered / "reports" / name).read_text(encoding="utf-8"), f"absolute path in {name}"
@@ -308,20 +405,22 @@ def test_report_is_rendered_self_contained_with_tables_and_images(rendered):
 
 def test_markdown_and_csv_hold_the_same_tables(rendered):
     md = (rendered / "reports" / "compare.md").read_text(encoding="utf-8")
-    assert "| KV heads | 4 | 2 | 0.50× |" in md
-    assert "## At a glance" in md
+    assert "| KV heads | 4 | 2 | 0.50× |" in md and "## At a glance" in md
+    assert "<script>" not in md and "&lt;script&gt;alert(1)&lt;/script&gt;" in md  # data never renders as HTML
     rows = list(csv.DictReader(io.StringIO((rendered / "reports" / "compare.csv").read_text(encoding="utf-8"))))
-    kv = [r for r in rows if r["row"] == "KV heads" and r["column"] == "GQA ÷ MHA"]
+    kv = [r for r in rows if r["row"] == "n_kv_head" and r["column"] == "GQA ÷ MHA"]
     assert kv and float(kv[0]["value"]) == 0.5
+    best = next(r for r in rows if r["row"] == "best_val_loss" and r["column"] == "GQA")
+    assert best["n"] == "2" and float(best["low"]) <= float(best["value"]) <= float(best["high"])
     assert {r["table"] for r in rows} >= {"MHA vs GQA", "Fine-tuning variants", "Pretraining configs"}
 
 
 def test_publish_example_copies_the_report(rendered, tmp_path):
-    written = report.publish_example(rendered, tmp_path, label="smoke-cpu")
+    written = publish_example(rendered, tmp_path, label="smoke-cpu")
     assert [p.name for p in written] == ["compare-smoke-cpu.html", "compare-smoke-cpu.md", "compare-smoke-cpu.csv"]
     assert written[0].read_bytes() == (rendered / "reports" / "compare.html").read_bytes()
     with pytest.raises(FileNotFoundError, match="run the pipeline"):
-        report.publish_example(tmp_path / "empty", tmp_path)
+        publish_example(tmp_path / "empty", tmp_path)
 
 
 # --------------------------------------------------------------------------- headless Chromium
@@ -334,20 +433,22 @@ def _chromium() -> str:
     pytest.fail("Chromium is missing: install it (Debian: apt-get install -y chromium); .ci/run does this in CI")
 
 
-@pytest.mark.parametrize("width,height", [(412, 915), (1280, 900)], ids=["phone", "desktop"])
-def test_report_screenshot_in_headless_chromium(rendered, tmp_path, width, height):
-    shot = tmp_path / "shot.png"
+def screenshot(html: Path, out: Path, width: int, height: int) -> Image.Image:
     with tempfile.TemporaryDirectory() as profile_dir:
         proc = subprocess.run(
             [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             f"--user-data-dir={profile_dir}", f"--screenshot={shot}", f"--window-size={width},{height}",
-             (rendered / "reports" / "compare.html").as_uri()],
+             "--disable-background-networking", "--disable-component-update", "--disable-sync", "--hide-scrollbars",
+             f"--user-data-dir={profile_dir}", f"--screenshot={out}", f"--window-size={width},{height}", html.as_uri()],
             capture_output=True, text=True, timeout=60,
         )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert re.search(r"bytes written to file", proc.stderr), proc.stderr[-2000:]
-    image = Image.open(shot).convert("L")
+    return Image.open(out).convert("L")
+
+
+@pytest.mark.parametrize("width,height", [(390, 844), (1280, 900)], ids=["phone", "desktop"])
+def test_report_screenshot_in_headless_chromium(rendered, tmp_path, width, height):
+    image = screenshot(rendered / "reports" / "compare.html", tmp_path / "shot.png", width, height)
     assert image.size == (width, height)
     lo, hi = image.getextrema()
     assert hi - lo > 100, "the screenshot is blank"

@@ -248,8 +248,7 @@ def cost_table(sweep: pd.DataFrame, context: int) -> pd.DataFrame:
         batch = int(sub["batch"].iloc[0])
         tps = f"{shape}: decode tokens/s at {context_label(context)} context, batch {batch}"
         kv = f"{shape}: KV cache at {context_label(context)} context, batch {batch} (MiB)"
-        rows[tps] = {v: Stat.of(p["decode_tokens_per_s_repeats"].iloc[0], "median") if "decode_tokens_per_s_repeats" in p
-                     else p["decode_tokens_per_s"].iloc[0] for v, p in sub.groupby("variant", sort=False)}
+        rows[tps] = {v: Stat.of(p["decode_repeats"].iloc[0], "median") for v, p in sub.groupby("variant", sort=False)}
         rows[kv] = {v: p["kv_cache_bytes"].iloc[0] / MIB for v, p in sub.groupby("variant", sort=False)}
     table = pd.DataFrame(rows).T
     table.index.name = "metric"
