@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import html
 import os
 import re
 import select
@@ -311,10 +312,11 @@ def transcript(rows: list[dict[str, Any]], model_dir: str, cfg: dict[str, Any]) 
         else:
             ending = f"stopped on `{row['stopped_on']}`"
         dropped = f", {row['dropped_turns']} old turns left out of the prompt" if row["dropped_turns"] else ""
-        answer = row["assistant"].replace("\n", "  \n") or "*(empty answer)*"  # keep the answer's line breaks
+        # text from the user and the model is escaped (Markdown renders raw HTML) and keeps its line breaks
+        answer = html.escape(row["assistant"], quote=False).replace("\n", "  \n") or "*(empty answer)*"
         lines += [
             "",
-            f"**User:** {row['user']}",
+            f"**User:** {html.escape(row['user'], quote=False)}",
             "",
             f"**Assistant:** {answer}",
             "",

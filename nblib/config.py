@@ -255,6 +255,16 @@ def mirror() -> Path | None:
     return path
 
 
+def mirror_state() -> str:
+    """``NBLIB_MIRROR`` in words, for messages: unset, set but empty, or the folder."""
+    env = os.environ.get("NBLIB_MIRROR")
+    if env is None:
+        return "NBLIB_MIRROR is not set"
+    if not env.strip():
+        return "NBLIB_MIRROR is set but empty (NBLIB_MIRROR=''), so no mirror is used"
+    return f"NBLIB_MIRROR={env}"
+
+
 @dataclass(frozen=True)
 class Paths:
     """Where each stage reads and writes under the working root."""

@@ -24,6 +24,7 @@ import os
 import socket
 import time
 import urllib.error
+import re
 import urllib.request
 import warnings
 from collections import Counter
@@ -206,6 +207,37 @@ def _fetch_once(url: str, part: Path, timeout: float) -> None:
 # Gutenberg
 
 
+MIN_LETTER_SHARE = 0.6  # letters among the non-space characters of real prose or verse
+MAX_CONTROL_SHARE = 0.001  # control characters (other than newline, tab, form feed)
+MAX_LINE_CHARS = 5000  # the 99th-percentile line length a text file may have
+_CONTROL = re.compile("[\x00-\x08\x0b\x0e-\x1f\x7f-\x9f]")  # Cc but newline, tab, carriage return, form feed
+
+
+def implausible(data: bytes, gutenberg: bool) -> str | None:
+    """Why ``data`` does not look like a text (or, with ``gutenberg``, a Project Gutenberg e-book),
+    or ``None`` when it does: no NUL bytes, mostly letters, almost no control characters, lines of
+    sensible length, and for e-books the ``*** START OF`` line."""
+    nul = data.count(0)
+    if nul:
+        return f"it holds {nul:,} NUL bytes (a binary file, not text)"
+    text = decode(data)[0]
+    visible = len(text) - sum(map(str.isspace, text))
+    if not visible:
+        return "it holds no text"
+    letters = sum(map(str.isalpha, text)) / visible
+    if letters < MIN_LETTER_SHARE:
+        return f"only {letters:.0%} of its characters are letters (text has over {MIN_LETTER_SHARE:.0%})"
+    control = len(_CONTROL.findall(text)) / len(text)
+    if control > MAX_CONTROL_SHARE:
+        return f"{control:.1%} of its characters are control characters (a binary or damaged file)"
+    lengths = sorted(len(line) for line in text.splitlines()) or [0]
+    if lengths[int(0.99 * (len(lengths) - 1))] > MAX_LINE_CHARS:
+        return f"its lines run to {lengths[-1]:,} characters (not a plain-text file)"
+    if gutenberg and not START_RE.search(text):
+        return "it has no '*** START OF THE PROJECT GUTENBERG EBOOK' line (not a Gutenberg plain-text e-book)"
+    return None
+
+
 def gutenberg_urls(book_id: int, base_url: str = GUTENBERG_URL) -> list[str]:
     """The plain-text URLs of an e-book, in the order tried."""
     base = base_url.rstrip("/")
@@ -265,6 +297,10 @@ def fetch_gutenberg(
         dest = store.dir / rel
         src = mirror / rel if mirror is not None else None
         if src is not None and src.is_file():
+            problem = implausible(src.read_bytes(), gutenberg=True)
+            if problem:
+                failures[book_id] = f"the mirror's {src} does not look like an e-book: {problem}; replace it with the file Gutenberg serves"
+                continue
             atomic_write_bytes(dest, src.read_bytes())
             source, origin = "mirror", rel
         else:
@@ -275,10 +311,11 @@ def fetch_gutenberg(
                 except DownloadError as e:
                     reasons.append(str(e))
                     continue
-                if START_RE.search(decode(dest.read_bytes())[0]):
+                problem = implausible(dest.read_bytes(), gutenberg=True)
+                if problem is None:
                     break
                 dest.unlink()
-                reasons.append(f"{url}: not a Project Gutenberg plain-text file (no '*** START OF' line)")
+                reasons.append(f"{url}: {problem}")
             else:
                 failures[book_id] = "; ".join(reasons)
                 continue
@@ -287,10 +324,10 @@ def fetch_gutenberg(
         title = CATALOGUE.get(book_id) or read_title(text) or f"Project Gutenberg #{book_id}"
         store.record(rel, "gutenberg", source, origin=origin, id=book_id, title=title)
     if failures:
-        where = f"{mirror / 'gutenberg'}" if mirror is not None else "$NBLIB_MIRROR/gutenberg (NBLIB_MIRROR is not set)"
+        where = f"the mirror {mirror / 'gutenberg'}" if mirror is not None else config.mirror_state()
         raise IngestError(
-            f"could not get Gutenberg e-book(s) {', '.join(map(str, failures))}: not in {where} and the "
-            "download failed:\n  " + "\n  ".join(f"{i}: {r}" for i, r in failures.items()) + "\n"
+            f"could not get Gutenberg e-book(s) {', '.join(map(str, failures))} (offline source: {where}):\n  "
+            + "\n  ".join(f"{i}: {r}" for i, r in failures.items()) + "\n"
             "Fix: put pg<ID>.txt files into the mirror's gutenberg/ folder, or run with a network, or drop "
             "these ids from books/extra_ids."
         )
@@ -311,14 +348,22 @@ def fetch_collection(src_dir: str | Path, store: RawStore, *, source: str = "fol
             f"collection folder {src_dir} holds no .txt files; point collection_dir at a folder of plain-text "
             "works (like the mirror's machado/) or set collection to false"
         )
+    bad = []
     for path in tqdm(paths, desc="collection", unit="file"):
         origin = path.relative_to(src_dir).as_posix()
         rel = f"machado/{origin}"
         if store.valid(rel, origin=origin):
             continue
+        problem = implausible(path.read_bytes(), gutenberg=False)
+        if problem:
+            bad.append(f"{path}: {problem}")
+            continue
         atomic_write_bytes(store.dir / rel, path.read_bytes())
         genre = path.parent.name if path.parent != src_dir else None
         store.record(rel, "collection", source, origin=origin, title=path.stem, genre=genre)
+    if bad:
+        raise IngestError("collection file(s) that do not look like text (left out):\n  " + "\n  ".join(bad)
+                          + "\nFix: replace them with the plain-text works, or remove them from the folder")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -421,17 +466,17 @@ def ingest(cfg: dict[str, Any], root: str | Path | None = None) -> dict[str, Any
         errors.append(str(e))
     if cfg["collection"]:
         if cfg["collection_dir"]:
-            fetch_collection(config.home() / cfg["collection_dir"], store)
+            fetch_collection(config.resolve(cfg["collection_dir"]), store)
         elif mirror is not None and (mirror / "machado").is_dir():
             fetch_collection(mirror / "machado", store, source="mirror")
         else:
-            warnings.warn(
-                "collection skipped: no collection_dir given and no machado/ folder in NBLIB_MIRROR", stacklevel=2
-            )
+            where = f"no machado/ folder in the mirror {mirror}" if mirror is not None else config.mirror_state()
+            warnings.warn(f"the Machado collection (116 works) was skipped: no collection_dir given and {where}; "
+                          "the corpus has the Gutenberg books only", stacklevel=2)
     for name, limit in cfg["qa"].items():
         try:
             file = cfg["qa_files"].get(name)
-            fetch_qa(name, limit, store, file=config.home() / file if file else None, mirror=mirror)
+            fetch_qa(name, limit, store, file=config.resolve(file) if file else None, mirror=mirror)
         except IngestError as e:
             errors.append(str(e))
     manifest = store.finish()

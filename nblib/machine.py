@@ -19,9 +19,10 @@ Rules behind the rows: bf16 where the GPU has it (compute capability 8.0+), else
 gradient scaler (fp16's narrow range underflows small gradients); Triton, which
 ``torch.compile`` generates GPU code with, needs compute capability 7.0; bitsandbytes' int8
 matmul (LLM.int8()) needs 7.5 (its installation guide, v0.50), while its 4-bit NF4 needs 6.0.
-On a CPU training stays in fp32: bf16 autocast on the 2-core Xeon this suite is tested on was
-slower than fp32 for the smoke and full shapes (``benchmarks/bench_pretrain.py`` measures it),
-so ``dtype="bfloat16"`` on a CPU is allowed but never chosen for you.
+On a CPU training stays in fp32: on the 2-core AMD EPYC this suite is tested on, bf16 autocast
+trained at 0.18x fp32's tokens/s (smoke shape, interleaved; ``benchmarks/bench_pretrain.py``
+section 6 measures it on any machine), so ``dtype="bfloat16"`` on a CPU is allowed (tests use it
+as the stand-in for a GPU's autocast) but never chosen for you.
 
 Peak FLOP/s are dense tensor-core figures per dtype from NVIDIA's data sheets (a T4 has no bf16
 units: its 65 TFLOP/s are fp16). MFU is achieved FLOP/s divided by that peak.
@@ -267,11 +268,13 @@ def peak_memory(device: torch.device | Device | str = "cpu") -> int:
 
 
 def info(device: Device | None = None) -> dict[str, Any]:
-    """Where a number was measured: CPU model and cores, GPU model and count, library versions."""
+    """Where a number was measured: CPU model, cores and load (1-minute average: a shared machine's
+    timings swing with it), GPU model and count, library versions."""
     device = device or detect()
     out: dict[str, Any] = {
         "cpu": cpu_name(),
         "cpu_cores": os.cpu_count(),
+        "load_average": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
         "gpu": None,
         "device": device.type,
         "python": platform.python_version(),

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import os
+import re
 import sys
 import threading
 import time
@@ -140,7 +141,10 @@ def last_started_cell(executed: Path, notebook: Path) -> str:
         cells = nbformat.read(executed, as_version=4).cells
     except (OSError, ValueError):
         return f"a cell of {notebook.name} (the executed copy could not be read)"
-    started = [c for c in cells if c.cell_type == "code" and c.metadata.get("papermill", {}).get("status") in ("running", "failed")]
+    # papermill marks every cell "completed" once execution stops, whatever happened; the last one
+    # with a start time is the one that was running
+    started = [c for c in cells if c.cell_type == "code" and c.metadata.get("papermill", {}).get("start_time")
+               and "injected-parameters" not in c.metadata.get("tags", [])]
     if not started:
         return f"before the first cell of {notebook.name}"
     source = started[-1].source
@@ -152,9 +156,9 @@ class Watcher:
     """Shows a stage's live progress (``$NBLIB_PROGRESS``) while papermill runs it: one rewritten
     line on a terminal, else a line at most every ``interval`` seconds (logs stay short)."""
 
-    def __init__(self, path: Path, label: str, out: TextIO = sys.stdout, interval: float = 30.0):
-        self.path, self.label, self.out = path, label, out
-        self.tty = out.isatty()
+    def __init__(self, path: Path, label: str, out: TextIO | None = None, interval: float = 30.0):
+        self.path, self.label, self.out = path, label, out or sys.stdout
+        self.tty = self.out.isatty()
         self.interval = 1.0 if self.tty else interval
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._loop, daemon=True)
@@ -189,8 +193,12 @@ class Watcher:
             self.out.flush()
 
 
+_WARNING = re.compile(r"(?:^.*?:\d+: )?(\w*Warning: .*|warning: .*)")
+
+
 def stage_warnings(executed: Path, limit: int = 5) -> list[str]:
-    """Warning lines a stage's cells printed (stderr), deduplicated, so the pipeline can repeat them."""
+    """Warnings a stage's cells printed (stderr), without their file:line prefix, deduplicated, so
+    the pipeline can repeat them."""
     import nbformat
 
     try:
@@ -202,8 +210,9 @@ def stage_warnings(executed: Path, limit: int = 5) -> list[str]:
         for out in cell.get("outputs", []):
             if out.get("output_type") == "stream" and out.get("name") == "stderr":
                 for line in out.get("text", "").splitlines():
-                    if "warning" in line.lower() and line.strip() not in found:
-                        found.append(line.strip())
+                    match = _WARNING.match(line.strip())
+                    if match and match.group(1) not in found:
+                        found.append(match.group(1))
     return found[:limit]
 
 

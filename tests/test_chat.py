@@ -10,7 +10,6 @@ from pathlib import Path
 import pexpect
 import pytest
 import torch
-from peft import get_peft_model
 from helpers import chat_tokenizer, run_on_model, save_chat_model
 from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -70,7 +69,7 @@ def test_adapter_beside_a_missing_merged_folder_is_loaded_on_its_base(home, mirr
     tok = finetune.load_tokenizer("runs/pretrain-mha/hf")
     ids = finetune.add_special_tokens(model, tok)
     cfg = {"lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "lora_targets": ["c_attn", "c_proj"]}
-    peft_model = get_peft_model(model, finetune.lora_config(cfg, model, ids))
+    peft_model = finetune.wrap_lora(model, cfg, ids, "32bit")
     with torch.no_grad():  # stand-in for training: move the LoRA factors and the marker rows off their init
         for p in peft_model.parameters():
             if p.requires_grad:

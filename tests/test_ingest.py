@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import subprocess
 import sys
 import threading
@@ -13,6 +14,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from nblib import config, ingest, plots
+from nblib.clean import START_RE as START_PATTERN
 from nblib.files import sha256_file
 
 
@@ -202,9 +204,41 @@ def test_fetch_gutenberg_failure_names_ids_and_fix(server, store):
     with pytest.raises(ingest.IngestError) as err:
         ingest.fetch_gutenberg([54829, 55682], store, base_url=server.url, retries=0)
     msg = str(err.value)
-    assert "54829, 55682" in msg and "not a Project Gutenberg plain-text file" in msg
+    assert "54829, 55682" in msg and "not a Gutenberg plain-text e-book" in msg
     assert "Fix: put pg<ID>.txt files into the mirror's gutenberg/ folder" in msg
     assert not (store.dir / "gutenberg/pg54829.txt").exists()
+
+
+def test_random_bytes_in_the_mirror_are_refused_naming_the_file(mirror, tmp_path):
+    """A 400 kB file of random bytes named pg55752.txt is not Dom Casmurro, wherever it comes from."""
+    fake = tmp_path / "mirror"
+    (fake / "gutenberg").mkdir(parents=True)
+    (fake / "gutenberg" / "pg55752.txt").write_bytes(random.Random(0).randbytes(400_000))
+    store = ingest.RawStore(tmp_path / "raw")
+    with pytest.raises(ingest.IngestError, match=r"mirror/gutenberg/pg55752.txt does not look like an e-book: it holds [\d,]+ NUL bytes"):
+        ingest.fetch_gutenberg([55752], store, mirror=fake, base_url="http://127.0.0.1:9", retries=0)
+    assert not (store.dir / "gutenberg" / "pg55752.txt").exists()
+    no_nul = bytes(b for b in random.Random(1).randbytes(400_000) if b)
+    (fake / "gutenberg" / "pg55752.txt").write_bytes(no_nul)
+    with pytest.raises(ingest.IngestError, match=r"of its characters are letters"):
+        ingest.fetch_gutenberg([55752], store, mirror=fake, base_url="http://127.0.0.1:9", retries=0)
+    text = (mirror / "gutenberg" / "pg55752.txt").read_text(encoding="utf-8")
+    headless = text[START_PATTERN.search(text).end():]  # claims to be pg55752 but lost its START line
+    (fake / "gutenberg" / "pg55752.txt").write_text(headless, encoding="utf-8")
+    with pytest.raises(ingest.IngestError, match=r"no '\*\*\* START OF THE PROJECT GUTENBERG EBOOK' line"):
+        ingest.fetch_gutenberg([55752], store, mirror=fake, base_url="http://127.0.0.1:9", retries=0)
+    for path in sorted((mirror / "gutenberg").glob("*.txt")) + sorted((mirror / "machado").rglob("*.txt"))[:20]:
+        assert ingest.implausible(path.read_bytes(), gutenberg="gutenberg" in path.parts) is None, path
+
+
+def test_collection_skips_binary_files_and_names_them(tmp_path, store):
+    src = tmp_path / "works"
+    src.mkdir()
+    (src / "good.txt").write_text("Era uma vez um menino.\n" * 50, encoding="utf-8")
+    (src / "scan.txt").write_bytes(random.Random(2).randbytes(5000))
+    with pytest.raises(ingest.IngestError, match=r"works/scan.txt: it holds [\d,]+ NUL bytes"):
+        ingest.fetch_collection(src, store)
+    assert list(store.manifest()["files"]) == ["machado/good.txt"]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -303,3 +303,25 @@ def test_runs_table_and_metrics(corpus_home: Path):
     assert list(table.columns) == ["runs/p/seed-1337"] and table.loc["steps", "runs/p/seed-1337"] == 2
     with pytest.raises(runs.RunError, match="train the run first"):
         runs.read_metrics(folder(corpus_home, "absent"))
+
+
+def test_kill_9_at_any_moment_loses_nothing(corpus_home: Path):
+    """Kill the training process at several moments (checkpoint writes included): every restart resumes,
+    no temp file survives the next start, and the final losses equal an uninterrupted run's."""
+    settings = {**TINY, "max_steps": 40, "ckpt_interval": 1, "eval_interval": 10, "log_interval": 5, "dropout": 0.0}
+    whole = train.run(tiny(**settings), name="whole", progress=False)
+    params = [arg for k, v in settings.items() for arg in ("-p", f"{k}={json.dumps(v)}")]
+    cmd = [sys.executable, "-m", "nblib.train", "--profile", "smoke", "--name", "killed", *params]
+    run = folder(corpus_home, "killed")
+    for delay in (4.0, 6.0, 7.5, 9.0):
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            proc.wait(timeout=delay)
+        except subprocess.TimeoutExpired:
+            proc.kill()  # SIGKILL: no clean-up runs
+            proc.wait()
+    final = train.run(tiny(**settings), name="killed", progress=False)
+    assert not list(run.glob(".*.tmp")) and not list(run.glob(".*tmp-*"))
+    assert final["finished"] and final["steps"] == 40
+    assert losses(read_jsonl(run / "metrics.jsonl")) == losses(read_jsonl(folder(corpus_home, "whole") / "metrics.jsonl"))
+    assert final["best_val_loss"] == whole["best_val_loss"]

@@ -1,13 +1,17 @@
-"""Copy the checked outputs of an executed pipeline run into the committed notebooks.
+"""Copy the outputs of an executed pipeline run into the committed notebooks.
 
     python tools/sync_notebook_outputs.py runs/pipeline-<time>
 
-Committed notebooks keep outputs only on cells that start with ``# NBVAL_CHECK_OUTPUT`` (what
-nbval compares, which needs an execution count on them); every other output, execution count and
-timing is stripped. A kept output that holds a machine path is refused.
+Committed notebooks are read on GitHub before they are run, so they keep the outputs of every
+code cell of a smoke run — tables, printed text and plots — sanitised: progress bars and other
+stderr streams, widget state, papermill's cell timings and every timestamp are dropped, and an
+output that holds a machine path (``/home/...``, ``/tmp/...``, ``C:\\...``) is refused. nbval
+compares only the cells marked ``# NBVAL_CHECK_OUTPUT``. A note under each notebook's title says
+which profile produced the outputs shown.
 """
 from __future__ import annotations
 
+import json
 import re
 import sys
 from pathlib import Path
@@ -18,8 +22,69 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from nblib.pipeline import NOTEBOOKS, STAGES  # noqa: E402
 
-CHECK = "# NBVAL_CHECK_OUTPUT"
-MACHINE_PATH = re.compile(r"(/tmp/|/work/|/home/|/root/|/kaggle/|[A-Z]:\\\\)")
+MACHINE_PATH = re.compile(r"(?<![\w.])(/(?:Users|home|root|tmp|mnt|content|kaggle|work|opt|var|private|srv|data)/|[A-Za-z]:\\\\)")
+NOTE_MARK = "<!-- outputs-note -->"
+NOTE = (f"{NOTE_MARK}\n*The outputs shown come from the `smoke` profile on a CPU (`make pipeline`): tiny models "
+        "trained for minutes, so read them for the mechanics, not the quality. Run the notebook with "
+        "`profile=\"full\"` on a GPU for real figures.*")
+DROPPED_MIME = ("application/vnd.jupyter.widget-view+json", "application/vnd.jupyter.widget-state+json")
+
+
+def machine_paths(outputs: list) -> list[str]:
+    """Machine paths in the text of ``outputs`` (image data is not searched: base64 holds slashes)."""
+    texts = []
+    for out in outputs:
+        texts.append(out.get("text", ""))
+        for mime, value in out.get("data", {}).items():
+            if not mime.startswith("image/"):
+                texts.append(value if isinstance(value, str) else json.dumps(value))
+        texts += out.get("traceback", [])
+    return [m.group(0) for t in texts for m in MACHINE_PATH.finditer("".join(t) if isinstance(t, list) else t)]
+
+
+def sanitise(outputs: list) -> list:
+    """Outputs without stderr streams (progress bars, warnings) or widgets."""
+    kept = []
+    for out in outputs:
+        if out.get("output_type") == "stream" and out.get("name") == "stderr":
+            continue
+        if "data" in out:
+            out.data = {k: v for k, v in out.data.items() if k not in DROPPED_MIME}
+            if not out.data:
+                continue
+        kept.append(out)
+    return kept
+
+
+def sync_notebook(src_path: Path, executed: Path) -> int:
+    """Replace ``src_path``'s outputs by ``executed``'s; returns the number of cells with outputs."""
+    src = nbformat.read(src_path, as_version=4)
+    ran = {c.source: c for c in nbformat.read(executed, as_version=4).cells
+           if c.cell_type == "code" and "injected-parameters" not in c.metadata.get("tags", [])}
+    if not any(NOTE_MARK in c.source for c in src.cells if c.cell_type == "markdown"):
+        src.cells.insert(1, nbformat.v4.new_markdown_cell(NOTE))
+    src.metadata.pop("papermill", None)
+    count = 0
+    for cell in src.cells:
+        cell.metadata.pop("execution", None)
+        cell.metadata.pop("papermill", None)
+        if cell.cell_type != "code":
+            continue
+        cell.execution_count, cell.outputs = None, []
+        if "parameters" in cell.metadata.get("tags", []) or cell.source not in ran:
+            continue
+        outputs = sanitise(ran[cell.source].outputs)
+        found = machine_paths(outputs)
+        if found:
+            raise SystemExit(f"{src_path.name}: an output holds a machine path ({found[0]!r}) in the cell:\n{cell.source}")
+        if outputs:
+            count += 1
+            cell.outputs, cell.execution_count = outputs, count
+            for out in outputs:
+                if "execution_count" in out:
+                    out.execution_count = count
+    nbformat.write(src, src_path)
+    return count
 
 
 def sync(run_dir: Path) -> None:
@@ -32,29 +97,7 @@ def sync(run_dir: Path) -> None:
             print(f"skip {stage.notebook}: no {executed.name} in {run_dir}")
             continue
         done.add(stage.notebook)
-        src_path = NOTEBOOKS / stage.notebook
-        src = nbformat.read(src_path, as_version=4)
-        ran = {c.source: c for c in nbformat.read(executed, as_version=4).cells if c.cell_type == "code"}
-        kept = 0
-        for index, cell in enumerate(src.cells, start=1):
-            cell.metadata.pop("execution", None)
-            if cell.cell_type != "code":
-                continue
-            cell.execution_count = None
-            cell.outputs = []
-            if cell.source.startswith(CHECK):
-                outputs = ran[cell.source].outputs
-                text = nbformat.writes(nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(outputs=outputs)]))
-                if MACHINE_PATH.search(text):
-                    raise SystemExit(f"{stage.notebook}: a checked cell's output holds a machine path:\n{cell.source}")
-                cell.outputs = outputs
-                cell.execution_count = index
-                for output in outputs:
-                    if "execution_count" in output:
-                        output.execution_count = index
-                kept += 1
-        nbformat.write(src, src_path)
-        print(f"{stage.notebook}: kept outputs of {kept} checked cell(s)")
+        print(f"{stage.notebook}: outputs of {sync_notebook(NOTEBOOKS / stage.notebook, executed)} cell(s) kept")
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from typing import Any
 
 import pandas as pd
 
+from nblib.plots import context_label
 from nblib.report.loading import Comparison, Group
 from nblib.report.tables import BASELINE, RATIO, Stat, kv_bytes_per_token, label, mid
 
@@ -126,10 +127,13 @@ def cost_lines(sweep: pd.DataFrame | None, context: int = 2048) -> list[str]:
                 continue
             speed = row["decode_tokens_per_s"] / by["MHA"]["decode_tokens_per_s"]
             cache = row["kv_cache_bytes"] / by["MHA"]["kv_cache_bytes"]
+            mine, theirs = row["decode_repeats"], by["MHA"]["decode_repeats"]
+            noise = (f"{min(mine) / max(theirs):.2f}–{max(mine) / min(theirs):.2f}× over {len(mine)} repeats"
+                     if len(mine) > 1 else "one repeat: a single timing, so read it as rough on a loaded machine")
             lines.append(
                 f"At real scale ({shape}, random weights, measured on this machine): **{v}** decodes {speed:.2f}× MHA's "
-                f"tokens/s at {context // 1024}k context, batch {int(row['batch'])}, with a KV cache {cache:.2f}× the size "
-                f"({row['kv_cache_bytes'] / MIB:.0f} vs {by['MHA']['kv_cache_bytes'] / MIB:.0f} MiB)."
+                f"tokens/s ({noise}) at {context_label(context)} context, batch {int(row['batch'])}, with a KV cache "
+                f"{cache:.2f}× the size ({row['kv_cache_bytes'] / MIB:.0f} vs {by['MHA']['kv_cache_bytes'] / MIB:.0f} MiB)."
             )
     return lines
 

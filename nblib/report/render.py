@@ -170,7 +170,8 @@ def new_report(profile: str, title: str = "machado-gpt: MHA vs GQA, LoRA vs full
 
 def machine_line(m: dict[str, Any]) -> str:
     gpu = m.get("gpu") or "no GPU"
-    return f"{m.get('cpu', '?')} ({m.get('cpu_cores', '?')} cores), {gpu}, torch {m.get('torch', '?')}"
+    load = f", load {m['load_average']}" if m.get("load_average") is not None else ""
+    return f"{m.get('cpu', '?')} ({m.get('cpu_cores', '?')} cores{load}), {gpu}, torch {m.get('torch', '?')}"
 
 
 def plain(settings: dict[str, Any]) -> dict[str, Any]:
