@@ -320,7 +320,8 @@ def transcript(rows: list[dict[str, Any]], model_dir: str, cfg: dict[str, Any]) 
             "",
             f"**Assistant:** {answer}",
             "",
-            f"<sub>{ending}; {row['new_tokens']} tokens at {row['tokens_per_s']} tokens/s{dropped}</sub>",
+            f"<sub>{ending}; {row['new_tokens']} token{'s' if row['new_tokens'] != 1 else ''} at "
+            f"{row['tokens_per_s']} tokens/s{dropped}</sub>",
         ]
     return "\n".join(lines) + "\n"
 

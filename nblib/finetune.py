@@ -214,6 +214,14 @@ def lora_config(cfg: dict[str, Any], model: Any, token_ids: list[int]) -> Any:
     """LoRA on ``cfg['lora_targets']`` plus trainable embedding rows for ``token_ids``."""
     from peft import LoraConfig
 
+    tied = {"lm_head", "wte"} & set(cfg["lora_targets"])
+    if tied:
+        raise ValueError(
+            f"lora_targets {sorted(tied)}: GPT-2's output layer is the token embedding (tied), and a LoRA on it "
+            "cannot be merged into one saved model; the rows it needs are trained through lora_answer_rows instead. "
+            "Use the linear layers: c_attn, c_proj, c_fc"
+        )
+
     return LoraConfig(
         r=cfg["lora_r"],
         lora_alpha=cfg["lora_alpha"],
@@ -318,6 +326,14 @@ class Collator:
             "attention_mask": torch.tensor([pad([1] * len(b["input_ids"]), 0) for b in batch]),
             "labels": torch.tensor([pad(b["labels"], -100) for b in batch]),
         }
+
+
+def frequent_answer_tokens(examples: list[dict], k: int, exclude: Sequence[int] = ()) -> list[int]:
+    """The ``k`` token ids most frequent among the training labels (answer tokens), ``exclude`` left out."""
+    from collections import Counter
+
+    counts = Counter(t for ex in examples for t in ex["labels"] if t != -100 and t not in exclude)
+    return [t for t, _ in counts.most_common(k)]
 
 
 def token_bytes(tok: Any) -> torch.Tensor:
@@ -489,9 +505,6 @@ def setup(cfg: dict[str, Any], seed: int | None = None) -> Setup:
     token_ids = add_special_tokens(model, tok)
     model.config.use_cache = False  # training; generation asks for the cache explicitly
     embedding = sum(p.numel() for n, p in model.named_parameters() if n.endswith(("wte.weight", "wpe.weight")))
-    if v.lora:  # the markers' rows, and end-of-text's: it now closes every answer
-        model = wrap_lora(model, cfg, [*token_ids, tok.convert_tokens_to_ids(EOT)], v.mode)
-
     max_length = min(cfg["max_length"], model.config.n_positions)
     train_set, train_too_long = encode(train_records, tok, max_length)
     val_set, val_too_long = encode(val_records, tok, max_length)
@@ -500,6 +513,9 @@ def setup(cfg: dict[str, Any], seed: int | None = None) -> Setup:
             f"no dialogues left to train ({len(train_set)}) or evaluate ({len(val_set)}) after dropping those over "
             f"{max_length} tokens; raise max_length or check {config.relative(paths.dialogues)}"
         )
+    if v.lora:  # the markers' rows, end-of-text's (it now closes every answer), and the frequent answer tokens'
+        rows = [*token_ids, tok.convert_tokens_to_ids(EOT)]
+        model = wrap_lora(model, cfg, rows + frequent_answer_tokens(train_set, cfg["lora_answer_rows"], rows), v.mode)
     trainable, total = count_params(model)
     info = {
         "trainable_params": trainable, "total_params": total, "trainable_share": trainable / total,

@@ -236,7 +236,7 @@ def fit_history(
     raise ValueError(
         f"the message makes a {n}-token prompt but only {room} tokens fit: the model's context is {context} tokens, "
         f"and max_new_tokens={max_new_tokens} of them are kept for the answer. To send it, shorten it by "
-        f"{n - room} tokens{lower} or use a model with a longer context{full if context < 1024 else ''}"
+        f"{n - room} token{'s' if n - room != 1 else ''}{lower} or use a model with a longer context{full if context < 1024 else ''}"
     )
 
 

@@ -111,6 +111,54 @@ def decode(model: GPT, cache: KVCache, token: torch.Tensor, steps: int) -> torch
     return token
 
 
+def _time_decode(models: dict[str, GPT], caches: dict[str, KVCache], prompt: torch.Tensor, new_tokens: int,
+                 repeats: int, prefill_repeats: int, prefill_cache: bool) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Seconds of the prefill (first ``prefill_repeats`` rounds) and of ``new_tokens`` decode steps
+    (every round, restarted at the end of the prompt), variants interleaved, order alternating."""
+    labels, device, prompt_len = list(models), prompt.device, prompt.size(1)
+    first: dict[str, torch.Tensor] = {}
+    prefill_s: dict[str, list[float]] = {label: [] for label in labels}
+    decode_s: dict[str, list[float]] = {label: [] for label in labels}
+    for rep in range(repeats):
+        for label in labels if rep % 2 == 0 else labels[::-1]:
+            model, cache = models[label], caches[label]
+            if rep < prefill_repeats and not prefill_cache:  # random keys and values stand in for a prefill
+                cache.k.normal_()
+                cache.v.normal_()
+                first[label] = prompt[:, -1:]
+            elif rep < prefill_repeats:
+                machine.sync(device)
+                t0 = time.perf_counter()
+                first[label] = prefill(model, prompt, cache)
+                machine.sync(device)
+                prefill_s[label].append(time.perf_counter() - t0)
+            cache.length = prompt_len
+            machine.sync(device)
+            t0 = time.perf_counter()
+            decode(model, cache, first[label], new_tokens)
+            machine.sync(device)
+            decode_s[label].append(time.perf_counter() - t0)
+    return prefill_s, decode_s
+
+
+def _decode_row(label: str, model: GPT, cache: KVCache, batch: int, context: int, new_tokens: int,
+                prefill_s: list[float], decode_s: list[float], peak: float, device: torch.device,
+                dtype: torch.dtype) -> dict[str, Any]:
+    """One sweep row: medians of the timings, the bytes a decode step reads, bandwidth and MBU."""
+    c = model.config
+    step_s = statistics.median(decode_s) / new_tokens
+    step_bytes = decode_step_bytes(model, batch, context - new_tokens + (new_tokens + 1) / 2)
+    return {
+        "variant": label, "n_layer": c.n_layer, "n_head": c.n_head, "n_kv_head": c.n_kv_head, "d_model": c.d_model,
+        "batch": batch, "context": context, "new_tokens": new_tokens,
+        "prefill_s": statistics.median(prefill_s) if prefill_s else float("nan"),
+        "decode_tokens_per_s": batch / step_s, "decode_repeats": [batch * new_tokens / t for t in decode_s],
+        "ms_per_token": 1e3 * step_s, "kv_cache_bytes": cache.nbytes, "bytes_per_step": step_bytes,
+        "bandwidth_GBps": step_bytes / step_s / 1e9, "mbu": step_bytes / step_s / peak,
+        "device": device.type, "dtype": str(dtype).removeprefix("torch."),
+    }
+
+
 def decode_sweep(
     variants: dict[str, GPTConfig],
     batches: list[int],
@@ -146,7 +194,6 @@ def decode_sweep(
         raise ValueError(f"every context must exceed new_tokens={new_tokens} (the prompt is context - new_tokens)")
     peak, source = bandwidth or peak_bandwidth(device)
     models = {label: random_model(replace(c, context_length=max(contexts)), device, dtype) for label, c in variants.items()}
-    labels = list(models)
     vocab = min(c.vocab_size for c in variants.values())
     rows = []
     with torch.inference_mode():
@@ -155,48 +202,14 @@ def decode_sweep(
             decode(model, cache, prefill(model, torch.zeros(1, new_tokens, dtype=torch.long, device=device), cache), new_tokens)
         for batch in batches:
             for context in contexts:
-                prompt_len = context - new_tokens
-                prompt = torch.randint(0, vocab, (batch, prompt_len), generator=torch.Generator().manual_seed(context)).to(device)
+                prompt = torch.randint(0, vocab, (batch, context - new_tokens),
+                                       generator=torch.Generator().manual_seed(context)).to(device)
                 caches = {label: m.new_cache(batch, context) for label, m in models.items()}
-                first: dict[str, torch.Tensor] = {}
-                prefill_s: dict[str, list[float]] = {label: [] for label in labels}
-                decode_s: dict[str, list[float]] = {label: [] for label in labels}
-                for rep in range(repeats):
-                    for label in labels if rep % 2 == 0 else labels[::-1]:
-                        model, cache = models[label], caches[label]
-                        if rep < prefill_repeats and not prefill_cache:
-                            cache.k.normal_()
-                            cache.v.normal_()
-                            first[label] = prompt[:, -1:]
-                        elif rep < prefill_repeats:
-                            machine.sync(device)
-                            t0 = time.perf_counter()
-                            first[label] = prefill(model, prompt, cache)
-                            machine.sync(device)
-                            prefill_s[label].append(time.perf_counter() - t0)
-                        cache.length = prompt_len
-                        machine.sync(device)
-                        t0 = time.perf_counter()
-                        decode(model, cache, first[label], new_tokens)
-                        machine.sync(device)
-                        decode_s[label].append(time.perf_counter() - t0)
-                for label in labels:
-                    model, c = models[label], models[label].config
-                    step_s = statistics.median(decode_s[label]) / new_tokens
-                    step_bytes = decode_step_bytes(model, batch, prompt_len + (new_tokens + 1) / 2)
-                    rows.append({
-                        "variant": label, "n_layer": c.n_layer, "n_head": c.n_head, "n_kv_head": c.n_kv_head,
-                        "d_model": c.d_model, "batch": batch, "context": context, "new_tokens": new_tokens,
-                        "prefill_s": statistics.median(prefill_s[label]) if prefill_s[label] else float("nan"),
-                        "decode_tokens_per_s": batch / step_s,
-                        "decode_repeats": [batch * new_tokens / t for t in decode_s[label]],
-                        "ms_per_token": 1e3 * step_s,
-                        "kv_cache_bytes": caches[label].nbytes,
-                        "bytes_per_step": step_bytes,
-                        "bandwidth_GBps": step_bytes / step_s / 1e9,
-                        "mbu": step_bytes / step_s / peak,
-                        "device": device.type, "dtype": str(dtype).removeprefix("torch."),
-                    })
+                prefill_s, decode_s = _time_decode(models, caches, prompt, new_tokens, repeats, prefill_repeats,
+                                                   prefill_cache)
+                for label, model in models.items():
+                    rows.append(_decode_row(label, model, caches[label], batch, context, new_tokens, prefill_s[label],
+                                            decode_s[label], peak, device, dtype))
                     if log is not None:
                         r = rows[-1]
                         log(f"{label} batch {batch} context {context}: prefill {r['prefill_s']:.2f} s, "

@@ -11,6 +11,14 @@ from nblib import clean, config
 from nblib.dialogue import ASSISTANT, EOT, USER
 from nblib.tokenizer import hf_tokenizer
 
+# A two-exchange dialogue in the one dialogue format.
+TWO_TURNS = [
+    {"role": "user", "content": "What is 2+2?"},
+    {"role": "assistant", "content": "It is 4."},
+    {"role": "user", "content": "And 3+3?"},
+    {"role": "assistant", "content": "Six."},
+]
+
 SPLIT_CHARS = {"train": 150_000, "val": 20_000, "test": 20_000}
 
 

@@ -10,13 +10,8 @@ from nblib import dialogue
 from nblib.dialogue import ASSISTANT, USER
 from nblib.files import read_json, read_jsonl, write_jsonl
 from nblib.tokenizer import EOT, EOT_ID, hf_tokenizer
+from helpers import TWO_TURNS
 
-TWO_TURNS = [
-    {"role": "user", "content": "What is 2+2?"},
-    {"role": "assistant", "content": "It is 4."},
-    {"role": "user", "content": "And 3+3?"},
-    {"role": "assistant", "content": "Six."},
-]
 
 
 @pytest.fixture(scope="module")

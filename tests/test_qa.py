@@ -8,13 +8,7 @@ import pytest
 
 from nblib import dialogue, ingest, qa
 from nblib.files import read_jsonl
-
-TWO_TURNS = [
-    {"role": "user", "content": "Quem escreveu Dom Casmurro?"},
-    {"role": "assistant", "content": "Machado de Assis."},
-    {"role": "user", "content": "E quando?"},
-    {"role": "assistant", "content": "Em 1899."},
-]
+from helpers import TWO_TURNS
 
 
 @pytest.fixture(scope="module")

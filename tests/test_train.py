@@ -222,13 +222,14 @@ def test_early_stopping_on_val_loss(corpus_home: Path):
 
 
 def test_time_budget_stops_with_a_checkpoint_and_the_next_session_resumes(corpus_home: Path):
-    cfg = tiny(max_steps=400, eval_interval=100, ckpt_interval=100, log_interval=50, time_budget_minutes=0.12)
-    first = train.run(cfg, name="budget", progress=False)
+    sizes = dict(max_steps=400, eval_interval=100, ckpt_interval=100, log_interval=50)
+    first = train.run(tiny(**sizes, time_budget_minutes=0.2), name="budget", progress=False)
     assert not first["finished"] and first["stop_reason"] == "time_budget" and 0 < first["steps"] < 400
-    assert first["wall_seconds"] < 0.12 * 60 + 20  # stopped near the budget (a loaded machine slows the checkpoint)
+    assert first["wall_seconds"] < 0.2 * 60 + 20  # stopped near the budget (a loaded machine slows the checkpoint)
     ckpt = torch.load(folder(corpus_home, "budget") / "ckpt.pt", weights_only=True)
     assert ckpt["step"] == first["steps"]
-    second = train.run(cfg, name="budget", stop_at=first["steps"] + 2, progress=False)
+    # the next session (the budget is a free setting: a new session may have another) carries on
+    second = train.run(tiny(**sizes), name="budget", stop_at=first["steps"] + 2, progress=False)
     assert second["steps"] == first["steps"] + 2
 
 

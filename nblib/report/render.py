@@ -175,8 +175,9 @@ def machine_line(m: dict[str, Any]) -> str:
 
 
 def plain(settings: dict[str, Any]) -> dict[str, Any]:
-    """Lists and dicts as JSON text, so each setting is one table cell."""
-    return {k: json.dumps(v, ensure_ascii=False) if isinstance(v, (list, dict)) else v for k, v in settings.items()}
+    """Settings as they were written (text, so a seed reads 1337 and not 1,337); lists and dicts as JSON."""
+    return {k: json.dumps(v, ensure_ascii=False) if isinstance(v, (list, dict)) else "–" if v is None else str(v)
+            for k, v in settings.items()}
 
 
 def inline(text: str) -> str:
