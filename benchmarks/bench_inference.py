@@ -27,20 +27,11 @@ from dataclasses import replace
 
 import torch
 
+from bench_pretrain import table  # the same table printer (scripts in one folder)
 from nblib import config, machine, measure
 from nblib.model import GPTConfig, export_hf
 
 TARGET_CELL = (8, 2048)  # batch, context of the GQA-vs-MHA decode target
-
-
-def table(rows: list[dict], title: str) -> None:
-    print(f"\n## {title}\n")
-    keys = list(rows[0])
-    widths = {k: max(len(k), *(len(str(r[k])) for r in rows)) for k in keys}
-    print(" | ".join(k.ljust(widths[k]) for k in keys))
-    print("-|-".join("-" * widths[k] for k in keys))
-    for r in rows:
-        print(" | ".join(str(r[k]).ljust(widths[k]) for k in keys))
 
 
 def log(message: str) -> None:

@@ -136,26 +136,30 @@ def compute_dtype(mode: str, device: machine.Device) -> str:
             "16bit": name(machine.half_dtype(device)), "32bit": "float32"}[mode]
 
 
-class _BitsAndBytesNoise(logging.Filter):
-    """Drop bitsandbytes' notices that need no action here: the fp16 cast of every int8 matmul of
-    fp32 inputs (how its int8 path works) and the optional ``kernels`` package it looks for on CPU."""
+class _Noise(logging.Filter):
+    """Drop notices that need no action here: bitsandbytes' fp16 cast of every int8 matmul of fp32
+    inputs (how its int8 path works) and the optional ``kernels`` package it looks for on CPU, and
+    the Trainer's note that the best checkpoint has no ``lm_head.weight`` (it is tied to the token
+    embedding, which the checkpoint has)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        return not (message.startswith("MatMul8bitLt: inputs will be cast") or "kernels-community" in message)
+        return not (message.startswith("MatMul8bitLt: inputs will be cast") or "kernels-community" in message
+                    or ("missing keys in the checkpoint" in message and "['lm_head.weight']" in message))
 
 
-_NOISE = _BitsAndBytesNoise()
+_NOISE = _Noise()
 
 
-def _quiet_bitsandbytes() -> None:
-    for name in ("bitsandbytes", "bitsandbytes.autograd._functions", "bitsandbytes.backends.cpu.ops"):
+def _quiet_notices() -> None:
+    for name in ("bitsandbytes", "bitsandbytes.autograd._functions", "bitsandbytes.backends.cpu.ops",
+                 "transformers.trainer"):
         log = logging.getLogger(name)
         if _NOISE not in log.filters:
             log.addFilter(_NOISE)
 
 
-_quiet_bitsandbytes()  # before bitsandbytes is first imported: its CPU backend logs at import time
+_quiet_notices()  # before bitsandbytes is first imported: its CPU backend logs at import time
 
 
 def _keep_4bit_trainable(model: Any) -> None:

@@ -15,7 +15,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from nblib import chat, config, finetune
 from nblib.dialogue import ASSISTANT, USER
-from nblib.tokenizer import hf_tokenizer
+from nblib.tokenizer import EOT, hf_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 MERGED = "runs/finetune-lora-8bit/seed-1234/merged"
@@ -243,3 +243,11 @@ def test_notebook_07_writes_the_transcript(merged, home, tmp_path):
     text = (home / "reports" / "chat_transcript.md").read_text(encoding="utf-8")
     assert "**User:** What is photosynthesis?" in text and "## Conversation 2" in text
     assert str(home) not in out.read_text(encoding="utf-8")  # no machine paths in the outputs
+
+
+def test_transcript_escapes_html_from_users_and_models(home):
+    rows = [{"conversation": 1, "user": "<b>hi</b>", "assistant": "<script>alert(1)</script>\nok", "stopped_on": EOT,
+             "truncated": False, "new_tokens": 1, "tokens_per_s": 3.0, "dropped_turns": 0}]
+    text = chat.transcript(rows, "runs/x/merged", smoke())
+    assert "<script>" not in text and "&lt;script&gt;alert(1)&lt;/script&gt;  \nok" in text
+    assert "**User:** &lt;b&gt;hi&lt;/b&gt;" in text and "1 token at 3.0 tokens/s" in text

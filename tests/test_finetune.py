@@ -27,6 +27,7 @@ def small(**overrides):
     base = dict(
         steps=8, eval_steps=4, logging_steps=2, batch_size=4, eval_batch_size=8, eval_dialogues=12,
         warmup_steps=1, lora_lr=1e-2, full_lr=1e-3, questions=QUESTIONS, max_new_tokens=6, wandb=False, base_model=BASE,
+        lora_answer_rows=0,
     )
     return config.settings("finetune", "smoke", **{**base, **overrides})
 
@@ -124,6 +125,22 @@ def test_collator_keeps_eos_labels_when_pad_is_eos():
     # every answer's closing EOS is still a label
     assert batch["labels"][0].eq(EOT_ID).sum() == 1
     assert batch["labels"][1].eq(EOT_ID).sum() == 2
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"steps": 0}, "steps=0 must be an integer >= 1"),
+    ({"batch_size": -4}, "batch_size=-4 must be an integer >= 1"),
+    ({"lora_lr": "abc"}, "lora_lr='abc' must be a number > 0"),
+])
+def test_bad_settings_are_refused_before_any_work(bad, message):
+    with pytest.raises(config.SettingsError, match=message):
+        small(**bad)
+
+
+def test_lora_on_the_tied_output_layer_is_refused(root):
+    s_cfg = small(lora_targets=["c_attn", "lm_head"])
+    with pytest.raises(ValueError, match=r"lora_targets \['lm_head'\]: GPT-2's output layer is the token embedding"):
+        finetune.setup(s_cfg)
 
 
 def test_setup_errors(root, home):
@@ -259,12 +276,15 @@ def test_full_finetune_trains_every_weight(root):
     assert finetune.evaluate(s)["loss"] == pytest.approx(summary["eval_loss"], abs=1e-4)
 
 
-def test_lora_32bit_on_conv1d(root):
-    summary = finetune.run(small(variant="lora-32bit", steps=4, eval_steps=2, merge=False))
-    assert summary["mode"] == "32bit" and summary["merged"] is None
+def test_lora_32bit_on_conv1d_with_answer_rows(root):
+    summary = finetune.run(small(variant="lora-32bit", steps=4, eval_steps=2, merge=False, lora_answer_rows=16))
+    assert summary["mode"] == "32bit" and summary["merged"] is None and summary["merged_eval_loss"] is None
     assert summary["eval_loss"] < summary["base_eval_loss"]
     cfg = json.loads((root / summary["adapter"] / "adapter_config.json").read_text())
     assert cfg["fan_in_fan_out"] is True  # GPT-2's Conv1D stores weights [in, out]
+    deltas = [v for k, v in load_file(root / summary["adapter"] / "adapter_model.safetensors").items()
+              if "trainable_tokens_delta" in k]
+    assert deltas[0].shape == (3 + 16, 64)  # the markers, end-of-text and the 16 most frequent answer tokens
 
 
 @pytest.mark.parametrize("variant", ["lora-4bit", "lora-16bit"])

@@ -296,6 +296,11 @@ def test_ddp_two_processes_match_one_process(corpus_home: Path):
         key = "loss" if ra["kind"] == "train" else "val_loss"
         assert rb[key] == pytest.approx(ra[key], rel=1e-5), (ra, rb)
     assert ddp["tokens_seen"] == single["tokens_seen"]
+    # overwrite under DDP: rank 0 alone empties the folder and tells the other rank, behind a barrier
+    again = subprocess.run(proc.args + ["--overwrite"], capture_output=True, text=True, timeout=300,
+                           env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert read_json(folder(corpus_home, "ddp") / "summary.json")["best_val_loss"] == ddp["best_val_loss"]
 
 
 def test_runs_table_and_metrics(corpus_home: Path):
