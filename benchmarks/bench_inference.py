@@ -12,24 +12,33 @@
 
 Models have random weights: speed does not depend on their values. Variants run interleaved in
 this one process and each figure is the median of the repeats, so ratios hold on a noisy
-machine even when absolute times do not. On a GPU everything runs in bf16 and MBU is taken
+machine even when absolute times do not. On a GPU everything runs in its half precision (bf16; fp16 on a T4 or P100) and MBU is taken
 against the GPU's spec-sheet bandwidth. The last line printed is one JSON object.
+
+On a loaded CPU (load average above the core count) ``--threads 1`` gives steadier figures: with
+several threads every op waits for the thread that lost its time slice.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import statistics
-import sys
-import tempfile
-from dataclasses import replace
 
-import torch
+# Ask PyTorch's CPU allocator for transparent huge pages on large tensors (read when torch starts).
+# Where the kernel only grants them on request (THP "madvise"), weights stream ~15% faster, as
+# Hugging Face's memory-mapped safetensors weights already do. THP_MEM_ALLOC_ENABLE=0 turns it off.
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
-from bench_pretrain import table  # the same table printer (scripts in one folder)
-from nblib import config, machine, measure
-from nblib.model import GPTConfig, export_hf
+import argparse  # noqa: E402
+import json  # noqa: E402
+import statistics  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+from dataclasses import replace  # noqa: E402
+
+import torch  # noqa: E402
+
+from bench_pretrain import table  # noqa: E402  (the same table printer; scripts in one folder)
+from nblib import config, machine, measure  # noqa: E402
+from nblib.model import GPTConfig, export_hf  # noqa: E402
 
 TARGET_CELL = (8, 2048)  # batch, context of the GQA-vs-MHA decode target
 
@@ -158,10 +167,13 @@ def main() -> None:
     kv_heads = {"MHA": sizes["n_head"], "GQA": args.gqa_kv_heads, "MQA": 1}
     variants = measure.attention_variants(**sizes, kv_heads=kv_heads, context_length=max(args.contexts))
     info = machine.info()
-    load = os.getloadavg()
+    load_start = load = os.getloadavg()
     print(f"# bench_inference — {info['cpu']} ({info['cpu_cores']} cores, load average {load[0]:.2f} {load[1]:.2f} "
           f"{load[2]:.2f}), GPU: {info['gpu'] or 'none'}, torch {info['torch']}, {torch.get_num_threads()} threads, "
-          f"{device.type} {str(dtype).removeprefix('torch.')}")
+          f"{device.type} {str(dtype).removeprefix('torch.')}, THP_MEM_ALLOC_ENABLE={os.environ['THP_MEM_ALLOC_ENABLE']}")
+    if device.type == "cpu" and load[0] >= (os.cpu_count() or 1):
+        print(f"# warning: load average {load[0]:.1f} on {os.cpu_count()} cores; threads wait for each other's time "
+              "slices, which inflates every op alike and pulls ratios towards 1 (--threads 1 suffers less)")
     print(f"# shape {'quick' if args.quick else args.shape}: {sizes['n_layer']} layers x {sizes['n_head']} heads x "
           f"{sizes['d_model']}, K/V heads {kv_heads}; random weights (speed does not depend on their values)")
     bandwidth = measure.peak_bandwidth(device)
@@ -195,9 +207,10 @@ def main() -> None:
         f"KV cache / recompute, {args.gen_tokens} tokens, batch 1": ", ".join(f"{k} {v:.1f}x" for k, v in ratios["cache_vs_recompute"].items()),
         "nblib / HF generate, batch 1 and 8": ", ".join(f"b{k} {v:.2f}x" for k, v in ratios["nblib_vs_hf"].items()),
     }.items()], "Ratios (targets on a 2-core CPU, fp32: GQA/MHA >= 1.5x, MQA >= GQA, cache >= 5x recompute, nblib >= 1.2x HF)")
-    load = os.getloadavg()
     print(json.dumps({
-        "bench": "inference", "machine": info, "threads": torch.get_num_threads(), "load_average_end": load,
+        "bench": "inference", "machine": info, "threads": torch.get_num_threads(),
+        "load_average_start": load_start, "load_average_end": os.getloadavg(),
+        "thp_mem_alloc": os.environ["THP_MEM_ALLOC_ENABLE"],
         "device": device.type, "dtype": str(dtype).removeprefix("torch."), "shape": sizes, "kv_heads": kv_heads,
         "bandwidth_GBps": bandwidth[0] / 1e9, "bandwidth_source": bandwidth[1], "ratio_cell": {"batch": batch, "context": context},
         "ratios": ratios, "same_tokens": same, "targets_met": targets, "rows": df.to_dict("records"),

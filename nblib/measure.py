@@ -198,8 +198,9 @@ def decode_sweep(
     rows = []
     with torch.inference_mode():
         for model in models.values():  # warm up the code paths once
-            cache = model.new_cache(1, 2 * new_tokens)
-            decode(model, cache, prefill(model, torch.zeros(1, new_tokens, dtype=torch.long, device=device), cache), new_tokens)
+            cache = model.new_cache(1, min(contexts))
+            warm = torch.zeros(1, min(contexts) - new_tokens, dtype=torch.long, device=device)
+            decode(model, cache, prefill(model, warm, cache), new_tokens)
         for batch in batches:
             for context in contexts:
                 prompt = torch.randint(0, vocab, (batch, context - new_tokens),

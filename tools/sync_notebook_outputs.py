@@ -43,17 +43,11 @@ def machine_paths(outputs: list) -> list[str]:
 
 
 def sanitise(outputs: list) -> list:
-    """Outputs without stderr streams (progress bars, warnings) or widgets."""
-    kept = []
-    for out in outputs:
-        if out.get("output_type") == "stream" and out.get("name") == "stderr":
-            continue
-        if "data" in out:
-            out.data = {k: v for k, v in out.data.items() if k not in DROPPED_MIME}
-            if not out.data:
-                continue
-        kept.append(out)
-    return kept
+    """Outputs without stderr streams (progress bars, warnings) or widgets (a tqdm bar in a notebook
+    is a widget whose text form holds its timings)."""
+    return [out for out in outputs
+            if not (out.get("output_type") == "stream" and out.get("name") == "stderr")
+            and not any(mime in out.get("data", {}) for mime in DROPPED_MIME)]
 
 
 def sync_notebook(src_path: Path, executed: Path) -> int:
