@@ -488,6 +488,15 @@ def _data_identity(paths: config.Paths, base_model: str) -> dict[str, Any]:
     }
 
 
+def _rank() -> int:
+    """This process's rank under torchrun (0 alone)."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def _local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
 def setup(cfg: dict[str, Any], seed: int | None = None) -> Setup:
     """Load tokenizer, base model (in the variant's precision) and data; wrap LoRA; open the run folder."""
     v = variant(cfg["variant"])
@@ -847,14 +856,6 @@ def merge(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike, base_model
 
 # ---------------------------------------------------------------------------------------------
 # command line (what torchrun launches for DDP)
-
-
-def _rank() -> int:
-    return int(os.environ.get("RANK", "0"))
-
-
-def _local_rank() -> int:
-    return int(os.environ.get("LOCAL_RANK", "0"))
 
 
 def main(argv: list[str] | None = None) -> int:

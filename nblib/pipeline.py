@@ -252,7 +252,8 @@ def run_stage(stage: Stage, out_dir: Path, params: dict[str, Any], progress_on: 
 def dry_run_stages() -> tuple[Stage, ...]:
     """The stages of ``--dry-run``: every stage, GPT-2 small's pretraining (03 with the
     ``gpt2-small`` preset, as ``pretrain-gpt2-small``), and the fine-tune in every variant this
-    machine supports; the compare stage reads the MHA/GQA pair and those fine-tunes."""
+    machine supports; the compare stage reads the MHA/GQA pair and those fine-tunes, the chat
+    stage talks to the first of them."""
     from nblib import finetune, machine
 
     def supported(name: str) -> bool:
@@ -265,6 +266,7 @@ def dry_run_stages() -> tuple[Stage, ...]:
         return True
 
     variants = [v for v in finetune.VARIANTS if supported(v)]
+    seed = config.settings("finetune", config.DRY_RUN)["seeds"][0]
     by_name = {s.name: s for s in STAGES}
     return (
         *(by_name[n] for n in ("01_ingest", "02_clean", "03_train_mha")),
@@ -272,7 +274,7 @@ def dry_run_stages() -> tuple[Stage, ...]:
         by_name["04_train_gqa"],
         *(Stage(f"05_finetune_{v.replace('-', '_')}", "05_finetune_lora_8bit.ipynb", {"variant": v}) for v in variants),
         Stage("06_compare", "06_compare.ipynb", {"runs": ["pretrain-mha", "pretrain-gqa", *(f"finetune-{v}" for v in variants)]}),
-        by_name["07_chat_demo"],
+        Stage("07_chat_demo", "07_chat_demo.ipynb", {"model": f"runs/finetune-{variants[0]}/seed-{seed}/merged"}),
     )
 
 

@@ -42,6 +42,7 @@ def test_dry_run_stages_and_refusals(monkeypatch, tmp_path):
     variants = [s.params["variant"] for s in stages.values() if s.notebook.startswith("05_")]
     assert variants == list(finetune.VARIANTS)  # a CPU runs every variant, 8-bit included
     assert stages["06_compare"].params["runs"] == ["pretrain-mha", "pretrain-gqa", *(f"finetune-{v}" for v in variants)]
+    assert stages["07_chat_demo"].params["model"] == "runs/finetune-lora-8bit/seed-1234/merged"
     with pytest.raises(ValueError, match="use --profile full --dry-run"):
         pipeline.run("smoke", dry_run=True)
     monkeypatch.setenv("NBLIB_HOME", str(tmp_path))
