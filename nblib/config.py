@@ -1,7 +1,9 @@
 """Profiles and their settings, the working root and its folders, the offline mirror, seeds.
 
 A *profile* sets the sizes of every stage: ``smoke`` runs on a CPU in minutes, ``full`` is meant
-for a Kaggle GPU, ``auto`` picks ``full`` when CUDA is available. Each stage's settings live in
+for a Kaggle GPU, ``auto`` picks ``full`` when CUDA is available, and ``dry-run`` is the full
+profile with a handful of steps (each stage file's ``dry-run:`` changes, applied after any preset),
+so every full-size shape and setting can be exercised on a CPU. Each stage's settings live in
 ``nblib/profiles/<stage>.yaml`` as one ``base`` mapping plus the keys each profile changes (like
 nanoGPT's ``config/*.py`` override files), a ``schema`` that says what every setting accepts, and
 optionally named ``presets`` of sizes. :func:`settings` merges base, profile, preset and the
@@ -25,7 +27,8 @@ from typing import Any
 
 import yaml
 
-PROFILES = ("smoke", "full")
+DRY_RUN = "dry-run"
+PROFILES = ("smoke", "full", DRY_RUN)
 PROFILE_DIR = Path(__file__).with_name("profiles")
 _PACKAGE_ROOT = Path(__file__).resolve().parents[1]
 KAGGLE_WORKING = Path("/kaggle/working")
@@ -36,7 +39,7 @@ class SettingsError(ValueError):
 
 
 def resolve_profile(profile: str = "auto") -> str:
-    """Return ``smoke`` or ``full``; ``auto`` picks ``full`` when a CUDA GPU is present."""
+    """Return ``smoke``, ``full`` or ``dry-run``; ``auto`` picks ``full`` when a CUDA GPU is present."""
     if profile == "auto":
         import torch
 
@@ -73,18 +76,21 @@ def free_keys(stage: str) -> frozenset[str]:
 def settings(stage: str, profile: str = "auto", preset: str | None = None, **overrides: Any) -> dict[str, Any]:
     """Settings of ``stage`` under ``profile``: base, the profile's changes, the named ``preset``,
     then the non-``None`` ``overrides``; validated, with ``profile`` (and ``preset``) added.
+    ``dry-run`` is ``full``'s changes, the preset, then the file's ``dry-run:`` changes.
 
     An unknown setting name is an error that suggests the closest one; a value outside the
     schema is an error naming the setting and the values it accepts.
     """
     table = profile_table(stage)
     name = resolve_profile(profile)
-    out = {**table["base"], **(table.get(name) or {})}
+    out = {**table["base"], **(table.get("full" if name == DRY_RUN else name) or {})}
     if preset is not None:
         known = table.get("presets") or {}
         if preset not in known:
             raise ValueError(f"unknown preset {preset!r} for stage {stage!r}; known presets: {', '.join(sorted(known)) or 'none'}")
         out.update(known[preset])
+    if name == DRY_RUN:
+        out.update(table.get(DRY_RUN) or {})
     given = {k: v for k, v in overrides.items() if v is not None}
     unknown = sorted(k for k in given if k not in out)
     if unknown:
@@ -307,6 +313,17 @@ class Paths:
 def paths(root: str | os.PathLike | None = None) -> Paths:
     """Paths under ``root`` (default: :func:`home`)."""
     return Paths(Path(root).resolve() if root is not None else home())
+
+
+def parse_params(items: list[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` strings (command-line ``-p``) to overrides; each value is read as YAML."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"parameter {item!r} is not KEY=VALUE")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
 
 
 def set_seed(seed: int) -> None:

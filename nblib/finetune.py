@@ -86,6 +86,23 @@ def resolve_base(base_model: str) -> str:
     return base_model
 
 
+def random_base(folder: str | os.PathLike) -> Path:
+    """Save a GPT-2-small-shaped model (124M, ``GPT2Config()``) with seeded random weights and GPT-2's
+    tokenizer to ``folder`` (atomically, kept when already there): a base that needs no download."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    folder = Path(folder)
+    if (folder / "config.json").is_file():
+        return folder
+
+    def write(d: Path) -> None:
+        torch.manual_seed(0)
+        GPT2LMHeadModel(GPT2Config()).save_pretrained(d)
+        tokenizer.hf_tokenizer().save_pretrained(d)
+
+    return replace_dir(folder, write)
+
+
 def load_tokenizer(base_model: str) -> Any:
     """The base model's tokenizer (hub name or local folder)."""
     from transformers import AutoTokenizer
@@ -491,11 +508,20 @@ def _data_identity(paths: config.Paths, base_model: str) -> dict[str, Any]:
     }
 
 
+def _rank() -> int:
+    """This process's rank under torchrun (0 alone)."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def _local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
 def setup(cfg: dict[str, Any], seed: int | None = None) -> Setup:
     """Load tokenizer, base model (in the variant's precision) and data; wrap LoRA; open the run folder."""
     v = variant(cfg["variant"])
     cfg = {**cfg, "seed": cfg["seeds"][0] if seed is None else int(seed)}
-    name, paths, device = f"finetune-{v.name}", config.paths(), machine.detect()
+    name, paths, device = f"finetune-{v.name}", config.paths(), machine.detect(local_rank=_local_rank())
     run_dir = runs.folder(name, cfg["seed"], paths)
     previous = _check_resume(run_dir, cfg)
     tracking.configure_env(run_dir)
@@ -556,7 +582,8 @@ def _callbacks(s: Setup) -> list[Any]:
             self.out_of_time = False
 
         def on_train_begin(self, args, state, control, **kwargs):  # noqa: ANN001 (the Trainer's signature)
-            self.bar = Progress(f"{s.name} seed {s.seed}", state.max_steps, initial=state.global_step)
+            self.bar = Progress(f"{s.name} seed {s.seed}", state.max_steps, initial=state.global_step,
+                                disable=not state.is_world_process_zero)
 
         def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001
             now = time.perf_counter()
@@ -565,7 +592,10 @@ def _callbacks(s: Setup) -> list[Any]:
             self.bar.update(1)
             budget = s.cfg["time_budget_minutes"]
             if budget is not None and state.global_step < state.max_steps:
-                if budget * 60 - (now - self.t0) < 3 * self.step_s + 5:  # room for one more step and a save
+                short = torch.tensor([float(budget * 60 - (now - self.t0) < 3 * self.step_s + 5)], device=args.device)
+                if torch.distributed.is_initialized():  # under torchrun every process stops at the same step
+                    torch.distributed.all_reduce(short, op=torch.distributed.ReduceOp.MAX)
+                if short.item():  # no room for one more step and a save
                     self.out_of_time = control.should_save = control.should_training_stop = True
 
         def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ANN001
@@ -646,7 +676,7 @@ def train(s: Setup) -> dict[str, Any]:
     last = get_last_checkpoint(str(output_dir)) if cfg["resume"] and output_dir.is_dir() else None
     if last and TrainerState.load_from_json(os.path.join(last, "trainer_state.json")).global_step >= cfg["steps"]:
         return _restore_finished(s, Path(last))  # resuming there, the Trainer would take one step too many
-    if cfg["wandb"]:
+    if cfg["wandb"] and _rank() == 0:
         tracking.init_wandb(s.run_dir, f"{s.name}-seed-{s.seed}", cfg)
     callbacks = _callbacks(s)
     trainer = _trainer_class()(
@@ -842,3 +872,40 @@ def merge(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike, base_model
         tok.save_pretrained(d)
 
     return replace_dir(Path(out_dir), save)
+
+
+# ---------------------------------------------------------------------------------------------
+# command line (what torchrun launches for DDP)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m nblib.finetune`` / ``torchrun --standalone --nproc_per_node=2 -m nblib.finetune``:
+    one seed of one variant. Under torchrun the Trainer runs DDP (``batch_size`` is per process);
+    rank 0 alone saves the adapter, the merged model and the summary."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m nblib.finetune", description="Fine-tune one variant (one process or DDP under torchrun).")
+    parser.add_argument("--profile", default="auto", help="smoke, full, dry-run or auto")
+    parser.add_argument("--variant", help=f"one of {', '.join(VARIANTS)} (default: the profile's)")
+    parser.add_argument("--seed", type=int, help="the seed to train (default: the first of `seeds`)")
+    parser.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE", help="a setting; VALUE is read as YAML")
+    args = parser.parse_args(argv)
+    try:
+        overrides = config.parse_params(args.param)
+    except ValueError as e:
+        parser.error(str(e))
+    cfg = config.settings(STAGE, args.profile, variant=args.variant, **overrides)
+    s = setup(cfg, args.seed)
+    before = evaluate(s)
+    trained = train(s)
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    if _rank() == 0:
+        after = evaluate(s)
+        finish(s, before, after, trained)
+        print(f"{s.name} seed {s.seed}: {trained['steps']} steps on {world} process(es), eval loss "
+              f"{before['loss']:.6f} -> {after['loss']:.6f}, finished={trained['finished']}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -60,6 +60,7 @@ CATALOGUE: dict[int, str] = {
 GUTENBERG_URL = "https://www.gutenberg.org"
 USER_AGENT = "machado-gpt/0.1 (nblib.ingest)"
 MANIFEST = "manifest.json"
+SAMPLE = "sample"  # a qa_files value: the source's hub-schema sample (nblib/qa/samples)
 
 
 class IngestError(RuntimeError):
@@ -476,7 +477,8 @@ def ingest(cfg: dict[str, Any], root: str | Path | None = None) -> dict[str, Any
     for name, limit in cfg["qa"].items():
         try:
             file = cfg["qa_files"].get(name)
-            fetch_qa(name, limit, store, file=config.resolve(file) if file else None, mirror=mirror)
+            path = qa.get(name).sample_file if file == SAMPLE else config.resolve(file) if file else None
+            fetch_qa(name, limit, store, file=path, mirror=mirror)
         except IngestError as e:
             errors.append(str(e))
     manifest = store.finish()

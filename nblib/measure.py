@@ -19,6 +19,7 @@ import statistics
 import tempfile
 import time
 from dataclasses import replace
+from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 import pandas as pd
@@ -344,22 +345,17 @@ def finetune_cost(cfg: dict[str, Any], variants: Sequence[str], steps: int = 2, 
     One column per variant; rows ``footprint_mib``, ``trainable_params``, ``total_params``,
     ``peak_memory_mib``, ``step_seconds``.
     """
-    from transformers import GPT2Config, GPT2LMHeadModel
-
     from nblib import finetune
-    from nblib.tokenizer import hf_tokenizer
 
     dev = machine.detect(device)
     batch_size, length = batch_size or cfg["batch_size"], length or cfg["max_length"]
     out: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory(prefix="nblib-gpt2-small-") as tmp:
-        torch.manual_seed(0)
-        GPT2LMHeadModel(GPT2Config()).save_pretrained(tmp)
-        hf_tokenizer().save_pretrained(tmp)
+        base = str(finetune.random_base(Path(tmp) / "gpt2-small"))
         for name in variants:
             v = finetune.variant(name)
-            model = finetune.load_base(tmp, v.mode, dev)
-            tok = finetune.load_tokenizer(tmp)
+            model = finetune.load_base(base, v.mode, dev)
+            tok = finetune.load_tokenizer(base)
             ids = finetune.add_special_tokens(model, tok)
             if v.lora:
                 model = finetune.wrap_lora(model, cfg, [*ids, tok.eos_token_id], v.mode)

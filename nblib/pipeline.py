@@ -1,6 +1,7 @@
 """Run the notebooks in order, headlessly, with papermill.
 
     python -m nblib.pipeline --profile smoke [--only STAGE[,STAGE]] [--from STAGE] [-p key=value]
+    python -m nblib.pipeline --profile full --dry-run   # every full-size shape, 2 steps each, on a CPU
 
 Each stage's own progress (step, loss, ETA) shows live while it runs; warnings a stage printed
 are repeated in the pipeline's output; the run ends with where the results are and the report's
@@ -8,6 +9,11 @@ headline figures. Executed copies are kept in ``runs/pipeline-<timestamp>/`` wit
 ``pipeline.json`` status file. A failing cell, a kernel that dies (an out-of-memory kill) or
 Ctrl-C stops the run: ``pipeline.json`` marks the stage failed or interrupted and names the last
 cell that started, and the command exits 1.
+
+``--dry-run`` runs the notebooks in the ``dry-run`` profile: the full profile with each stage
+file's ``dry-run:`` changes (a handful of steps, one seed, small measurement sweeps), plus GPT-2
+small's pretraining shape and every fine-tune variant the machine supports (:func:`dry_run_stages`),
+in its own working root (``<root>/dry-run`` unless ``--home`` is given).
 """
 from __future__ import annotations
 
@@ -24,7 +30,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, TextIO
 
-import yaml
 
 from nblib import config, progress
 from nblib.files import write_json
@@ -57,10 +62,10 @@ class StageFailed(RuntimeError):
     """A notebook raised, its kernel died, or the run was interrupted; the message says where and why."""
 
 
-def select(only: str | None = None, start: str | None = None) -> list[Stage]:
+def select(only: str | None = None, start: str | None = None, stages: tuple[Stage, ...] = STAGES) -> list[Stage]:
     """Stages to run. ``only`` is a comma list; each item matches a stage name or its prefix
     (``05`` selects every fine-tune variant). ``start`` runs from the first match onwards."""
-    stages = list(STAGES)
+    stages = list(stages)
 
     def matches(key: str) -> list[Stage]:
         exact = [s for s in stages if s.name == key]
@@ -75,18 +80,6 @@ def select(only: str | None = None, start: str | None = None) -> list[Stage]:
         wanted = {s.name for key in only.split(",") if key.strip() for s in matches(key.strip())}
         stages = [s for s in stages if s.name in wanted]
     return stages
-
-
-def parse_params(items: list[str]) -> dict[str, Any]:
-    """``key=value`` strings to a dict; values are read as YAML (``3``, ``0.1``, ``true``, ``[a, b]``);
-    numbers YAML reads as text (``1e-4``) are converted by the stage's settings schema."""
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"parameter {item!r} is not key=value")
-        out[key.strip()] = yaml.safe_load(value)
-    return out
 
 
 def stage_params(stage: Stage, profile: str, user: dict[str, Any], declared: set[str]) -> dict[str, Any]:
@@ -252,6 +245,41 @@ def run_stage(stage: Stage, out_dir: Path, params: dict[str, Any], progress_on: 
     return output
 
 
+def dry_run_stages() -> tuple[Stage, ...]:
+    """The stages of ``--dry-run``: every stage, GPT-2 small's pretraining (03 with the
+    ``gpt2-small`` preset, as ``pretrain-gpt2-small``), and the fine-tune in every variant this
+    machine supports; the compare stage reads the MHA/GQA pair and those fine-tunes, the chat
+    stage talks to the first of them."""
+    from nblib import finetune, machine
+
+    def supported(name: str) -> bool:
+        if finetune.variant(name).mode != "8bit":
+            return True
+        try:
+            machine.check_8bit()
+        except RuntimeError:
+            return False
+        return True
+
+    variants = [v for v in finetune.VARIANTS if supported(v)]
+    seed = config.settings("finetune", config.DRY_RUN)["seeds"][0]
+    by_name = {s.name: s for s in STAGES}
+    return (
+        *(by_name[n] for n in ("01_ingest", "02_clean", "03_train_mha")),
+        Stage("03_train_gpt2_small", "03_train_mha.ipynb", {"preset": "gpt2-small", "name": "pretrain-gpt2-small"}),
+        by_name["04_train_gqa"],
+        *(Stage(f"05_finetune_{v.replace('-', '_')}", "05_finetune_lora_8bit.ipynb", {"variant": v}) for v in variants),
+        Stage("06_compare", "06_compare.ipynb", {"runs": ["pretrain-mha", "pretrain-gqa", *(f"finetune-{v}" for v in variants)]}),
+        Stage("07_chat_demo", "07_chat_demo.ipynb", {"model": f"runs/finetune-{variants[0]}/seed-{seed}/merged"}),
+    )
+
+
+def dry_run_settings() -> dict[str, dict[str, Any]]:
+    """Each stage file's ``dry-run:`` changes to the full profile (what pipeline.json records)."""
+    tables = {path.stem: config.profile_table(path.stem) for path in sorted(config.PROFILE_DIR.glob("*.yaml"))}
+    return {stage: table[config.DRY_RUN] for stage, table in tables.items() if table.get(config.DRY_RUN)}
+
+
 def run(
     profile: str = "smoke",
     only: str | None = None,
@@ -260,14 +288,18 @@ def run(
     out_dir: Path | None = None,
     progress: bool = True,
     time_budget_minutes: float | None = None,
+    dry_run: bool = False,
 ) -> dict[str, Any]:
     """Run the selected stages in order; returns the status dict also saved as ``pipeline.json``.
 
     ``time_budget_minutes`` is the whole session's: each stage that declares
     ``time_budget_minutes`` gets what is left of it, so a Kaggle session ends with checkpoints.
+    ``dry_run`` (with ``profile="full"``) runs :func:`dry_run_stages` in the ``dry-run`` profile.
     """
-    profile = config.resolve_profile(profile)
-    stages = select(only, start)
+    if dry_run and profile != "full":
+        raise ValueError(f"a dry run is of the full profile: use --profile full --dry-run (not --profile {profile})")
+    profile = config.DRY_RUN if dry_run else config.resolve_profile(profile)
+    stages = select(only, start, dry_run_stages() if dry_run else STAGES)
     user = params or {}
     declared = {s.notebook: declared_parameters(NOTEBOOKS / s.notebook) for s in stages}
     check_user_params(stages, user, declared)
@@ -275,6 +307,12 @@ def run(
     out_dir = out_dir or config.paths().runs / f"pipeline-{stamp}"
     out_dir.mkdir(parents=True, exist_ok=True)
     status: dict[str, Any] = {"profile": profile, "home": str(config.home()), "started": stamp, "stages": []}
+    if dry_run:
+        from nblib import finetune
+
+        status["dry_run"] = dry_run_settings()
+        if any(s.notebook.startswith("05_") for s in stages):
+            finetune.random_base(config.resolve(config.settings("finetune", config.DRY_RUN)["base_model"]))
     t_start = time.perf_counter()
     for i, stage in enumerate(stages, 1):
         print(f"[{i}/{len(stages)}] {stage.name} ...", flush=True)
@@ -354,17 +392,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="folder for executed notebooks (default runs/pipeline-<time>)")
     parser.add_argument("--list", action="store_true", help="list the stages and exit")
     parser.add_argument("--no-progress", action="store_true", help="no live progress lines")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="with --profile full: every stage at full size for a handful of steps, on any machine "
+                             "(working root <root>/dry-run unless --home)")
     args = parser.parse_args(argv)
     if args.list:
-        for s in STAGES:
+        for s in dry_run_stages() if args.dry_run else STAGES:
             fixed = ", ".join(f"{k}={v}" for k, v in s.params.items())
             print(f"{s.name:<24} notebooks/{s.notebook}" + (f"  ({fixed})" if fixed else ""))
         return 0
-    if args.home:
-        os.environ["NBLIB_HOME"] = str(Path(args.home).resolve())
+    if args.home or args.dry_run:
+        os.environ["NBLIB_HOME"] = str(Path(args.home).resolve() if args.home else config.home() / "dry-run")
     try:
-        status = run(args.profile, args.only, args.start, parse_params(args.param), args.out, not args.no_progress,
-                     args.time_budget_minutes)
+        status = run(args.profile, args.only, args.start, config.parse_params(args.param), args.out, not args.no_progress,
+                     args.time_budget_minutes, args.dry_run)
     except (StageFailed, ValueError, FileNotFoundError) as e:
         print(f"pipeline stopped: {e}", file=sys.stderr)
         return 1

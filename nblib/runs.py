@@ -37,7 +37,7 @@ COMMON: dict[str, tuple[tuple[type, ...] | type, str]] = {
     "variant": (str, "mha | gqa | mqa, or a fine-tune variant such as lora-8bit"),
     "label": (str, "how reports name the variant: MHA, LoRA + 8-bit, ..."),
     "folder": (str, "this run's folder, relative to the working root"),
-    "profile": (str, "smoke | full"),
+    "profile": (str, "smoke | full | dry-run"),
     "seed": (int, "the seed of this run"),
     "config": (dict, "every setting the run was trained with"),
     "machine": (dict, "nblib.machine.info(): CPU, GPU, library versions"),

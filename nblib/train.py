@@ -8,7 +8,8 @@ writes the summary (and the Hugging Face export of an MHA model).
 
 AdamW (decay on matrices only), linear warmup + cosine decay, gradient accumulation and
 clipping, the precision policy of ``nblib.machine`` (fp32 on CPU, bf16 or fp16 + grad scaler on
-GPUs), optional ``torch.compile``, DDP under ``torchrun``. A run is
+GPUs), optional ``torch.compile``, DDP under ``torchrun`` (:func:`launch` starts it from a notebook
+on every visible GPU). A run is
 ``runs/<name>/seed-<seed>/``: ``metrics.jsonl``, ``summary.json`` (``nblib.runs``' schema),
 ``ckpt.pt`` (the full training state, with ``ckpt.prev.pt`` the one before it) and ``best.pt``
 (weights at the best val loss). Calling :func:`run` again with the same settings resumes; where a
@@ -16,10 +17,16 @@ session stops (``stop_at``, ``time_budget_minutes``) never changes which steps a
 """
 from __future__ import annotations
 
+import io
+import json
 import math
 import os
 import shutil
+import signal
+import subprocess
+import sys
 import time
+from collections import deque
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -577,6 +584,90 @@ def summary(s: Session, finished: bool, reason: str | None, hf_dir: Path | None)
 
 
 # ---------------------------------------------------------------------------------------------
+# every visible GPU: torchrun from a notebook
+
+
+def world_size(cfg: Mapping[str, Any], processes: int | None = None) -> int:
+    """DDP processes for a run: ``processes`` when given (2 on a CPU runs gloo), else one per visible
+    GPU (``nblib.machine``), as many as divide ``grad_accum_steps`` (each takes an equal share)."""
+    device, accum = machine.detect(), cfg["grad_accum_steps"]
+    gpus = device.count if device.type == "cuda" else 1
+    if processes is None:
+        return max(n for n in range(1, gpus + 1) if accum % n == 0)
+    if processes < 1 or (device.type == "cuda" and processes > gpus):
+        raise config.SettingsError(f"processes={processes}: this machine has {gpus} {device.name} GPU(s) to train on")
+    if accum % processes:
+        raise config.SettingsError(f"processes={processes} must divide grad_accum_steps={accum} (each process takes "
+                                   "an equal share of the micro-batches)")
+    return processes
+
+
+def torchrun_command(cfg: Mapping[str, Any], processes: int, seed: int, name: str, overwrite: bool = False) -> list[str]:
+    """``torchrun --standalone --nproc_per_node=N -m nblib.train`` for these settings: the profile,
+    the preset and, as ``-p``, every setting that differs from them."""
+    profile, preset = cfg["profile"], cfg.get("preset")
+    defaults = config.settings(STAGE, profile, preset)
+    changed = {k: v for k, v in cfg.items() if k not in ("profile", "preset", "seed") and v != defaults[k]}
+    if config.settings(STAGE, profile, preset, **changed) != {k: v for k, v in cfg.items() if k != "seed"}:
+        unsent = sorted(k for k, v in changed.items() if v is None)
+        raise config.SettingsError(f"settings {', '.join(unsent)} are null where the profile sets them; torchrun "
+                                   "cannot be given null (-p ignores it): set a value")
+    return [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+        "-m", "nblib.train", "--profile", profile, *(["--preset", preset] if preset else []),
+        "--seed", str(seed), "--name", name, *(["--overwrite"] if overwrite else []),
+        *(arg for k, v in changed.items() for arg in ("-p", f"{k}={json.dumps(v)}")),
+    ]
+
+
+def launch(
+    cfg: Mapping[str, Any],
+    seed: int | None = None,
+    name: str | None = None,
+    paths: config.Paths | None = None,
+    *,
+    overwrite: bool = False,
+    processes: int | None = None,
+) -> dict[str, Any]:
+    """Pretrain one seed on every visible GPU; returns its ``summary.json`` like :func:`run`.
+
+    One process (one GPU, a CPU, or already inside torchrun) trains here with :func:`run`; more
+    (:func:`world_size`) run :func:`torchrun_command` as a child whose output is streamed here.
+    A child that fails raises with its last lines; Ctrl-C stops it (the run resumes from its last
+    checkpoint next time).
+    """
+    n = 1 if "WORLD_SIZE" in os.environ else world_size(cfg, processes)
+    if n == 1:
+        return run(cfg, seed, name, paths, overwrite=overwrite)
+    paths = paths or config.paths()
+    seed = cfg["seeds"][0] if seed is None else int(seed)
+    name = name or default_name(cfg)
+    command = torchrun_command(cfg, n, seed, name, overwrite)
+    print(f"{name} seed {seed}: {n} DDP processes (torchrun)", flush=True)
+    stream(command, {**os.environ, "NBLIB_HOME": str(paths.home)})
+    return runs.read_summary(runs.folder(name, seed, paths))
+
+
+def stream(command: list[str], env: Mapping[str, str]) -> None:
+    """Run ``command``, passing its output through as it comes (``\r`` progress updates included);
+    a failure raises with the processes' last lines (torchrun prefixes them ``[rankN]:``)."""
+    tail: deque[str] = deque(maxlen=12)
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=dict(env)) as child:
+        try:
+            for line in io.TextIOWrapper(child.stdout, encoding="utf-8", errors="replace", newline=""):
+                print(line, end="", flush=True)
+                if line.startswith("[rank"):
+                    tail.append(line.rstrip())
+        except KeyboardInterrupt:
+            child.send_signal(signal.SIGINT)  # torchrun passes it to every process
+            child.wait()
+            raise
+    if child.returncode:
+        raise RuntimeError(f"torchrun exited with status {child.returncode} (its output is above); the processes' "
+                           "last lines:\n" + "\n".join(tail))
+
+
+# ---------------------------------------------------------------------------------------------
 # command line (what torchrun launches for multi-GPU runs)
 
 
@@ -584,10 +675,8 @@ def main(argv: list[str] | None = None) -> int:
     """``python -m nblib.train`` / ``torchrun --standalone --nproc_per_node=2 -m nblib.train``."""
     import argparse
 
-    import yaml
-
     parser = argparse.ArgumentParser(prog="python -m nblib.train", description="Pretrain a GPT (one process or DDP under torchrun).")
-    parser.add_argument("--profile", default="auto", help="smoke, full or auto")
+    parser.add_argument("--profile", default="auto", help="smoke, full, dry-run or auto")
     parser.add_argument("--preset", help="named sizes from profiles/train.yaml, e.g. gpt2-small")
     parser.add_argument("--seed", type=int, help="the seed to train (default: the first of `seeds`)")
     parser.add_argument("--name", help="variant folder under runs/ (default pretrain-<variant>)")
@@ -595,12 +684,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stop-at", type=int, help="end this session after this step (the run resumes later)")
     parser.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE", help="a setting; VALUE is read as YAML")
     args = parser.parse_args(argv)
-    overrides = {}
-    for item in args.param:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            parser.error(f"-p {item!r} is not KEY=VALUE")
-        overrides[key.strip()] = yaml.safe_load(value)
+    try:
+        overrides = config.parse_params(args.param)
+    except ValueError as e:
+        parser.error(str(e))
     cfg = config.settings(STAGE, args.profile, args.preset, **overrides)
     summary = run(cfg, args.seed, args.name, overwrite=args.overwrite, stop_at=args.stop_at)
     if int(os.environ.get("RANK", "0")) == 0:

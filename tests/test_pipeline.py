@@ -13,7 +13,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from nblib import pipeline
+from nblib import config, pipeline
 from nblib.pipeline import Stage
 
 _spec = importlib.util.spec_from_file_location("sync", Path(__file__).resolve().parents[1] / "tools" / "sync_notebook_outputs.py")
@@ -57,10 +57,10 @@ def test_select_by_name_prefix_and_from():
 
 
 def test_parse_params_reads_yaml_values():
-    assert pipeline.parse_params(["a=3", "b=0.5", "c=true", "d=[1, 2]", "e=texto", "x.y=1"]) == {
+    assert config.parse_params(["a=3", "b=0.5", "c=true", "d=[1, 2]", "e=texto", "x.y=1"]) == {
         "a": 3, "b": 0.5, "c": True, "d": [1, 2], "e": "texto", "x.y": 1}
     with pytest.raises(ValueError, match="not key=value"):
-        pipeline.parse_params(["oops"])
+        config.parse_params(["oops"])
 
 
 def test_pipeline_runs_stages_in_order_with_params(tiny, tmp_path):
@@ -169,7 +169,7 @@ def test_readme_parameter_example_is_declared():
     """The README's `-p 05_finetune_full.learning_rate=1e-4` reaches the notebook."""
     stages = pipeline.select(start="05")
     declared = {s.notebook: pipeline.declared_parameters(pipeline.NOTEBOOKS / s.notebook) for s in stages}
-    user = pipeline.parse_params(["05_finetune_full.learning_rate=1e-4"])
+    user = config.parse_params(["05_finetune_full.learning_rate=1e-4"])
     pipeline.check_user_params(stages, user, declared)
     full = next(s for s in stages if s.name == "05_finetune_full")
     assert pipeline.stage_params(full, "smoke", user, declared[full.notebook])["learning_rate"] == "1e-4"
