@@ -30,7 +30,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, TextIO
 
-
 from nblib import config, progress
 from nblib.files import write_json
 

@@ -11,8 +11,8 @@ clipping, the precision policy of ``nblib.machine`` (fp32 on CPU, bf16 or fp16 +
 GPUs), optional ``torch.compile``, DDP under ``torchrun`` (:func:`launch` starts it from a notebook
 on every visible GPU). A run is
 ``runs/<name>/seed-<seed>/``: ``metrics.jsonl``, ``summary.json`` (``nblib.runs``' schema),
-``ckpt.pt`` (the full training state, with ``ckpt.prev.pt`` the one before it) and ``best.pt``
-(weights at the best val loss). Calling :func:`run` again with the same settings resumes; where a
+``ckpt.pt`` (the full training state, with ``ckpt.prev.pt`` the one before it; both deleted once the
+run finishes) and ``best.pt`` (weights at the best val loss). Calling :func:`run` again with the same settings resumes; where a
 session stops (``stop_at``, ``time_budget_minutes``) never changes which steps are evaluated.
 """
 from __future__ import annotations
@@ -552,6 +552,9 @@ def finish(s: Session, reason: str) -> dict[str, Any]:
     result = summary(s, finished, reason, hf_dir)
     if s.ddp.master:
         result = runs.write_summary(s.run_dir, result)
+        if finished:  # a finished run never resumes: its training state only takes disk (Kaggle keeps 20 GB)
+            for name in (CKPT, PREV):
+                (s.run_dir / name).unlink(missing_ok=True)
     return result
 
 

@@ -173,7 +173,6 @@ def test_readme_parameter_example_is_declared():
     pipeline.check_user_params(stages, user, declared)
     full = next(s for s in stages if s.name == "05_finetune_full")
     assert pipeline.stage_params(full, "smoke", user, declared[full.notebook])["learning_rate"] == "1e-4"
-    from nblib import config
     assert config.settings("finetune", "smoke", learning_rate="1e-4")["learning_rate"] == 1e-4
 
 

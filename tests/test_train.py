@@ -114,12 +114,10 @@ def test_run_writes_the_run_folder_contract(corpus_home: Path):
     assert ckpt["val_loss"] == summary["best_val_loss"] and best.config.n_kv_head == 4
     assert (run / "hf" / "model.safetensors").is_file() and (run / "hf" / "tokenizer.json").is_file()
     assert list((run / "wandb").glob("offline-run-*"))  # W&B ran, offline, inside the run folder
-    stamp = (run / "ckpt.pt").stat().st_mtime_ns
+    assert not (run / "ckpt.pt").exists() and not (run / "ckpt.prev.pt").exists()  # a finished run keeps no training state
+    stamp = (run / "best.pt").stat().st_mtime_ns
     assert train.run(cfg, progress=False) == summary  # a finished run is returned, not retrained
-    assert (run / "ckpt.pt").stat().st_mtime_ns == stamp
-    (run / "ckpt.pt").unlink()
-    (run / "ckpt.prev.pt").unlink()  # a finished run whose checkpoints were deleted to save disk: still returned
-    assert train.run(cfg, progress=False) == summary
+    assert (run / "best.pt").stat().st_mtime_ns == stamp
 
 
 def test_each_seed_is_its_own_run(corpus_home: Path):
