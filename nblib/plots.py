@@ -8,6 +8,7 @@ so any stage can draw them and tests can feed them directly.
 from __future__ import annotations
 
 import math
+import textwrap
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -140,7 +141,7 @@ def val_loss(groups: Mapping[str, list[list[dict[str, Any]]]]) -> Figure:
 
 def kv_cache(per_token: Mapping[str, float], max_context: int = 8192) -> Figure:
     """KV-cache MiB per sequence against context length, one line per variant (``label -> bytes per token``)."""
-    fig = _figure(5.6, 3.6)
+    fig = _figure(9, 3.4)  # as wide as the report's other figures, so its type renders the same size
     ax = fig.subplots()
     contexts = [2**k for k in range(7, int(math.log2(max_context)) + 1)]
     for label, bytes_per_token in per_token.items():
@@ -164,7 +165,7 @@ def bars(panels: Mapping[str, Mapping[str, tuple[float, float, float]]], ylabel:
         hi = np.array([values[n][2] for n in names], float)
         err = np.vstack([np.clip(mid - lo, 0, None), np.clip(hi - mid, 0, None)])
         ax.bar(names, mid, yerr=np.nan_to_num(err), capsize=3, color=[f"C{i}" for i in range(len(names))])
-        ax.set_title(title, fontsize=9)
+        ax.set_title(textwrap.fill(title, 34), fontsize=9)  # long titles wrap instead of running into the next panel
         ax.set_ylabel(ylabel if title not in log else f"{ylabel} (log scale)")
         ax.tick_params(axis="x", labelsize=8, labelrotation=15)
         if title in log:

@@ -21,6 +21,7 @@ import io
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -653,21 +654,30 @@ def launch(
 
 def stream(command: list[str], env: Mapping[str, str]) -> None:
     """Run ``command``, passing its output through as it comes (``\r`` progress updates included);
-    a failure raises with the processes' last lines (torchrun prefixes them ``[rankN]:``)."""
+    a failure raises with each process's exception (torchrun prefixes lines ``[rankN]:``), rank 0's
+    first, then the last lines."""
     tail: deque[str] = deque(maxlen=12)
+    errors: dict[int, str] = {}
     with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=dict(env)) as child:
         try:
             for line in io.TextIOWrapper(child.stdout, encoding="utf-8", errors="replace", newline=""):
                 print(line, end="", flush=True)
                 if line.startswith("[rank"):
                     tail.append(line.rstrip())
+                    error = RANK_ERROR.match(line)
+                    if error:
+                        errors[int(error["rank"])] = line.rstrip()
         except KeyboardInterrupt:
             child.send_signal(signal.SIGINT)  # torchrun passes it to every process
             child.wait()
             raise
     if child.returncode:
-        raise RuntimeError(f"torchrun exited with status {child.returncode} (its output is above); the processes' "
-                           "last lines:\n" + "\n".join(tail))
+        raised = "\n".join(errors[rank] for rank in sorted(errors)) or "(no exception line)"
+        raise RuntimeError(f"torchrun exited with status {child.returncode} (its output is above):\n{raised}\n"
+                           "the processes' last lines:\n" + "\n".join(tail))
+
+
+RANK_ERROR = re.compile(r"\[rank(?P<rank>\d+)\]: [A-Za-z_][\w.]*(Error|Exception|Interrupt)\b")
 
 
 # ---------------------------------------------------------------------------------------------

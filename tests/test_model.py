@@ -287,6 +287,23 @@ def test_attend_matches_reference(n_kv_head, start, T):
     torch.testing.assert_close(attend(q, k, v, start), reference_attention(q, k, v, start), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("threads", [1, 4])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_decode_attention_matches_reference_on_both_cpu_paths(batch, threads):
+    """CPU decode folds query groups when batch x K/V heads gives every thread a task and takes
+    enable_gqa otherwise (MQA at batch 1); both paths are exact."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for n_kv_head in (8, 2, 1):
+            g = torch.Generator().manual_seed(batch * 10 + n_kv_head)
+            q = torch.randn(batch, 8, 1, 16, generator=g)
+            k, v = (torch.randn(batch, n_kv_head, 12, 16, generator=g) for _ in range(2))
+            torch.testing.assert_close(attend(q, k, v, 11), reference_attention(q, k, v, 11), atol=1e-5, rtol=1e-5)
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("n_kv_head", [4, 2, 1])
 def test_model_matches_reference_with_and_without_cache(n_kv_head):
     model = tiny(n_kv_head)

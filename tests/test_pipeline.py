@@ -59,7 +59,7 @@ def test_select_by_name_prefix_and_from():
 def test_parse_params_reads_yaml_values():
     assert config.parse_params(["a=3", "b=0.5", "c=true", "d=[1, 2]", "e=texto", "x.y=1"]) == {
         "a": 3, "b": 0.5, "c": True, "d": [1, 2], "e": "texto", "x.y": 1}
-    with pytest.raises(ValueError, match="not key=value"):
+    with pytest.raises(ValueError, match="not KEY=VALUE"):
         config.parse_params(["oops"])
 
 

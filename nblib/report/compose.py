@@ -41,7 +41,7 @@ def _footprint_note(comparison: Comparison) -> str:
         s = g.summary
         share = s.get("embedding_params", 0) / s["total_params"] if s["total_params"] else 0
         if s["mode"] in ("8bit", "4bit") and share > 0.5:
-            return (f"The {s['mode']} footprint is close to the 32-bit one here because {share:.0%} of the model's "
+            return (f"The {s['mode'].replace('bit', '-bit')} footprint is close to the 32-bit one here because {share:.0%} of the model's "
                     f"{s['total_params']:,} parameters are the token embedding, which bitsandbytes keeps in full precision "
                     "(it quantises the linear layers only). On GPT-2 small the linear layers dominate: see the cost at real "
                     "scale below.")

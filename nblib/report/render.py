@@ -196,13 +196,16 @@ def text_columns(table: pd.DataFrame) -> set[Any]:
     return {c for c in table.columns if all(isinstance(v, str) for v in table[c])}
 
 
+LONG_CELL = 40  # characters: a longer cell (a sentence among figures) wraps like a text column
+
+
 def html_table(table: pd.DataFrame, flagged: tuple[str, ...] = ()) -> str:
-    """Rows of formatted cells; text-only columns are left-aligned and wrap; flagged columns red."""
+    """Rows of formatted cells; text-only columns and long cells are left-aligned and wrap; flagged columns red."""
     shown, texts = format_table(table), text_columns(table)
 
-    def cls(col: Any, header: bool = False) -> str:
+    def cls(col: Any, header: bool = False, value: str = "") -> str:
         names = []
-        if col in texts:
+        if col in texts or len(value) > LONG_CELL:
             names.append("text")
         elif RATIO in str(col) and not header:
             names.append("ratio")
@@ -215,7 +218,7 @@ def html_table(table: pd.DataFrame, flagged: tuple[str, ...] = ()) -> str:
     rows = []
     for key, (_, vals) in zip(table.index, shown.iterrows()):
         cells = [f'<th scope="row" class="name">{html.escape(label(key))}</th>']
-        cells += [f"<td{cls(col)}>{html.escape(vals[col])}</td>" for col in table.columns]
+        cells += [f"<td{cls(col, value=vals[col])}>{html.escape(vals[col])}</td>" for col in table.columns]
         rows.append("<tr>" + "".join(cells) + "</tr>")
     return f"<table><thead><tr>{''.join(head)}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
 
