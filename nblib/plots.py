@@ -156,8 +156,12 @@ def kv_cache(per_token: Mapping[str, float], max_context: int = 8192) -> Figure:
 
 def bars(panels: Mapping[str, Mapping[str, tuple[float, float, float]]], ylabel: str, log: Sequence[str] = ()) -> Figure:
     """One bar panel per measure: ``{title: {variant: (median, low, high)}}``, the error bar spanning low–high."""
-    fig = _figure(max(3.2 * len(panels), 4), 3.4)
-    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    cols = min(len(panels), 2)  # two panels a row: four in one row are unreadable on a phone
+    rows = math.ceil(len(panels) / cols)
+    fig = _figure(4.2 * cols, 3.2 * rows)
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    for ax in axes[len(panels):]:
+        ax.set_axis_off()
     for ax, (title, values) in zip(axes, panels.items()):
         names = list(values)
         mid = np.array([values[n][0] for n in names], float)

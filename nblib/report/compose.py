@@ -31,7 +31,7 @@ def _same_continuation_note(samples: pd.DataFrame) -> str:
     stuck = [c for c in samples.columns if samples[c].nunique() == 1 and len(samples) > 1]
     if not stuck:
         return ""
-    return (f"{', '.join(stuck)} continue every prompt with the same text: at this size and training the model does not "
+    return (f"{', '.join(stuck)} {'continues' if len(stuck) == 1 else 'continue'} every prompt with the same text: at this size and training the model does not "
             "yet condition on its prompt, it writes its most likely sequence whatever came before.")
 
 
