@@ -15,6 +15,7 @@ Schema specs, one per setting: ``bool``, ``text``, ``mapping``, ``list of int``,
 """
 from __future__ import annotations
 
+import argparse
 import difflib
 import math
 import os
@@ -324,6 +325,23 @@ def parse_params(items: list[str]) -> dict[str, Any]:
             raise ValueError(f"parameter {item!r} is not KEY=VALUE")
         out[key.strip()] = yaml.safe_load(value)
     return out
+
+
+def stage_arguments(prog: str, description: str) -> argparse.ArgumentParser:
+    """The command line every training stage shares: ``--profile``, ``--seed`` and ``-p KEY=VALUE``."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--profile", default="auto", help="smoke, full, dry-run or auto")
+    parser.add_argument("--seed", type=int, help="the seed to train (default: the first of `seeds`)")
+    parser.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE", help="a setting; VALUE is read as YAML")
+    return parser
+
+
+def stage_overrides(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict[str, Any]:
+    """The ``-p`` settings of a :func:`stage_arguments` command line; a malformed one is a usage error."""
+    try:
+        return parse_params(args.param)
+    except ValueError as e:
+        parser.error(str(e))
 
 
 def set_seed(seed: int) -> None:

@@ -882,18 +882,10 @@ def main(argv: list[str] | None = None) -> int:
     """``python -m nblib.finetune`` / ``torchrun --standalone --nproc_per_node=2 -m nblib.finetune``:
     one seed of one variant. Under torchrun the Trainer runs DDP (``batch_size`` is per process);
     rank 0 alone saves the adapter, the merged model and the summary."""
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="python -m nblib.finetune", description="Fine-tune one variant (one process or DDP under torchrun).")
-    parser.add_argument("--profile", default="auto", help="smoke, full, dry-run or auto")
+    parser = config.stage_arguments("python -m nblib.finetune", "Fine-tune one variant (one process or DDP under torchrun).")
     parser.add_argument("--variant", help=f"one of {', '.join(VARIANTS)} (default: the profile's)")
-    parser.add_argument("--seed", type=int, help="the seed to train (default: the first of `seeds`)")
-    parser.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE", help="a setting; VALUE is read as YAML")
     args = parser.parse_args(argv)
-    try:
-        overrides = config.parse_params(args.param)
-    except ValueError as e:
-        parser.error(str(e))
+    overrides = config.stage_overrides(parser, args)
     cfg = config.settings(STAGE, args.profile, variant=args.variant, **overrides)
     s = setup(cfg, args.seed)
     before = evaluate(s)

@@ -686,21 +686,13 @@ RANK_ERROR = re.compile(r"\[rank(?P<rank>\d+)\]: [A-Za-z_][\w.]*(Error|Exception
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m nblib.train`` / ``torchrun --standalone --nproc_per_node=2 -m nblib.train``."""
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="python -m nblib.train", description="Pretrain a GPT (one process or DDP under torchrun).")
-    parser.add_argument("--profile", default="auto", help="smoke, full, dry-run or auto")
+    parser = config.stage_arguments("python -m nblib.train", "Pretrain a GPT (one process or DDP under torchrun).")
     parser.add_argument("--preset", help="named sizes from profiles/train.yaml, e.g. gpt2-small")
-    parser.add_argument("--seed", type=int, help="the seed to train (default: the first of `seeds`)")
     parser.add_argument("--name", help="variant folder under runs/ (default pretrain-<variant>)")
     parser.add_argument("--overwrite", action="store_true", help="discard an existing run of this name and seed")
     parser.add_argument("--stop-at", type=int, help="end this session after this step (the run resumes later)")
-    parser.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE", help="a setting; VALUE is read as YAML")
     args = parser.parse_args(argv)
-    try:
-        overrides = config.parse_params(args.param)
-    except ValueError as e:
-        parser.error(str(e))
+    overrides = config.stage_overrides(parser, args)
     cfg = config.settings(STAGE, args.profile, args.preset, **overrides)
     summary = run(cfg, args.seed, args.name, overwrite=args.overwrite, stop_at=args.stop_at)
     if int(os.environ.get("RANK", "0")) == 0:
