@@ -210,6 +210,22 @@ def test_committed_notebooks_are_clean(notebook):
         assert any("image/png" in o.get("data", {}) for o in outputs), f"{notebook}: no plot in the committed outputs"
 
 
+@pytest.mark.parametrize("leak", ["/kaggle/working/runs", "/Users/ana/machado", "/content/drive", "/tmp/x", "C:\\Users\\ana"])
+def test_output_sync_refuses_machine_paths_and_leaves_the_notebook(leak, tmp_path):
+    src = nbformat.v4.new_notebook(cells=[nbformat.v4.new_markdown_cell("# t"), nbformat.v4.new_code_cell("print(p)")])
+    ran = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("print(p)", outputs=[
+        nbformat.v4.new_output("stream", name="stdout", text=f"saved to {leak}/ckpt.pt\n")])])
+    nbformat.write(src, tmp_path / "src.ipynb")
+    nbformat.write(ran, tmp_path / "ran.ipynb")
+    before = (tmp_path / "src.ipynb").read_bytes()
+    with pytest.raises(SystemExit, match="machine path"):
+        sync.sync_notebook(tmp_path / "src.ipynb", tmp_path / "ran.ipynb")
+    assert (tmp_path / "src.ipynb").read_bytes() == before
+    ran.cells[0].outputs[0].text = "saved to runs/pretrain-mha/seed-1337/ckpt.pt\n"  # relative: kept
+    nbformat.write(ran, tmp_path / "ran.ipynb")
+    assert sync.sync_notebook(tmp_path / "src.ipynb", tmp_path / "ran.ipynb") == 1
+
+
 def test_pretraining_notebooks_differ_only_in_parameters():
     """03 and 04 are one stage run twice (MHA and GQA): their code may not drift apart."""
     def code(name: str) -> list[str]:

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from nblib.pipeline import NOTEBOOKS, STAGES  # noqa: E402
 
-MACHINE_PATH = re.compile(r"(?<![\w.])(/(?:Users|home|root|tmp|mnt|content|kaggle|work|opt|var|private|srv|data)/|[A-Za-z]:\\\\)")
+MACHINE_PATH = re.compile(r"(?<![\w.])(/(?:Users|home|root|tmp|mnt|content|kaggle|work|opt|var|private|srv|data)/|[A-Za-z]:\\)")
 NOTE_MARK = "<!-- outputs-note -->"
 NOTE = (f"{NOTE_MARK}\n*The outputs shown come from the `smoke` profile on a CPU (`make pipeline`): tiny models "
         "trained for minutes, so read them for the mechanics, not the quality. Run the notebook with "
