@@ -767,7 +767,9 @@ def save_outputs(s: Setup) -> tuple[Path | None, Path | None, str | None]:
         adapter = replace_dir(s.run_dir / "adapter", save_adapter)
         if s.cfg["merge"]:
             merged = merge(adapter, s.run_dir / "merged", s.cfg["base_model"])
-            weights = f"the adapter folded into a 32-bit copy of the base (the {s.mode} base is not merged into, to avoid rounding)"
+            weights = "the adapter folded into a 32-bit copy of the base"
+            if s.mode != "32bit":
+                weights += f" (not into the {s.mode.replace('bit', '-bit')} base: merging into it would round)"
     elif s.cfg["merge"]:
         s.model.config.use_cache = True
 

@@ -366,7 +366,7 @@ def finetune_cost(cfg: dict[str, Any], variants: Sequence[str], steps: int = 2, 
             del model
     table = pd.DataFrame(out)
     table.index.name = "metric"
-    table.attrs["note"] = (f"GPT-2 small (124M, random init) on {dev.name}: {steps} training steps of {batch_size} x "
+    table.attrs["note"] = (f"GPT-2 small (124M, random init) on {dev.name}: {steps} training step{'s' if steps != 1 else ''} of {batch_size} x "
                            f"{length} tokens per variant, AdamW on the trainable parameters; peak memory of the steps alone.")
     return table
 

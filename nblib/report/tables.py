@@ -91,6 +91,7 @@ LABELS: dict[str, str] = {
     "run_tokens_per_s": "Train tokens/s, as each run recorded it (its machine, its moment)",
     "train_tokens_per_s": "Train tokens/s, measured here side by side",
     "peak_memory_mib": "Peak memory, training (MiB)", "wall_seconds": "Wall time, training (s)",
+    "step_seconds": "Seconds per training step (measured here)",
     "compute_dtype": "Compute dtype",
     "mode": "Base precision", "lora": "LoRA", "learning_rate": "Learning rate",
     "trainable_params": "Trainable parameters", "total_params": "Total parameters",
