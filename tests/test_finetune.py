@@ -260,6 +260,22 @@ def test_resume_from_last_checkpoint_and_refuse_other_settings(lora8):
     assert [r["step"] for r in finetune.metrics_rows(trained["log_history"]) if r["kind"] == "eval"] == [4, 8]
 
 
+def test_time_budget_stops_with_a_checkpoint_and_the_next_session_resumes(root):
+    """A budget of seconds: the Trainer stops early with a checkpoint at the step it reached, the
+    summary says unfinished (time_budget), and the same command in a new session resumes there."""
+    cfg = small(steps=300, eval_steps=100, seeds=[7], time_budget_minutes=0.12)
+    s = finetune.setup(cfg)
+    first = finetune.train(s)
+    assert (first["finished"], first["stop_reason"]) == (False, "time_budget") and 0 < first["steps"] < 300
+    assert (s.run_dir / "checkpoints" / f"checkpoint-{first['steps']}" / "trainer_state.json").is_file()
+    summary = finetune.finish(s, {}, {}, first)
+    assert (summary["finished"], summary["stop_reason"]) == (False, "time_budget")
+    assert not (s.run_dir / "adapter").exists()  # outputs only from a finished run
+    again = finetune.train(finetune.setup(cfg))
+    assert again["resumed_from"] == f"runs/finetune-lora-8bit/seed-7/checkpoints/checkpoint-{first['steps']}"
+    assert again["steps"] > first["steps"]
+
+
 # --- the other variants ----------------------------------------------------------------------------
 
 
