@@ -37,7 +37,7 @@ from dataclasses import replace  # noqa: E402
 import torch  # noqa: E402
 
 from bench_pretrain import table  # noqa: E402  (the same table printer; scripts in one folder)
-from nblib import config, machine, measure  # noqa: E402
+from nblib import config, machine, measure, tokenizer  # noqa: E402
 from nblib.model import GPTConfig, export_hf  # noqa: E402
 
 TARGET_CELL = (8, 2048)  # batch, context of the GQA-vs-MHA decode target
@@ -161,6 +161,10 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
+    try:  # export_hf (section 2) writes GPT-2's tokenizer: fail now, not after the sweep
+        tokenizer.get_encoding()
+    except RuntimeError as e:
+        sys.exit(f"bench_inference: {e}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = machine.auto_dtype(machine.detect(device.type))
     sizes = shape(args.shape, args.quick)

@@ -392,3 +392,15 @@ def test_generate_reallocates_nothing_per_token_and_computes_logits_only_where_i
     vocab_rows = [t.shape[:-1].numel() for _, ts in rec.calls for t in ts if t.dim() and t.shape[-1] == VOCAB]
     assert max(vocab_rows) == 2, "logits at one position per sequence only (the prefill included)"
     assert not torch.is_inference_mode_enabled() and not model.training
+
+
+@pytest.mark.parametrize("batch, T", [(1, 1), (8, 1), (3, 5), (70, 1)])
+def test_inference_head_is_the_lm_head(batch, T):
+    """``GPT.head`` (CPU inference computes a few rows as ``(W @ x.T).T``) gives the LM head's logits,
+    contiguous, for one row, a batch of rows, and more rows than the CPU path takes."""
+    model = tiny(2)
+    x = torch.randn(batch, T, model.config.d_model, generator=torch.Generator().manual_seed(batch + T))
+    with torch.no_grad():
+        got = model.head(x)
+    assert got.shape == (batch, T, VOCAB) and got.is_contiguous()
+    torch.testing.assert_close(got, model.lm_head(x).detach(), atol=1e-5, rtol=1e-5)
