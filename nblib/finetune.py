@@ -508,20 +508,11 @@ def _data_identity(paths: config.Paths, base_model: str) -> dict[str, Any]:
     }
 
 
-def _rank() -> int:
-    """This process's rank under torchrun (0 alone)."""
-    return int(os.environ.get("RANK", "0"))
-
-
-def _local_rank() -> int:
-    return int(os.environ.get("LOCAL_RANK", "0"))
-
-
 def setup(cfg: dict[str, Any], seed: int | None = None) -> Setup:
     """Load tokenizer, base model (in the variant's precision) and data; wrap LoRA; open the run folder."""
     v = variant(cfg["variant"])
     cfg = {**cfg, "seed": cfg["seeds"][0] if seed is None else int(seed)}
-    name, paths, device = f"finetune-{v.name}", config.paths(), machine.detect(local_rank=_local_rank())
+    name, paths, device = f"finetune-{v.name}", config.paths(), machine.detect(local_rank=machine.local_rank())
     run_dir = runs.folder(name, cfg["seed"], paths)
     previous = _check_resume(run_dir, cfg)
     tracking.configure_env(run_dir)
@@ -676,7 +667,7 @@ def train(s: Setup) -> dict[str, Any]:
     last = get_last_checkpoint(str(output_dir)) if cfg["resume"] and output_dir.is_dir() else None
     if last and TrainerState.load_from_json(os.path.join(last, "trainer_state.json")).global_step >= cfg["steps"]:
         return _restore_finished(s, Path(last))  # resuming there, the Trainer would take one step too many
-    if cfg["wandb"] and _rank() == 0:
+    if cfg["wandb"] and machine.rank() == 0:
         tracking.init_wandb(s.run_dir, f"{s.name}-seed-{s.seed}", cfg)
     callbacks = _callbacks(s)
     trainer = _trainer_class()(
@@ -893,7 +884,7 @@ def main(argv: list[str] | None = None) -> int:
     before = evaluate(s)
     trained = train(s)
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-    if _rank() == 0:
+    if machine.rank() == 0:
         after = evaluate(s)
         finish(s, before, after, trained)
         print(f"{s.name} seed {s.seed}: {trained['steps']} steps on {world} process(es), eval loss "

@@ -319,6 +319,16 @@ class Dist:
             dist.destroy_process_group()
 
 
+def rank() -> int:
+    """This process's rank in the job ``torchrun`` started (0 when alone), before or without joining it."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def local_rank() -> int:
+    """This process's index on its machine under ``torchrun`` (its GPU), 0 when alone."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
 def distributed() -> Dist:
     """Join the DDP job ``torchrun`` describes in the environment (NCCL on GPUs, gloo on CPU)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -327,4 +337,4 @@ def distributed() -> Dist:
     owns = not dist.is_initialized()
     if owns:
         dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
-    return Dist(dist.get_rank(), int(os.environ.get("LOCAL_RANK", "0")), dist.get_world_size(), owns)
+    return Dist(dist.get_rank(), local_rank(), dist.get_world_size(), owns)

@@ -200,6 +200,11 @@ class Session:
         return self.wall_before + time.perf_counter() - self.started
 
 
+def identity(cfg: Mapping[str, Any], seed: int | None, name: str | None) -> tuple[int, str]:
+    """The seed (default: the first of ``seeds``) and run name (default: ``pretrain-<variant>``) of a run."""
+    return (cfg["seeds"][0] if seed is None else int(seed)), (name or default_name(cfg))
+
+
 def run(
     cfg: Mapping[str, Any],
     seed: int | None = None,
@@ -219,10 +224,9 @@ def run(
     the next call carries on.
     """
     cfg = dict(cfg)
-    seed = cfg["seeds"][0] if seed is None else int(seed)
+    seed, name = identity(cfg, seed, name)
     cfg["seed"] = seed
     paths = paths or config.paths()
-    name = name or default_name(cfg)
     ddp = machine.distributed()
     try:
         run_dir = runs.folder(name, seed, paths)
@@ -637,15 +641,14 @@ def launch(
 
     One process (one GPU, a CPU, or already inside torchrun) trains here with :func:`run`; more
     (:func:`world_size`) run :func:`torchrun_command` as a child whose output is streamed here.
-    A child that fails raises with its last lines; Ctrl-C stops it (the run resumes from its last
+    A child that fails raises with each process's exception (:func:`stream`); Ctrl-C stops it (the run resumes from its last
     checkpoint next time).
     """
     n = 1 if "WORLD_SIZE" in os.environ else world_size(cfg, processes)
     if n == 1:
         return run(cfg, seed, name, paths, overwrite=overwrite)
     paths = paths or config.paths()
-    seed = cfg["seeds"][0] if seed is None else int(seed)
-    name = name or default_name(cfg)
+    seed, name = identity(cfg, seed, name)
     command = torchrun_command(cfg, n, seed, name, overwrite)
     print(f"{name} seed {seed}: {n} DDP processes (torchrun)", flush=True)
     stream(command, {**os.environ, "NBLIB_HOME": str(paths.home)})
@@ -695,7 +698,7 @@ def main(argv: list[str] | None = None) -> int:
     overrides = config.stage_overrides(parser, args)
     cfg = config.settings(STAGE, args.profile, args.preset, **overrides)
     summary = run(cfg, args.seed, args.name, overwrite=args.overwrite, stop_at=args.stop_at)
-    if int(os.environ.get("RANK", "0")) == 0:
+    if machine.rank() == 0:
         print(f"{summary['name']} seed {summary['seed']}: {summary['steps']} steps, best val loss "
               f"{summary['best_val_loss']:.4f}, finished={summary['finished']}")
     return 0

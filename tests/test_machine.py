@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import mmap
 
 import pytest
 import torch
@@ -73,10 +74,12 @@ def test_detect_on_this_machine_and_info():
 def test_peak_memory_is_reset_per_phase():
     machine.reset_peak_memory("cpu")
     before = machine.peak_memory("cpu")
-    big = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
-    big += 1
+    # 64 MiB of fresh pages, touched: an anonymous mapping, so malloc cannot hand back memory that
+    # earlier tests freed and is still resident (that would not raise the resident peak)
+    big = mmap.mmap(-1, 64 * 2**20)
+    big.write(b"\x01" * len(big))
     during = machine.peak_memory("cpu")
-    del big
+    big.close()
     machine.reset_peak_memory("cpu")
     after = machine.peak_memory("cpu")
     assert during - before >= 48 * 2**20 and after < during
