@@ -3,8 +3,9 @@
 One attention class covers all three: queries use ``n_head`` heads, keys and values
 ``n_kv_head`` heads, each K/V head shared by ``n_head // n_kv_head`` query heads
 (MHA: ``n_kv_head == n_head``; GQA: ``1 < n_kv_head < n_head``; MQA: ``n_kv_head == 1``).
-K/V are projected, cached and attended to at ``n_kv_head`` heads, never copied up to ``n_head``,
-so a GQA cache is ``n_kv_head / n_head`` of an MHA cache and a decode step reads that much less.
+K/V are projected, cached and attended to at ``n_kv_head`` heads, copied up to ``n_head`` only for
+CUDA training/prefill where SDPA has no flash kernel (see ``attention_path``), so a GQA cache
+is ``n_kv_head / n_head`` of an MHA cache and a decode step reads that much less.
 
 Module names follow Hugging Face's ``GPT2LMHeadModel`` so an MHA model exports to it by
 transposing the four linear weights (HF's ``Conv1D`` stores them as ``[in, out]``).
@@ -117,32 +118,128 @@ class KVCache:
         self.length = 0
 
 
+# Where SDPA shares K/V heads in place (enable_gqa) and where it does not. torch's docstring:
+# "GQA ... currently works only for Flash_attention and math kernel on CUDA tensor", and the
+# math kernel repeats K/V to n_head heads inside and materialises the [T, L] score matrix.
+# torch's sdp_utils.cpp (can_use_flash_attention) runs flash only on sm80..sm121, for fp16/bf16,
+# head_dim <= 256, without an attn_mask, and with is_causal only for square (T == L) attention.
+# (pytorch PR #191085 adds GQA to the memory-efficient kernel; torch 2.13 still documents the limit.)
+FLASH_CAPABILITY = ((8, 0), (12, 1))
+FLASH_DTYPES = (torch.float16, torch.bfloat16)
+FLASH_MAX_HEAD_DIM = 256
+
+
+def attention_path(
+    *,
+    device: str,
+    capability: tuple[int, int] | None,
+    flash_built: bool,
+    dtype: torch.dtype,
+    head_dim: int,
+    group: int,
+    T: int,
+    start: int,
+    kv_tasks: int,
+    threads: int,
+) -> str:
+    """Which of :data:`PATHS` runs one attention call; pure, every fact is an argument.
+
+    ``device``: ``q.device.type``; ``capability``: the CUDA compute capability (``None`` off CUDA);
+    ``flash_built``: torch was built with flash attention; ``group``: query heads per K/V head;
+    ``T`` new queries after ``start`` cached positions; ``kv_tasks``: batch x K/V heads.
+    Dropout changes nothing: flash and the memory-efficient kernel both support it, and on the CPU
+    training with dropout runs the math kernel whichever path is taken.
+    """
+    if group == 1:
+        return "sdpa"  # MHA: every kernel takes it as it is
+    masked = start > 0 and T > 1  # a chunk after a filled cache needs an explicit mask
+    if device == "cuda":
+        lo, hi = FLASH_CAPABILITY
+        flash = (
+            flash_built and capability is not None and lo <= capability <= hi
+            and dtype in FLASH_DTYPES and head_dim <= FLASH_MAX_HEAD_DIM and not masked
+        )
+        if flash:
+            return "gqa-flag"
+        # No flash (T4, V100, P100, fp32, or a masked chunk): an enable_gqa call would run the math
+        # kernel. Folding needs no K/V copy and no mask at T == 1; a chunk's folded mask is group x T
+        # rows of L, far smaller than K/V at n_head heads. Training/prefill would need an O(T^2)
+        # folded mask instead of is_causal, so it repeats K/V once (O(T), the size of q) and the
+        # memory-efficient kernel runs (it supports dropout).
+        return "fold" if T == 1 or masked else "expand"
+    if device == "cpu" and T == 1 and kv_tasks >= threads:
+        # CPU decode: folding lets one kernel task read its K/V head once for the whole group;
+        # enable_gqa runs one task per query head. Whole decode steps, 8x8x512, batch 8, 2k context,
+        # 1 thread of a 2-core EPYC: 2.3x (GQA 2/8) and 5.0x (MQA) faster than repeat_interleave,
+        # enable_gqa 2.1x and 3.9x. Folding leaves B * n_kv_head kernel tasks: fewer than the threads
+        # (MQA at batch 1 on 2 threads) measured 4-6x slower than enable_gqa, so those take enable_gqa.
+        return "fold"
+    # SDPA's CPU flash kernel shares K/V heads in place with enable_gqa. It has no dropout: CPU
+    # training with dropout runs the math kernel, which repeats K/V inside.
+    return "gqa-flag"
+
+
+def _causal_mask(T: int, start: int, device: torch.device) -> torch.Tensor | None:
+    """``None`` where SDPA needs no mask (one query, or ``is_causal`` from scratch); else query ``i``
+    (at position ``start + i``) sees keys ``0..start + i``."""
+    if T == 1 or start == 0:
+        return None
+    return torch.ones(T, start + T, dtype=torch.bool, device=device).tril(diagonal=start)
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, dropout_p: float, gqa: bool = False) -> torch.Tensor:
+    T = q.size(2)
+    mask = _causal_mask(T, start, q.device)
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=start == 0 and T > 1, enable_gqa=gqa
+    )
+
+
+def _gqa_flag(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, dropout_p: float) -> torch.Tensor:
+    return _sdpa(q, k, v, start, dropout_p, gqa=True)
+
+
+def _fold(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, dropout_p: float) -> torch.Tensor:
+    """Each group's query heads folded into the query axis, ``[B, n_kv_head, group * T, hd]``: a plain
+    attention call over the K/V heads as they are; row ``g * T + i`` is query ``i`` of the group's head ``g``."""
+    B, n_head, T, hd = q.shape
+    n_kv_head = k.size(1)
+    mask = None  # one query sees every key
+    if T > 1:  # each group's rows repeat the causal mask; folded rows are not square, so no is_causal
+        mask = torch.ones(T, start + T, dtype=torch.bool, device=q.device).tril(diagonal=start).repeat(n_head // n_kv_head, 1)
+    y = F.scaled_dot_product_attention(q.reshape(B, n_kv_head, -1, hd), k, v, attn_mask=mask, dropout_p=dropout_p)
+    return y.view(B, n_head, T, hd)
+
+
+def _expand(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, dropout_p: float) -> torch.Tensor:
+    """K/V repeated once to ``n_head`` heads, then plain SDPA (the memory-efficient kernel on CUDA)."""
+    group = q.size(1) // k.size(1)
+    return _sdpa(q, k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1), start, dropout_p)
+
+
+PATHS = {"sdpa": _sdpa, "gqa-flag": _gqa_flag, "fold": _fold, "expand": _expand}
+
+
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, dropout_p: float = 0.0) -> torch.Tensor:
     """Causal attention of queries at positions ``start..start+T-1`` over keys ``0..start+T-1``.
 
     ``q`` is ``[B, n_head, T, hd]``; ``k``/``v`` are ``[B, n_kv_head, start+T, hd]``, and query head
-    ``h`` reads K/V head ``h // (n_head // n_kv_head)``. K/V are never copied up to ``n_head`` heads.
+    ``h`` reads K/V head ``h // (n_head // n_kv_head)``. :func:`attention_path` picks how, from the
+    device's facts; only CUDA training/prefill without flash copies K/V up to ``n_head`` heads in Python.
     """
     B, n_head, T, hd = q.shape
-    group = n_head // k.size(1)
-    if T == 1:  # one new token sees every key: no mask
-        if q.device.type == "cpu" and B * k.size(1) >= torch.get_num_threads():
-            # CPU decode: fold each group's query heads into the query axis, [B, n_kv_head, group, hd],
-            # so one kernel task reads its K/V head once for the whole group; enable_gqa runs one task
-            # per query head. Whole decode steps, 8x8x512, batch 8, 2k context, 1 thread of a 2-core
-            # EPYC: 2.3x (GQA 2/8) and 5.0x (MQA) faster than repeat_interleave, enable_gqa 2.1x and 3.9x.
-            # Folding leaves B * n_kv_head kernel tasks: fewer than the threads (MQA at batch 1 on 2
-            # threads) measured 4-6x slower than enable_gqa, so those take enable_gqa.
-            y = F.scaled_dot_product_attention(q.reshape(B, k.size(1), group, hd), k, v, dropout_p=dropout_p)
-            return y.view(B, n_head, 1, hd)
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, enable_gqa=group > 1)
-    # SDPA's flash kernels (CUDA and CPU) share K/V heads in place with enable_gqa. The CPU flash
-    # kernel has no dropout: CPU training with dropout runs the math kernel, which repeats K/V inside.
-    if start == 0:
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, enable_gqa=group > 1)
-    # Several new tokens after a filled cache: query i sits at position start + i and sees keys 0..start + i.
-    mask = torch.ones(T, k.size(2), dtype=torch.bool, device=q.device).tril(diagonal=start)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, enable_gqa=group > 1)
+    device = q.device.type
+    capability, flash_built = None, False
+    if device == "cuda":  # torch caches the properties per device; torch.compile folds both to constants
+        props = torch.cuda.get_device_properties(q.device)
+        capability, flash_built = (props.major, props.minor), torch.backends.cuda.is_flash_attention_available()
+    # Threads decide only CPU decode; read only there, as torch.compile breaks the graph on get_num_threads.
+    threads = torch.get_num_threads() if device == "cpu" and T == 1 else 1
+    path = attention_path(
+        device=device, capability=capability, flash_built=flash_built, dtype=q.dtype, head_dim=hd,
+        group=n_head // k.size(1), T=T, start=start, kv_tasks=B * k.size(1), threads=threads,
+    )
+    return PATHS[path](q, k, v, start, dropout_p)
 
 
 class CausalSelfAttention(nn.Module):
@@ -438,3 +535,68 @@ def export_hf(model: GPT, out_dir: str | os.PathLike) -> Path:
         hf_tokenizer().save_pretrained(folder)
 
     return replace_dir(out_dir, write)
+
+
+KV_CONVERSIONS = ("mean", "first", "random")
+
+
+def convert_kv_heads(model: GPT, n_kv_head: int, method: str = "mean", seed: int | None = None) -> GPT:
+    """A copy of ``model`` with its K/V heads merged down to ``n_kv_head`` (MHA -> GQA/MQA, or GQA -> fewer).
+
+    Ainslie et al. 2023, "GQA: Training Generalized Multi-Query Transformer Models from Multi-Head
+    Checkpoints" (arXiv 2305.13245): build each new K/V head from its group of ``n_kv_src / n_kv_head``
+    contiguous source heads, then uptrain. ``method``: ``mean`` (their choice: mean-pool the group),
+    ``first`` (keep the group's first head) or ``random`` (fresh K/V as ``GPT._init_weights`` draws them;
+    ``seed`` fixes the draw, ``None`` uses torch's global RNG; the other methods ignore ``seed``).
+    The fused ``c_attn`` rows are ``[q: n_head | k: n_kv_head | v: n_kv_head]`` heads of ``head_dim``,
+    query head ``h`` reading K/V head ``h // (n_head // n_kv_head)``, so merging contiguous groups keeps
+    every query head on the K/V head its group came from. All other weights are copied bit-equal;
+    the copy keeps the source's dtype, device and train/eval mode, and shares no storage with it.
+    """
+    if not isinstance(model, GPT):
+        raise ValueError(f"convert_kv_heads needs an nblib.model.GPT, got {type(model).__name__}")
+    c = model.config
+    n_src = c.n_kv_head
+    divisors = [d for d in range(1, n_src + 1) if n_src % d == 0]
+    if not isinstance(n_kv_head, int) or isinstance(n_kv_head, bool) or n_kv_head < 1:
+        raise ValueError(f"convert_kv_heads: n_kv_head must be a positive integer, got {n_kv_head!r}; accepted: {divisors}")
+    if n_kv_head > n_src or n_src % n_kv_head:
+        raise ValueError(
+            f"convert_kv_heads: n_kv_head={n_kv_head} must divide the source's n_kv_head={n_src} (heads are only "
+            f"merged, never split); accepted: {divisors}"
+        )
+    if method not in KV_CONVERSIONS:
+        raise ValueError(f"convert_kv_heads: unknown method {method!r}; accepted: {', '.join(KV_CONVERSIONS)}")
+    config = GPTConfig(**{**asdict(c), "n_kv_head": n_kv_head})
+    group, hd = n_src // n_kv_head, c.head_dim
+
+    def merge(heads: torch.Tensor) -> torch.Tensor:
+        """``[n_src, hd, ...]`` source heads -> ``[n_kv_head, hd, ...]``, one per contiguous group."""
+        heads = heads.view(n_kv_head, group, *heads.shape[1:])
+        # fp32 mean: summing bf16/fp16 heads in their own dtype would round at every step.
+        return heads[:, 0] if method == "first" else heads.float().mean(1).to(heads.dtype)
+
+    state = {k: v.clone() for k, v in model.state_dict().items()}  # clone: the new model must not alias the source
+    with torch.random.fork_rng(devices=[], enabled=seed is not None):  # a seed leaves the global RNG as it was
+        if seed is not None:
+            torch.manual_seed(seed)
+        for i in range(c.n_layer):
+            if method == "random":  # drawn on the CPU, so a seed gives the same heads on any device
+                fresh = nn.Linear(c.d_model, 2 * n_kv_head * hd, bias=c.bias)
+                GPT._init_weights(fresh)
+            for name in ("weight", "bias") if c.bias else ("weight",):
+                key = f"transformer.h.{i}.attn.c_attn.{name}"
+                w = state[key]
+                heads = w.view(c.n_head + 2 * n_src, hd, *w.shape[1:])  # weight: [heads, hd, d_model]; bias: [heads, hd]
+                q, k, v = heads.split([c.n_head, n_src, n_src])
+                if method == "random":
+                    kv = getattr(fresh, name).detach().to(w.device, w.dtype).view(2 * n_kv_head, hd, *w.shape[1:])
+                else:
+                    kv = torch.cat([merge(k), merge(v)])
+                state[key] = torch.cat([q, kv]).flatten(0, 1)
+    with torch.device("meta"):  # no init work: every tensor comes from ``state``
+        new = GPT(config)
+    new.load_state_dict(state, assign=True)  # assign: keep each tensor's dtype and device
+    if config.tie_embeddings:
+        new.lm_head.weight = new.transformer.wte.weight  # assign replaced the two tied parameters separately
+    return new.train(model.training)

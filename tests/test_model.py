@@ -304,6 +304,119 @@ def test_decode_attention_matches_reference_on_both_cpu_paths(batch, threads):
         torch.set_num_threads(before)
 
 
+# --- the attention path per device: a pure decision, each path exact -------------------------------
+
+GPUS = {"P100": (6, 0), "V100": (7, 0), "T4": (7, 5), "A100": (8, 0), "L4": (8, 9), "H100": (9, 0)}
+STEPS = {"prefill": dict(T=16, start=0), "decode": dict(T=1, start=31), "chunk": dict(T=8, start=24)}
+FP16, BF16, FP32 = torch.float16, torch.bfloat16, torch.float32
+
+
+def path_for(where: str, dtype: torch.dtype, step: str, group: int = 4, *, flash_built: bool = True,
+             head_dim: int = 64, kv_tasks: int = 8, threads: int = 2) -> str:
+    """``attention_path`` for a named GPU (or ``"cpu"``) and one of :data:`STEPS`."""
+    return nblib.model.attention_path(
+        device="cpu" if where == "cpu" else "cuda", capability=GPUS.get(where), flash_built=flash_built,
+        dtype=dtype, head_dim=head_dim, group=group, kv_tasks=kv_tasks, threads=threads, **STEPS[step],
+    )
+
+
+@pytest.mark.parametrize(
+    "where, dtype, step, expected",
+    [
+        # no flash below sm80: decode and chunks fold, training/prefill repeats K/V once
+        ("T4", FP16, "prefill", "expand"), ("T4", FP16, "decode", "fold"), ("T4", FP16, "chunk", "fold"),
+        ("T4", FP32, "prefill", "expand"), ("T4", FP32, "decode", "fold"),
+        ("P100", FP16, "prefill", "expand"), ("P100", FP32, "decode", "fold"), ("P100", FP32, "chunk", "fold"),
+        ("V100", FP16, "prefill", "expand"), ("V100", FP16, "decode", "fold"), ("V100", FP32, "prefill", "expand"),
+        # sm80+: flash shares K/V in fp16/bf16, except for a masked chunk; fp32 never runs flash
+        ("A100", BF16, "prefill", "gqa-flag"), ("A100", FP16, "decode", "gqa-flag"), ("A100", BF16, "chunk", "fold"),
+        ("A100", FP32, "prefill", "expand"), ("A100", FP32, "decode", "fold"),
+        ("L4", BF16, "prefill", "gqa-flag"), ("L4", FP16, "decode", "gqa-flag"), ("L4", FP32, "prefill", "expand"),
+        ("H100", BF16, "prefill", "gqa-flag"), ("H100", BF16, "decode", "gqa-flag"), ("H100", FP16, "chunk", "fold"),
+        ("H100", FP32, "decode", "fold"),
+        # CPU as before: decode folds when batch x K/V heads (8) >= threads (2), the rest takes enable_gqa
+        ("cpu", FP32, "prefill", "gqa-flag"), ("cpu", FP32, "decode", "fold"), ("cpu", FP32, "chunk", "gqa-flag"),
+        ("cpu", BF16, "prefill", "gqa-flag"), ("cpu", BF16, "decode", "fold"),
+    ],
+)
+def test_attention_path_per_device(where, dtype, step, expected):
+    assert path_for(where, dtype, step) == expected
+    assert path_for(where, dtype, step, group=1) == "sdpa", "MHA runs plain SDPA everywhere"
+
+
+def test_attention_path_edges():
+    assert path_for("cpu", FP32, "decode", kv_tasks=1, threads=2) == "gqa-flag"  # MQA at batch 1: too few tasks
+    assert path_for("cpu", FP32, "decode", kv_tasks=4, threads=4) == "fold"
+    assert path_for("H100", BF16, "prefill", flash_built=False) == "expand"  # a torch built without flash
+    assert path_for("H100", BF16, "prefill", head_dim=512) == "expand"  # flash takes head_dim <= 256
+    assert path_for("H100", BF16, "prefill", head_dim=256) == "gqa-flag"
+
+
+@pytest.mark.parametrize("where", ["P100", "V100", "T4"])
+def test_no_gqa_call_reaches_the_math_kernel_below_sm80(where):
+    """Without flash an enable_gqa call runs the math kernel: no dtype or step below sm80 takes it."""
+    for dtype in (FP16, BF16, FP32):
+        for step in STEPS:
+            for group in (2, 8):
+                assert path_for(where, dtype, step, group) in ("fold", "expand")
+
+
+@pytest.mark.parametrize(
+    "path, n_kv_head",
+    [("sdpa", 8)] + [(p, n) for p in ("gqa-flag", "fold", "expand") for n in (8, 2, 1)],
+)
+@pytest.mark.parametrize("start, T", [(0, 7), (0, 1), (11, 1), (9, 6)])
+def test_every_path_matches_reference(path, n_kv_head, start, T):
+    """Each path's maths is device-agnostic, so CPU proves it exact: prefill, one token as prefill,
+    a decode step after a filled cache, a multi-token chunk after it."""
+    g = torch.Generator().manual_seed(n_kv_head * 100 + start + T)
+    q = torch.randn(2, T, 8, 16, generator=g).transpose(1, 2)  # the model's layout: a transposed view
+    k, v = (torch.randn(2, n_kv_head, start + T, 16, generator=g) for _ in range(2))
+    y = nblib.model.PATHS[path](q, k, v, start, 0.0)
+    torch.testing.assert_close(y, reference_attention(q, k, v, start), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("n_kv_head", [2, 1])
+def test_t4_choice_trains_and_decodes_without_sharing_kv_in_sdpa(n_kv_head, monkeypatch):
+    """With every choice forced to a T4's (sm75, fp16), training (dropout, backward), prefill, chunks
+    and decode never call SDPA with fewer K/V heads than query heads (the case that would run the
+    math kernel there), use both T4 paths, and give the reference logits."""
+    chosen, calls = [], []
+    choose, sdpa = nblib.model.attention_path, F.scaled_dot_product_attention
+
+    def as_t4(**facts):
+        chosen.append(choose(**{**facts, "device": "cuda", "capability": GPUS["T4"], "dtype": FP16}))
+        return chosen[-1]
+
+    def recording_sdpa(q, k, v, *args, **kwargs):
+        calls.append((q.size(1), k.size(1), v.size(1), kwargs.get("enable_gqa", False)))
+        return sdpa(q, k, v, *args, **kwargs)
+
+    monkeypatch.setattr(nblib.model, "attention_path", as_t4)
+    monkeypatch.setattr(F, "scaled_dot_product_attention", recording_sdpa)
+    model = tiny(n_kv_head, dropout=0.1).train()
+    idx = tokens(2, 30)
+    _, loss = model(idx, targets=idx)
+    loss.backward()
+    assert all(p.grad is not None for p in model.parameters())
+    model.eval()
+    ref = reference_logits(model, idx)
+    with torch.no_grad():
+        cache = model.new_cache(2, 30)
+        parts = [model(idx[:, a:b], cache=cache)[0] for a, b in ((0, 11), (11, 19), (19, 20), (20, 21), (21, 30))]
+    torch.testing.assert_close(torch.cat(parts, dim=1), ref, atol=1e-5, rtol=1e-5)
+    assert set(chosen) == {"expand", "fold"}
+    assert calls and all(hq == hk == hv and not gqa for hq, hk, hv, gqa in calls), calls
+
+
+def test_training_forward_compiles_in_one_graph():
+    """attend reads no fact torch.compile cannot fold (get_num_threads is read for CPU decode only)."""
+    model = tiny(2, dropout=0.1).train()
+    idx = tokens(2, 16)
+    _, loss = torch.compile(model, backend="eager", fullgraph=True)(idx, targets=idx)
+    assert torch.isfinite(loss)
+
+
 @pytest.mark.parametrize("n_kv_head", [4, 2, 1])
 def test_model_matches_reference_with_and_without_cache(n_kv_head):
     model = tiny(n_kv_head)
