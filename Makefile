@@ -7,11 +7,11 @@ PY := $(VENV)/bin/python
 NBLIB_MIRROR ?= $(if $(wildcard ../shared/data),$(abspath ../shared/data),)
 export NBLIB_MIRROR
 
-.PHONY: setup pipeline test bench bench-inference clean-venv
+.PHONY: setup pipeline test bench bench-inference kaggle-stack clean-venv
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: requirements.txt pyproject.toml tools/setup_env.sh
+$(VENV)/.installed: requirements.txt requirements-ci.txt pyproject.toml tools/setup_env.sh
 	bash tools/setup_env.sh $(VENV)
 	touch $@
 
@@ -27,6 +27,10 @@ bench: setup
 # Decode cost of MHA/GQA/MQA; pass options with BENCH_ARGS, e.g. BENCH_ARGS="--shape gpt2-small --batches 1,8"
 bench-inference: setup
 	$(PY) benchmarks/bench_inference.py $(BENCH_ARGS)
+
+# The README's Kaggle set-up on a stand-in of Kaggle's image, then four smoke stages there (minutes)
+kaggle-stack: setup
+	$(PY) tools/kaggle_stack.py
 
 clean-venv:
 	rm -rf $(VENV)

@@ -32,6 +32,7 @@ COMMANDS = {
     "/exit": "leave (Ctrl-D too)",
 }
 YOU, BOT = "you> ", "bot> "
+EMPTY_ANSWER = "(empty answer)"  # shown in the terminal and the transcript for an answer with no text
 _ESCAPE = re.compile(r"\x1b(\[[0-?]*[ -/]*[@-~]|O.|.)?")  # the sequences of arrow, function and Alt keys
 
 
@@ -54,14 +55,22 @@ def resolve(model_dir: str | os.PathLike) -> Path:
 def load(model_dir: str | os.PathLike, device: str | None = None) -> tuple[Any, Any]:
     """``(model, tokenizer)`` from a merged model folder or a peft adapter folder (its base is
     loaded and the adapter merged in), in eval mode on ``device`` (default: CUDA if present)."""
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve(model_dir)
     if (path / "adapter_config.json").is_file():
         model, tokenizer = _load_adapter(path)
     elif (path / "config.json").is_file():
-        model = AutoModelForCausalLM.from_pretrained(path)
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(path)
+            tokenizer = AutoTokenizer.from_pretrained(path)
+        except (OSError, ValueError, SafetensorError) as e:  # a bad config.json, no or damaged weights
+            raise ValueError(
+                f"{config.relative(path)} is not a loadable merged model: {str(e).strip().rstrip('.')}. A merged/ "
+                f"folder as {PRODUCER} writes it holds config.json, model.safetensors and the tokenizer files; "
+                "run it again or point --model/model at a complete folder"
+            ) from None
     else:
         raise ValueError(
             f"{config.relative(path)} holds neither config.json (a merged model) nor adapter_config.json "
@@ -280,7 +289,8 @@ def _answer(chat: ChatSession, message: str) -> Reply:
             shown = ""
 
     reply = chat.ask(message, stream=show)
-    _print(shown)  # an empty answer still gets its bot>
+    if shown:  # nothing was shown: say so, as the transcript does
+        _print(shown + EMPTY_ANSWER)
     return reply
 
 
@@ -313,7 +323,7 @@ def transcript(rows: list[dict[str, Any]], model_dir: str, cfg: dict[str, Any]) 
             ending = f"stopped on `{row['stopped_on']}`"
         dropped = f", {row['dropped_turns']} old turns left out of the prompt" if row["dropped_turns"] else ""
         # text from the user and the model is escaped (Markdown renders raw HTML) and keeps its line breaks
-        answer = html.escape(row["assistant"], quote=False).replace("\n", "  \n") or "*(empty answer)*"
+        answer = html.escape(row["assistant"], quote=False).replace("\n", "  \n") or f"*{EMPTY_ANSWER}*"
         lines += [
             "",
             f"**User:** {html.escape(row['user'], quote=False)}",
@@ -358,6 +368,7 @@ def interact(chat: ChatSession) -> Any:
     return widgets.VBox([log, box])
 
 
+@config.cli
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m nblib.chat",
@@ -375,6 +386,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int)
     args = parser.parse_args(argv)
     cfg = config.settings("chat", args.profile, model=args.model, **{k: getattr(args, k) for k in GENERATION_KEYS})
+    if (args.device or "cuda").startswith("cuda"):
+        machine.detect()  # a GPU this torch cannot run is refused before the model loads
     try:
         chat = session(*load(cfg["model"], args.device), cfg)
     except (FileNotFoundError, ValueError) as e:

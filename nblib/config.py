@@ -17,10 +17,13 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import functools
 import math
 import os
 import random
 import re
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
 from pathlib import Path
@@ -115,6 +118,7 @@ def settings(stage: str, profile: str = "auto", preset: str | None = None, **ove
 
 
 _NUMBER = re.compile(r"^(int|float)(?:\s*(>=|>|<=|<)\s*(\S+)|\s+in\s+([\[(])\s*(\S+),\s*(\S+)\s*([\])]))?$")
+_MAPPING_OF = re.compile(r"^mapping of \((.+)\)$")  # mapping of (int >= 0 or null): each value checked
 
 
 def describe(spec: str) -> str:
@@ -124,6 +128,8 @@ def describe(spec: str) -> str:
     words = {"bool": "true or false", "text": "a text", "mapping": "a mapping", "list of int": "a list of integers",
              "list of text": "a list of texts", "nonempty list of int": "a non-empty list of integers",
              "nonempty list of text": "a non-empty list of texts", "any": "anything"}.get(core)
+    if words is None and (m := _MAPPING_OF.match(core)):
+        words = f"a mapping whose values are each {describe(m.group(1))}"
     if words is None and core.startswith("one of "):
         words = "one of " + ", ".join(repr(c.strip()) for c in core[7:].split(","))
     if words is None:
@@ -171,6 +177,11 @@ def check_value(spec: str, value: Any) -> tuple[bool, Any]:
         return isinstance(value, str), value
     if core == "mapping":
         return isinstance(value, dict), value
+    if m := _MAPPING_OF.match(core):
+        if not isinstance(value, dict):
+            return False, value
+        checked = {k: check_value(m.group(1), v) for k, v in value.items()}
+        return all(ok for ok, _ in checked.values()), {k: v for k, (_, v) in checked.items()}
     if core.startswith(("list of ", "nonempty list of ")):
         item = "int" if core.endswith(" int") else "text"
         if not isinstance(value, (list, tuple)) or (core.startswith("nonempty") and not value):
@@ -208,6 +219,9 @@ def validate(stage: str, values: dict[str, Any], schema: dict[str, str]) -> dict
         ok, converted = check_value(schema[key], value)
         if ok:
             out[key] = converted
+        elif (m := _MAPPING_OF.match(schema[key].removesuffix(" or null"))) and isinstance(value, dict):
+            problems += [f"{key}.{k}={v!r} must be {describe(m.group(1))}" for k, v in value.items()
+                         if not check_value(m.group(1), v)[0]]  # name the entry, not the whole mapping
         else:
             problems.append(f"{key}={value!r} must be {describe(schema[key])}")
     if problems:
@@ -325,6 +339,26 @@ def parse_params(items: list[str]) -> dict[str, Any]:
             raise ValueError(f"parameter {item!r} is not KEY=VALUE")
         out[key.strip()] = yaml.safe_load(value)
     return out
+
+
+def cli(main: Callable[[list[str] | None], int]) -> Callable[[list[str] | None], int]:
+    """A command's ``main`` that prints a user's mistake as one message on stderr and exits 2 (as
+    argparse does for bad arguments), not a traceback: settings (:class:`SettingsError`) and a GPU
+    the installation cannot serve (``machine.HardwareError``, the 8-bit refusal among them)."""
+    spec = main.__globals__.get("__spec__")  # its module's import name, also when run as __main__ by -m
+    command = "python -m " + (spec.name if spec else main.__module__).removesuffix(".__main__")
+
+    @functools.wraps(main)
+    def run(argv: list[str] | None = None) -> int:
+        from nblib.machine import HardwareError  # here: torch loads with the command, not with config
+
+        try:
+            return main(argv)
+        except (SettingsError, HardwareError) as e:
+            print(f"{command}: error: {e}", file=sys.stderr)
+            return 2
+
+    return run
 
 
 def stage_arguments(prog: str, description: str) -> argparse.ArgumentParser:

@@ -19,7 +19,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from nblib import qa
+from nblib import config, qa
 from nblib.files import read_jsonl, sha256_file, write_json, write_jsonl
 from nblib.tokenizer import EOT
 
@@ -212,6 +212,8 @@ def prepare(raw_qa_dir: str | os.PathLike, out_dir: str | os.PathLike, settings:
     for source, target in targets.items():
         raw = read_jsonl(raw_qa_dir / f"{source}.jsonl")
         kept, dropped = convert(raw, source, settings.get("max_chars"))
+        if not kept:
+            _no_dialogue(raw_qa_dir / f"{source}.jsonl", len(raw), dropped)
         random.Random(f"{settings['seed']}:{source}").shuffle(kept)
         chosen = kept if target is None else kept[:target]
         parts = split(chosen, settings["val_fraction"], settings["test_fraction"], settings["seed"])
@@ -224,6 +226,16 @@ def prepare(raw_qa_dir: str | os.PathLike, out_dir: str | os.PathLike, settings:
             "target": target,
             **{name: len(parts[name]) for name in SPLITS},
         }
+    empty = [name for name in SPLITS if not splits[name]]
+    if empty:  # finetune would blame max_length, and the notebook's sample cells would fail
+        total = sum(len(part) for part in splits.values())
+        raise ValueError(
+            f"too few dialogues for the splits: {total} in all "
+            f"({', '.join(f'{s} {sum(v[n] for n in SPLITS)}' for s, v in sources.items())}) leave the "
+            f"{' and '.join(empty)} split(s) empty (val_fraction={settings['val_fraction']}, "
+            f"test_fraction={settings['test_fraction']} of them round to 0); keep more dialogues (raise the targets, "
+            f"or ingest more records) or raise the fractions"
+        )
     manifest: dict[str, Any] = {"settings": dict(settings), "sources": sources, "splits": {}}
     for name in SPLITS:
         random.Random(f"{settings['seed']}:{name}").shuffle(splits[name])
@@ -231,6 +243,18 @@ def prepare(raw_qa_dir: str | os.PathLike, out_dir: str | os.PathLike, settings:
         manifest["splits"][name] = {"dialogues": len(splits[name]), "file": path.name, "sha256": sha256_file(path)}
     write_json(out_dir / "manifest.json", manifest)
     return manifest
+
+
+def _no_dialogue(path: Path, n_raw: int, dropped: Counter) -> None:
+    """Refuse a raw QA file that gives no dialogue at all, saying why (empty answers, mostly)."""
+    if not n_raw:
+        why = "it holds no records"
+    elif sum(dropped[r] for r in ("no_answer", "empty", "one_sided")) == n_raw:
+        why = f"all its answers were empty (of {n_raw} records: {dict(sorted(dropped.items()))})"
+    else:
+        why = f"every one of its {n_raw} records was dropped ({dict(sorted(dropped.items()))})"
+    raise ValueError(f"{config.relative(path)} gives no dialogue: {why}; fix the file (01_ingest) or remove "
+                     f"{path.stem!r} from the dialogue targets")
 
 
 def load(dialogue_dir: str | os.PathLike, split_name: str) -> list[dict]:

@@ -3,22 +3,32 @@ memory, distributed set-up and the facts every ``summary.json`` records.
 
 Every hardware decision of the suite is made here, from one table a reader can check:
 
-=============  ==============  ====================  =========  =============  ==========================
-device         cc              compute dtype         scaler     torch.compile  bitsandbytes LLM.int8 (8-bit)
-=============  ==============  ====================  =========  =============  ==========================
-CPU            --              float32 (see below)   no         off            yes (CPU kernels)
-P100           6.0             float16               yes        off (< 7.0)    no: use lora-16bit / 4-bit
-V100           7.0             float16               yes        on             no: use lora-16bit / 4-bit
-T4             7.5             float16               yes        on             yes
-A100           8.0             bfloat16              no         on             yes
-L4             8.9             bfloat16              no         on             yes
-H100 / H200    9.0             bfloat16              no         on             yes
-=============  ==============  ====================  =========  =============  ==========================
+=============  ====  ====================  ======  =====================  ==========================
+device         cc    compute dtype         scaler  torch.compile          bitsandbytes LLM.int8 (8-bit)
+=============  ====  ====================  ======  =====================  ==========================
+CPU            --    float32 (see below)   no      off                    yes (CPU kernels)
+P100           6.0   refused by torch's CUDA 12.8+ builds (Kaggle's): no sm_60 kernels; on a CUDA 12.6
+                     build float16, scaler, compile off (< 7.0), no 8-bit (use lora-16bit / 4-bit)
+V100           7.0   float16               yes     on (best-effort)       no: use lora-16bit / 4-bit
+T4             7.5   float16               yes     on (best-effort)       yes
+A100           8.0   bfloat16              no      on                     yes
+L4             8.9   bfloat16              no      on                     yes
+H100 / H200    9.0   bfloat16              no      on                     yes
+RTX PRO 6000   12.0  bfloat16              no      on                     yes
+=============  ====  ====================  ======  =====================  ==========================
 
 Rules behind the rows: bf16 where the GPU has it (compute capability 8.0+), else fp16 with a
-gradient scaler (fp16's narrow range underflows small gradients); Triton, which
-``torch.compile`` generates GPU code with, needs compute capability 7.0; bitsandbytes' int8
-matmul (LLM.int8()) needs 7.5 (its installation guide, v0.50), while its 4-bit NF4 needs 6.0.
+gradient scaler (fp16's narrow range underflows small gradients); ``torch.compile``'s Triton
+backend is refused by torch below compute capability 7.0 (inductor's ``GPUTooOldForTriton``) and
+is best-effort below 8.0 (Triton officially supports 8.0+); bitsandbytes' int8 matmul
+(LLM.int8()) needs 7.5 (its installation guide, v0.50), while its 4-bit NF4 needs 6.0.
+
+Before any of that, the GPU must be one the installed builds have kernels for (:func:`check_build`,
+run by :func:`detect`): torch's ``torch.cuda.get_arch_list()`` and, for 8/4-bit models,
+bitsandbytes' CUDA library. torch 2.8+ built for CUDA 12.8 has none for sm_50/sm_60 (2.10's cu128:
+sm_70 to sm_120; its cu126 build keeps sm_50 and sm_60: the CUDA support matrix of PyTorch's
+RELEASE.md), and bitsandbytes 0.50's ``libbitsandbytes_cuda128.so`` carries sm_70 to sm_120 (its
+``cuda126`` library has sm_60; read from the fatbins by :func:`fatbin_archs`).
 On a CPU training stays in fp32: on the 2-core AMD EPYC this suite is tested on, bf16 autocast
 trained at 0.18x fp32's tokens/s (smoke shape, interleaved; ``benchmarks/bench_pretrain.py``
 section 6 measures it on any machine), so ``dtype="bfloat16"`` on a CPU is allowed (tests use it
@@ -29,12 +39,16 @@ units: its 65 TFLOP/s are fp16). MFU is achieved FLOP/s divided by that peak.
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import platform
 import re
 import resource
+import struct
+from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +72,10 @@ class GPUSpec:
 _A100 = {"bfloat16": 312 * TFLOPS, "float16": 312 * TFLOPS, "float32": 19.5 * TFLOPS}
 # Order matters: the first key found in the device name wins (the specific "H100 PCIe" before "H100").
 GPUS: tuple[GPUSpec, ...] = (
+    # NVIDIA's RTX PRO 6000 Blackwell Workstation Edition data sheet: 125 TFLOP/s fp32, 1792 GB/s;
+    # dense fp16/bf16 tensor (fp32 accumulate) 503.8 TFLOP/s = 188 SMs x 1024 FLOP/clock x 2.617 GHz
+    # boost (hmc-tech.com's spec page; the sheet states only sparse fp4). The Server Edition may clock lower.
+    GPUSpec("RTX PRO 6000", (12, 0), {"bfloat16": 503.8 * TFLOPS, "float16": 503.8 * TFLOPS, "float32": 125 * TFLOPS}, 1.792e12),
     GPUSpec("H200", (9, 0), {"bfloat16": 989 * TFLOPS, "float16": 989 * TFLOPS, "float32": 67 * TFLOPS}, 4.8e12),
     GPUSpec("H100 PCIe", (9, 0), {"bfloat16": 756 * TFLOPS, "float16": 756 * TFLOPS, "float32": 51 * TFLOPS}, 2.0e12),
     GPUSpec("H100", (9, 0), {"bfloat16": 989 * TFLOPS, "float16": 989 * TFLOPS, "float32": 67 * TFLOPS}, 3.35e12),
@@ -75,6 +93,14 @@ GPUS: tuple[GPUSpec, ...] = (
 COMPILE_MIN_CAPABILITY = (7, 0)  # Triton
 INT8_MIN_CAPABILITY = (7, 5)  # bitsandbytes LLM.int8()
 BF16_MIN_CAPABILITY = (8, 0)
+# torch's CUDA 12.6 x86 wheels (PyTorch RELEASE.md support matrix, 2.9 to 2.11; torch.cuda's
+# PYTORCH_RELEASES_CODE_CC): the build to name for a GPU newer builds have no kernels for
+CU126_ARCHS = ("sm_50", "sm_60", "sm_70", "sm_75", "sm_80", "sm_86", "sm_90")
+
+
+class HardwareError(RuntimeError):
+    """A GPU this installation cannot run a stage on (no kernels for it, or a feature it lacks);
+    the message names the GPU, what is missing and what to do."""
 
 
 @dataclass(frozen=True)
@@ -112,15 +138,135 @@ def cpu_name() -> str:
 
 
 def detect(preference: str = "auto", local_rank: int = 0) -> Device:
-    """The device to run on: ``auto`` is the CUDA GPU ``local_rank`` when there is one, else the CPU."""
+    """The device to run on: ``auto`` is the CUDA GPU ``local_rank`` when there is one, else the CPU.
+
+    A GPU the installed torch has no kernels for is refused here (:func:`check_build`): every stage
+    finds its device through this function, so none can start work its first CUDA operation would end.
+    """
     if preference not in ("auto", "cpu", "cuda"):
         raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {preference!r}")
     if preference == "cpu" or not torch.cuda.is_available():
         if preference == "cuda":
-            raise RuntimeError("device='cuda' was asked for but torch sees no CUDA GPU; use device='auto' or 'cpu'")
+            raise HardwareError("device='cuda' was asked for but torch sees no CUDA GPU; use device='auto' or 'cpu'")
         return Device("cpu", cpu_name())
     props = torch.cuda.get_device_properties(local_rank)
-    return Device("cuda", props.name, (props.major, props.minor), props.total_memory, torch.cuda.device_count(), local_rank)
+    device = Device("cuda", props.name, (props.major, props.minor), props.total_memory, torch.cuda.device_count(), local_rank)
+    check_build(device)
+    return device
+
+
+# ---------------------------------------------------------------------------------------------
+# kernels: does the installed software carry code for this GPU?
+
+
+def runs_on(code: str, capability: tuple[int, int]) -> bool:
+    """Whether compiled GPU code ``code`` runs on a GPU of ``capability``, ``code`` named as
+    ``torch.cuda.get_arch_list()`` names it: ``sm_86`` machine code runs on its own major version
+    from its minor up (sm_80 code on an 8.6); ``compute_90`` PTX is compiled at load time for that
+    capability or any newer one; ``a`` (arch-specific) code runs on its own capability only."""
+    match = re.fullmatch(r"(sm|compute)_(\d+)(\d)([af]?)", code)
+    if not match:
+        return False
+    kind, major, minor, suffix = match[1], int(match[2]), int(match[3]), match[4]
+    if suffix == "a":
+        return capability == (major, minor)
+    if kind == "compute" and not suffix:
+        return capability >= (major, minor)
+    return capability[0] == major and capability >= (major, minor)
+
+
+def check_kernels(
+    device: Device,
+    torch_archs: Sequence[str],
+    torch_version: str,
+    cuda_version: str | None,
+    bnb_archs: Sequence[str] = (),
+    bnb_library: str = "",
+) -> None:
+    """Raise :class:`HardwareError` when none of torch's compiled ``torch_archs`` runs on ``device``,
+    or, given the code in bitsandbytes' library (``bnb_archs``), none of that. A list naming no CUDA
+    code (a ROCm or CPU build) gives nothing to judge by and passes."""
+    cap = device.capability
+    if device.type != "cuda" or cap is None:
+        return
+    sm = f"sm_{cap[0]}{cap[1]}"
+    gpu = f"{device.name} (compute capability {cap[0]}.{cap[1]}, {sm})"
+
+    def lacks(archs: Sequence[str]) -> bool:
+        codes = [a for a in archs if re.fullmatch(r"(sm|compute)_\d+[af]?", a)]
+        return bool(codes) and not any(runs_on(a, cap) for a in codes)
+
+    if lacks(torch_archs):
+        fix = "pick Kaggle's \"GPU T4 x2\" accelerator"
+        if cuda_version != "12.6" and any(runs_on(a, cap) for a in CU126_ARCHS):
+            fix += (f", or install a torch built for CUDA 12.6, which has {sm} kernels: pip install "
+                    f"torch=={torch_version.split('+')[0]} --index-url https://download.pytorch.org/whl/cu126")
+        raise HardwareError(
+            f"{gpu} cannot run this torch: torch {torch_version} (CUDA {cuda_version}) has GPU kernels for "
+            f"{' '.join(torch_archs)} only, so its first CUDA operation would fail. Fix: {fix}"
+        )
+    if lacks(bnb_archs):
+        raise HardwareError(
+            f"{gpu} cannot run 8-bit or 4-bit base models: bitsandbytes' {bnb_library} has GPU kernels for "
+            f"{' '.join(bnb_archs)} only. Use variant 'lora-16bit', 'lora-32bit' or 'full' on this GPU, or pick "
+            "Kaggle's \"GPU T4 x2\" accelerator"
+        )
+
+
+FATBIN_MAGIC = struct.pack("<I", 0xBA55ED50)
+
+
+@lru_cache(maxsize=None)
+def fatbin_archs(library: Path) -> tuple[str, ...]:
+    """The GPU code a CUDA library carries (``sm_75`` machine code, ``compute_120`` PTX), read from
+    its fatbin headers as ``cuobjdump --list-elf --list-ptx`` lists them: each fatbin is a 16-byte
+    header (magic, version, header size, payload size) then entries whose headers hold their kind
+    (1 PTX, 2 machine code), sizes and, at byte 28, the architecture."""
+    data, archs = library.read_bytes(), set()
+    start = data.find(FATBIN_MAGIC)
+    while start >= 0:
+        header, size = struct.unpack_from("<HQ", data, start + 6)
+        at, end = start + header, start + header + size
+        while at + 32 <= end:
+            kind, _, entry_header, payload = struct.unpack_from("<HHIQ", data, at)
+            if not entry_header:
+                break
+            archs.add(f"{'compute' if kind == 1 else 'sm'}_{struct.unpack_from('<I', data, at + 28)[0]}")
+            at += entry_header + payload
+        start = data.find(FATBIN_MAGIC, max(end, start + 4))
+    return tuple(sorted(archs, key=lambda a: (int(a.split("_")[1]), a.startswith("compute"))))
+
+
+def bitsandbytes_library() -> Path | None:
+    """The CUDA library bitsandbytes will load with this torch, found without importing it (that
+    loads the library): ``BNB_CUDA_VERSION`` if set, else torch's CUDA version, else the closest of
+    the same major version (as bitsandbytes' ``get_cuda_bnb_library_path`` picks); ``None`` without one."""
+    spec = importlib.util.find_spec("bitsandbytes")
+    if spec is None or not spec.submodule_search_locations or not torch.version.cuda:
+        return None
+    folder = Path(next(iter(spec.submodule_search_locations)))
+    libraries = {(int(m[1][:-1]), int(m[1][-1])): p for p in folder.glob("libbitsandbytes_cuda*")
+                 if (m := re.fullmatch(r"libbitsandbytes_cuda(\d+)\.(so|dll|dylib)", p.name))}
+    wanted = os.environ.get("BNB_CUDA_VERSION")
+    major, minor = (int(wanted[:-1]), int(wanted[-1])) if wanted else tuple(int(v) for v in torch.version.cuda.split(".")[:2])
+    same = sorted(v for v in libraries if v[0] == major)
+    if (major, minor) in libraries or wanted:
+        return libraries.get((major, minor))
+    lower = [v for v in same if v < (major, minor)]
+    return libraries[lower[-1] if lower else same[0]] if same else None
+
+
+def check_build(device: Device, quantized_bits: int | None = None) -> None:
+    """Refuse a GPU the installed torch has no kernels for (:func:`check_kernels`); for an 8- or
+    4-bit base model (``quantized_bits``) also one bitsandbytes' CUDA library lacks, and, for 8-bit,
+    one below LLM.int8()'s compute capability 7.5 (:func:`check_8bit`)."""
+    if device.type != "cuda":
+        return
+    library = bitsandbytes_library() if quantized_bits else None
+    check_kernels(device, torch.cuda.get_arch_list(), torch.__version__, torch.version.cuda,
+                  fatbin_archs(library) if library else (), library.name if library else "")
+    if quantized_bits == 8:
+        check_8bit(device)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -194,7 +340,7 @@ def policy(dtype: str = "auto", compile: bool = False, device: Device | None = N
         chosen = DTYPES[dtype]
         cap = device.capability or (0, 0)
         if device.type == "cuda" and chosen == torch.bfloat16 and cap < BF16_MIN_CAPABILITY:
-            raise ValueError(
+            raise HardwareError(
                 f"dtype 'bfloat16' needs compute capability 8.0 (A100, L4, H100); {device.name} has "
                 f"{cap[0]}.{cap[1]}: use dtype 'float16' (with loss scaling) or 'auto'"
             )
@@ -221,7 +367,7 @@ def check_8bit(device: Device | None = None) -> None:
     device = device or detect()
     cap = device.capability
     if device.type == "cuda" and cap is not None and cap < INT8_MIN_CAPABILITY:
-        raise RuntimeError(
+        raise HardwareError(
             f"8-bit base models need bitsandbytes' LLM.int8(), which needs compute capability 7.5 (T4 or newer); "
             f"{device.name} has {cap[0]}.{cap[1]}. Use variant 'lora-16bit' (or 'lora-4bit', NF4 needs 6.0) on "
             "this GPU, or pick Kaggle's 'GPU T4 x2' accelerator"

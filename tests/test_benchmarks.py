@@ -2,6 +2,7 @@
 reported, not asserted: speed targets are not unit tests)."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -41,3 +42,65 @@ def test_bench_inference_quick_prints_tables_and_a_json_line(mirror):
     rows = result["rows"]
     assert len(rows) == 3 * 2 * 2 and {r["variant"] for r in rows} == {"MHA", "GQA", "MQA"}
     assert {"prefill_s", "decode_tokens_per_s", "ms_per_token", "kv_cache_bytes", "bytes_per_step", "mbu"} <= set(rows[0])
+
+
+GPU_EVIDENCE = SCRIPT.with_name("gpu_evidence.py")
+
+
+def gpu_evidence():
+    """The evidence script as a module (its heavy imports happen inside its functions)."""
+    spec = importlib.util.spec_from_file_location("gpu_evidence", GPU_EVIDENCE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_evidence_dry_run(mirror, tmp_path):
+    out, home = tmp_path / "out", tmp_path / "home"
+    home.mkdir()
+    proc = subprocess.run(
+        [sys.executable, str(GPU_EVIDENCE), "--dry-run", "--out", str(out)], capture_output=True, text=True, timeout=900,
+        env={**os.environ, "NBLIB_MIRROR": str(mirror), "NBLIB_HOME": str(home)},
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    files = {p.name for p in out.iterdir()}
+    assert len(files) <= 8 and {"evidence.json", "evidence.md", "kernels.txt", "log.txt", "compare.html"} <= files
+    assert not any(home.iterdir()), "the evidence run works in its own temporary root, never in NBLIB_HOME"
+    ev = json.loads((out / "evidence.json").read_text())
+    for label in ("MHA", "GQA", "MQA"):  # fp32 without dropout: torch's fused CPU kernel, in training and decode
+        for phase in ("train", "decode"):
+            assert ev["kernels"][label][phase]["kernel"] == "flash (CPU)", ev["kernels"][label][phase]
+            assert "aten::_scaled_dot_product_flash_attention_for_cpu" in ev["kernels"][label][phase]["ops"]
+    assert ev["math_check"]["passed"] is True and ev["math_check"]["failures"] == []
+    assert {r["compile"] for r in ev["training_step"]} == {False, True}
+    assert {r["variant"] for r in ev["decode"]} == {"MHA", "GQA", "MQA"} and all(r["mbu"] > 0 for r in ev["decode"])
+    assert "skipped" in ev["finetune_lora_8bit"] or ev["finetune_lora_8bit"]["steps"] == 2
+    assert "MHA vs GQA" in (out / "compare.html").read_text()
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["math_check_passed"] is True
+
+
+def test_gpu_evidence_math_check_fails_when_only_gqa_runs_math():
+    ev = gpu_evidence()
+    fused = {"aten::scaled_dot_product_attention", "aten::_scaled_dot_product_efficient_attention"}
+    math = {"aten::scaled_dot_product_attention", "aten::_scaled_dot_product_attention_math", "aten::bmm", "aten::_softmax"}
+    assert ev.classify(fused) == "efficient" and ev.classify(math) == "math"
+    assert ev.classify({"aten::bmm", "aten::softmax"}) == "math (bmm + softmax)"
+    k = {label: {"train": {"kernel": ev.classify(fused)}, "decode": {"kernel": ev.classify(fused)}} for label in ("MHA", "GQA", "MQA")}
+    assert ev.math_check(k)["passed"]
+    k["GQA"]["decode"]["kernel"] = ev.classify(math)
+    assert ev.math_check(k)["failures"] == ["GQA decode: math (MHA: efficient)"]
+    k["MHA"]["decode"]["kernel"] = ev.classify(math)  # all variants on math: a shape or dtype matter, not GQA's
+    assert ev.math_check(k)["passed"]
+
+
+def test_gpu_evidence_gpu_settings_are_valid():
+    """The GPU path cannot run here; its settings are checked against the profiles' schemas."""
+    from nblib import config
+
+    ev = gpu_evidence()
+    s = ev.sizes(False, 300, 100)
+    kv = {label: ev.train_settings(s, label) for label in ev.VARIANTS}
+    assert {k: c["n_kv_head"] for k, c in kv.items()} == {"MHA": 8, "GQA": 2, "MQA": 1}
+    assert {(c["n_layer"], c["d_model"], c["max_steps"], c["wandb"]) for c in kv.values()} == {(8, 512, 300, False)}
+    assert ev.finetune_settings(s, "runs/pretrain-mha/seed-1337/hf")["steps"] == 100
+    assert config.settings("compare", s["compare"], **s["compare_overrides"])["profile"] == "full"

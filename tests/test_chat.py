@@ -251,3 +251,49 @@ def test_transcript_escapes_html_from_users_and_models(home):
     text = chat.transcript(rows, "runs/x/merged", smoke())
     assert "<script>" not in text and "&lt;script&gt;alert(1)&lt;/script&gt;  \nok" in text
     assert "**User:** &lt;b&gt;hi&lt;/b&gt;" in text and "1 token at 3.0 tokens/s" in text
+
+
+def test_an_empty_answer_is_said_in_the_terminal_as_in_the_transcript(home, mirror, capsys):
+    """A model that always says end-of-text first: the terminal shows what the transcript shows."""
+    tok = chat_tokenizer()
+    mute = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=64, n_embd=16, n_layer=1, n_head=2))
+    with torch.no_grad():  # the final layer norm outputs e_0, and only end-of-text's (tied) embedding points there
+        mute.transformer.ln_f.weight.zero_()
+        mute.transformer.ln_f.bias.copy_(torch.eye(16)[0])
+        mute.transformer.wte.weight[:, 0] = 0.0
+        mute.transformer.wte.weight[tok.convert_tokens_to_ids(EOT), 0] = 10.0
+    save_chat_model(home / "mute", tok, mute)
+    cfg = smoke(model="mute", temperature=0)
+    rows = chat.converse(chat.session(*chat.load("mute", device="cpu"), cfg), ["Hello?"])
+    assert rows[0]["assistant"] == "" and capsys.readouterr().out == "bot> (empty answer)\n"
+    assert "**Assistant:** *(empty answer)*" in chat.write_transcript(rows, "mute", cfg).read_text(encoding="utf-8")
+
+
+def _cli(home: Path, *args: str) -> tuple[int, str]:
+    import subprocess
+
+    env = {**os.environ, "NBLIB_HOME": str(home), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-m", "nblib.chat", "--profile", "smoke", "--device", "cpu", *args],
+                          env=env, cwd=REPO, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=120)
+    return proc.returncode, proc.stderr
+
+
+def test_cli_broken_model_folders_and_bad_numbers_are_one_line_each(home, mirror, tmp_path):
+    tok = chat_tokenizer()
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=64, n_embd=16, n_layer=1, n_head=2))
+    for name in ("noweights", "badconfig", "badweights"):
+        save_chat_model(home / name, tok, model)
+    (home / "noweights" / "model.safetensors").unlink()
+    (home / "badconfig" / "config.json").write_text("{", encoding="utf-8")
+    (home / "badweights" / "model.safetensors").write_bytes(b"garbage")
+    cases = [
+        (["--model", "noweights"], "chat: noweights is not a loadable merged model: Error no file named model.safetensors"),
+        (["--model", "badconfig"], "chat: badconfig is not a loadable merged model: It looks like the config file at"),
+        (["--model", "badweights"], "chat: badweights is not a loadable merged model: Error while deserializing header"),
+        (["--temperature", "-1"], "python -m nblib.chat: error: invalid chat setting(s): temperature=-1.0 must be a number >= 0"),
+        (["--top-k", "0"], "python -m nblib.chat: error: invalid chat setting(s): top_k=0 must be an integer >= 1, or null"),
+        (["--top-k", "x"], "python -m nblib.chat: error: argument --top-k: invalid int value: 'x'"),
+    ]
+    for args, message in cases:
+        code, err = _cli(home, *args)
+        assert code == 2 and "Traceback" not in err and message in err.splitlines()[-1], (args, err[-1500:])

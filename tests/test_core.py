@@ -84,6 +84,23 @@ def test_numbers_given_as_text_are_read(demo_profiles):
     assert "steps=0" in str(info.value) and "lr=-1" in str(info.value)
 
 
+@pytest.mark.parametrize("stage, overrides, message", [
+    ("finetune", {"mix": {"alpaca": -5}}, r"mix\.alpaca=-5 must be an integer >= 0, or null"),  # not "all but 5"
+    ("finetune", {"mix": {"alpaca": "abc"}}, r"mix\.alpaca='abc' must be an integer >= 0, or null"),
+    ("ingest", {"qa": {"dolly": 10, "alpaca": 2.5}}, r"qa\.alpaca=2\.5 must be an integer >= 0, or null$"),
+    ("dialogue", {"targets": [800]}, r"targets=\[800\] must be a mapping whose values are each an integer >= 0"),
+])
+def test_counts_inside_mappings_are_checked_one_by_one(stage, overrides, message):
+    with pytest.raises(config.SettingsError, match=message):
+        config.settings(stage, "smoke", **overrides)
+
+
+def test_mapping_counts_are_read_and_null_means_all():
+    assert config.settings("finetune", "smoke", mix={"alpaca": "7", "sciq": None})["mix"] == {"alpaca": 7, "sciq": None}
+    assert config.settings("finetune", "smoke")["mix"] is None  # the mapping itself may be null: every dialogue
+    assert config.settings("ingest", "full")["qa"]["alpaca"] is None
+
+
 def test_auto_profile_is_smoke_without_gpu():
     assert config.resolve_profile("auto") == ("full" if torch.cuda.is_available() else "smoke")
 

@@ -49,6 +49,36 @@ def test_token_files_are_reused_until_the_corpus_changes(home: Path, corpus: dic
     assert bin_path.stat().st_size == 2 * rebuilt["splits"]["train"]["tokens"]
 
 
+def test_a_corrupt_token_file_is_rebuilt_not_reused(home: Path, corpus: dict[str, list[str]], capsys):
+    """A byte flipped in place keeps the size; the manifest's sha256 catches it."""
+    first = data.build_token_files()
+    bin_path = config.paths().tokens / "train.bin"
+    raw = bytearray(bin_path.read_bytes())
+    raw[100:102] = b"\xff\xff"  # id 65535, beyond GPT-2's vocabulary: "index out of range" in training
+    bin_path.write_bytes(bytes(raw))
+    capsys.readouterr()
+    again = data.build_token_files()
+    out = capsys.readouterr().out
+    assert again["reused"] is False and again["splits"] == first["splits"]
+    assert out.count("\n") == 1 and "train.bin is corrupt" in out and "rebuilding" in out
+    assert data.load_tokens(None, "train").max() < tokenizer.EOT_ID + 1
+    assert data.build_token_files()["reused"] is True
+    (config.paths().tokens / "manifest.json").write_text("{", encoding="utf-8")
+    assert data.build_token_files()["reused"] is False
+    assert "not valid JSON" in capsys.readouterr().out
+
+
+def test_a_killed_build_leaves_no_temp_file_behind(home: Path, corpus: dict[str, list[str]], capsys):
+    data.build_token_files()
+    tokens = config.paths().tokens
+    orphan = tokens / ".train.bin.k1ll3d.tmp"  # the name files.atomic_write_bytes gives its temp file
+    orphan.write_bytes(b"\0" * 6000)
+    assert data.build_token_files()["reused"] is True
+    assert not orphan.exists()
+    assert "removed .train.bin.k1ll3d.tmp (6,000 bytes" in capsys.readouterr().out
+    assert sorted(p.name for p in tokens.iterdir()) == ["manifest.json", "test.bin", "train.bin", "val.bin"]
+
+
 def test_missing_corpus_names_the_clean_stage(home: Path):
     with pytest.raises(FileNotFoundError, match="02_clean"):
         data.build_token_files()

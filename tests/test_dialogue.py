@@ -182,3 +182,26 @@ def test_prepare_and_load_errors(tmp_path, alpaca):
         dialogue.load(tmp_path / "nowhere", "train")
     with pytest.raises(ValueError, match="val_fraction"):
         dialogue.split([], 0.5, 0.5, 1)
+
+
+def test_a_source_whose_answers_are_all_empty_is_refused_by_name(tmp_path, alpaca):
+    qa = tmp_path / "qa"
+    write_jsonl(qa / "alpaca.jsonl", [{**r, "output": " <br> \n"} for r in alpaca[:30]])  # answers that clean to nothing
+    settings = {"targets": {"alpaca": None}, "val_fraction": 0.1, "test_fraction": 0.1, "max_chars": None, "seed": 1}
+    with pytest.raises(ValueError, match=r"qa/alpaca\.jsonl gives no dialogue: all its answers were empty "
+                                         r"\(of 30 records: .*remove 'alpaca' from the dialogue targets"):
+        dialogue.prepare(qa, tmp_path / "out", settings)
+    assert not (tmp_path / "out").exists()  # no empty splits written for a later cell to trip on
+
+
+def test_too_few_records_for_the_splits_is_named_as_such(tmp_path, alpaca):
+    """One record: not "no dialogues left ... raise max_length" at fine-tuning, but the real cause here."""
+    qa = tmp_path / "qa"
+    write_jsonl(qa / "alpaca.jsonl", alpaca[:1])
+    settings = {"targets": {"alpaca": None}, "val_fraction": 0.1, "test_fraction": 0.1, "max_chars": None, "seed": 1}
+    with pytest.raises(ValueError, match=r"too few dialogues for the splits: 1 in all \(alpaca 1\) leave the val and "
+                                         r"test split\(s\) empty .*raise the targets"):
+        dialogue.prepare(qa, tmp_path / "out", settings)
+    write_jsonl(qa / "alpaca.jsonl", alpaca[:10])  # 10 x 0.1 rounds to 1: every split gets one
+    splits = dialogue.prepare(qa, tmp_path / "out", settings)["splits"]
+    assert [splits[n]["dialogues"] for n in ("train", "val", "test")] == [8, 1, 1]

@@ -7,7 +7,9 @@ minutes), so CI runs its ingest, clean, MHA pretraining (8 x 8 x 512) and LoRA +
 """
 from __future__ import annotations
 
+import importlib.util
 import os
+from pathlib import Path
 
 import pytest
 
@@ -41,12 +43,14 @@ def test_dry_run_stages_and_refusals(monkeypatch, tmp_path):
     assert stages["03_train_gpt2_small"].params == {"preset": "gpt2-small", "name": "pretrain-gpt2-small"}
     variants = [s.params["variant"] for s in stages.values() if s.notebook.startswith("05_")]
     assert variants == list(finetune.VARIANTS)  # a CPU runs every variant, 8-bit included
-    assert stages["06_compare"].params["runs"] == ["pretrain-mha", "pretrain-gqa", *(f"finetune-{v}" for v in variants)]
+    pretrain = ["pretrain-mha", "pretrain-gqa4", "pretrain-gqa", "pretrain-mqa", "pretrain-gqa-uptrained",
+                "pretrain-mqa-uptrained", "pretrain-gqa-uptrained-first", "pretrain-gqa-uptrained-random"]
+    assert stages["06_compare"].params["runs"] == [*pretrain, *(f"finetune-{v}" for v in variants)]
     assert stages["07_chat_demo"].params["model"] == "runs/finetune-lora-8bit/seed-1234/merged"
     with pytest.raises(ValueError, match="use --profile full --dry-run"):
         pipeline.run("smoke", dry_run=True)
     monkeypatch.setenv("NBLIB_HOME", str(tmp_path))
-    assert pipeline.main(["--profile", "full", "--dry-run", "--only", "08"]) == 1  # no stage 08
+    assert pipeline.main(["--profile", "full", "--dry-run", "--only", "08"]) == 2  # no stage 08: a usage error
     assert os.environ["NBLIB_HOME"] == str(tmp_path / "dry-run")  # its own working root
 
 
@@ -95,3 +99,24 @@ def test_dry_run_finetunes_gpt2_small(dry):
         assert s["config"]["max_length"] == 512 and s["config"]["grad_accum"] == 2 and s["config"]["batch_size"] == 1
         assert s["finished"] and s["steps"] == 2 and s["merged_eval_loss"] is not None
         assert s["base_model"] == "models/gpt2-small-random" and s["data"]["base_sha256"]
+
+
+def test_dry_run_records_disk_use(dry):
+    """pipeline.json's ``disk``: the sizes the README's Kaggle paragraph quotes (tools/disk_figures.py)."""
+    home, _ = dry
+    disk = read_json(home / "runs" / "pipeline" / "pipeline.json")["disk"]
+    measured = ["pretrain-mha/seed-1337", "finetune-lora-8bit/seed-1234"]
+    assert all(disk["runs"][name] > 0 for name in measured) and disk["folders"]["data"] > 0 and disk["clone"] > 0
+    assert {name: disk["full_profile_counts"][name] for name in measured} == dict.fromkeys(measured, 3)
+    assert disk["full_profile_estimate_bytes"] > 3 * sum(disk["runs"][name] for name in measured)
+    if ALL:
+        assert disk["full_profile_estimate_bytes"] <= 12e9, disk  # Kaggle keeps 20 GB of output
+    assert not list((home / "runs" / "pretrain-mha").rglob("ckpt*.pt"))  # deleted once finished
+    ckpt = home / "runs" / "finetune-lora-8bit" / "seed-1234" / "checkpoints"  # pruned once finished
+    assert {p.relative_to(ckpt).as_posix() for p in ckpt.rglob("*")} == {
+        "trained.json", "checkpoint-2", "checkpoint-2/trainer_state.json"}  # adapter/ holds the best weights
+    spec = importlib.util.spec_from_file_location("disk_figures", Path(__file__).resolve().parents[1] / "tools" / "disk_figures.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    text = "\n".join(tool.lines(read_json(home / "runs" / "pipeline" / "pipeline.json")))
+    assert "runs/finetune-lora-8bit/seed-1234/" in text and "full profile, estimated" in text

@@ -238,26 +238,66 @@ def test_plot_losses(lora8):
     assert ax.get_legend() is not None and ax.get_legend().get_bbox_to_anchor().y0 < ax.bbox.y0  # below the axes
 
 
-def test_resume_from_last_checkpoint_and_refuse_other_settings(lora8):
+def test_finished_run_is_restored_from_its_pruned_checkpoints(lora8):
     cfg, run_dir, summary = lora8["cfg"], lora8["s"].run_dir, lora8["summary"]
-    ckpts = sorted(p.name for p in (run_dir / "checkpoints").glob("checkpoint-*"))
-    assert ckpts == ["checkpoint-4", "checkpoint-8"]
+    ckpt = run_dir / "checkpoints"
+    # pruned once finished: the last trainer_state.json stays; adapter/ holds the best weights
+    assert {p.relative_to(ckpt).as_posix() for p in ckpt.rglob("*")} == {
+        "trained.json", "checkpoint-8", "checkpoint-8/trainer_state.json"}
     # a finished run: nothing is trained again, the best weights come back
     s = finetune.setup({**cfg, "wandb": False})
+    assert (ckpt / "checkpoint-8").is_dir()  # a pruned checkpoint is not mistaken for a killed write
     trained = finetune.train(s)
     assert (trained["steps"], trained["best_step"]) == (8, summary["best_step"])
-    assert trained["train_samples_per_s"] == summary["train_samples_per_s"]
+    for key in ("train_samples_per_s", "train_seconds", "peak_memory_bytes"):
+        assert trained[key] == summary[key], key
     assert finetune.evaluate(s)["loss"] == pytest.approx(summary["eval_loss"], abs=1e-4)
+    with pytest.raises(ValueError, match="differs in: lora_r"):
+        finetune.setup({**cfg, "lora_r": 4})
+
+
+def test_kill_mid_training_resumes_and_a_kill_while_saving_finishes_on_rerun(root, monkeypatch, capsys):
+    """Issue 21: a kill while merged/ was written left a temp folder, no merged/ and an unfinished
+    summary with null throughput; the rerun restores the weights and finishes with nothing lost."""
+    cfg = small(seeds=[5])
+    s = finetune.setup(cfg)
+    finetune.train(s)
+    run_dir = s.run_dir
     shutil.rmtree(run_dir / "checkpoints" / "checkpoint-8")  # as if the session died after step 4
     (run_dir / "checkpoints" / "checkpoint-8").mkdir()  # killed just as a checkpoint folder appeared
     (run_dir / "checkpoints" / "checkpoint-8" / "README.md").write_text("x")
-    with pytest.raises(ValueError, match="differs in: lora_r"):
-        finetune.setup({**cfg, "lora_r": 4})
-    s = finetune.setup({**cfg, "wandb": False})
+    s = finetune.setup(cfg)
+    before = finetune.evaluate(s)
     trained = finetune.train(s)
-    assert trained["resumed_from"] == "runs/finetune-lora-8bit/seed-1234/checkpoints/checkpoint-4"
-    assert trained["steps"] == 8
+    assert trained["resumed_from"] == "runs/finetune-lora-8bit/seed-5/checkpoints/checkpoint-4"
+    assert trained["steps"] == 8 and trained["train_samples_per_s"] > 0
     assert [r["step"] for r in finetune.metrics_rows(trained["log_history"]) if r["kind"] == "eval"] == [4, 8]
+
+    def killed_while_merging(d, write):  # noqa: ANN001 - replace_dir's signature
+        if d.name == "merged":
+            (d.parent / ".merged.tmp-99999").mkdir()
+            (d.parent / ".merged.tmp-99999" / "model.safetensors").write_bytes(b"\0" * 1000)
+            raise KeyboardInterrupt  # kill -9 leaves the temp folder; replace_dir would have removed it
+        return replace_dir(d, write)
+
+    replace_dir = finetune.replace_dir
+    monkeypatch.setattr(finetune, "replace_dir", killed_while_merging)
+    with pytest.raises(KeyboardInterrupt):
+        finetune.finish(s, before, finetune.evaluate(s), trained)
+    monkeypatch.undo()
+    killed = runs.read_summary(run_dir)
+    assert not killed["finished"] and killed["peak_memory_bytes"] is None and not (run_dir / "merged").exists()
+    capsys.readouterr()
+
+    summary = finetune.run(cfg)
+    assert "removed .merged.tmp-99999/" in capsys.readouterr().out
+    assert summary["finished"] and summary["steps"] == 8 and not list(run_dir.glob(".*tmp-*"))
+    for key in ("train_samples_per_s", "train_seconds", "peak_memory_bytes"):  # kept in checkpoints/trained.json
+        assert summary[key] == trained[key] and summary[key] > 0, key
+    merged = AutoModelForCausalLM.from_pretrained(root / summary["merged"])
+    assert summary["merged_eval_loss"] == pytest.approx(s.evaluate_loss(merged)[0], abs=1e-6)
+    assert summary["merged_eval_loss"] == pytest.approx(summary["eval_loss"], abs=0.05)
+    assert not list((run_dir / "checkpoints").rglob("*.safetensors"))  # pruned now that it finished
 
 
 def test_time_budget_stops_with_a_checkpoint_and_the_next_session_resumes(root):
@@ -347,3 +387,10 @@ def test_stop_rate_counts_only_answers_closed_by_eos(root):
     handle.remove()
     no_stop = finetune.answer(model, tok, ["Capital of France?"], 3)[0]
     assert no_stop["stopped"] is False
+
+
+def test_a_mix_that_selects_nothing_is_refused_as_such():
+    records = [{"source": "alpaca", "dialogue": []}, {"source": "sciq", "dialogue": []}]
+    assert len(finetune.select(records, {"alpaca": 0, "sciq": None}, 1)) == 1
+    with pytest.raises(config.SettingsError, match=r"mix=\{'alpaca': 0\} selects no dialogue"):
+        finetune.select(records, {"alpaca": 0}, 1)

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Create the virtual environment: torch first (CPU build unless an NVIDIA GPU is present, so a
-# CPU machine never pulls CUDA wheels), then the pinned requirements, then nblib (editable).
+# CPU machine never pulls CUDA wheels), then the tested pins (requirements-ci.txt: exact versions
+# meeting requirements.txt's lower bounds, plus the test-only packages), then nblib (editable).
 set -euo pipefail
 venv=${1:-.venv}
 python3 -m venv "$venv"
@@ -16,6 +17,6 @@ if ! "$venv/bin/python" -c "import torch" 2>/dev/null; then
     "$venv/bin/pip" install -q torch==2.13.0 --extra-index-url https://download.pytorch.org/whl/cpu
   fi
 fi
-"$venv/bin/pip" install -q -r requirements.txt
+"$venv/bin/pip" install -q -r requirements-ci.txt
 "$venv/bin/pip" install -q --no-deps -e .
 "$venv/bin/python" -c "import torch, nblib; print(f'torch {torch.__version__}, cuda {torch.cuda.is_available()}, nblib {nblib.__version__}')"

@@ -25,6 +25,7 @@ def publish_example(home: str | Path | None = None, dest: str | Path | None = No
             for ext in ("html", "md", "csv")]
 
 
+@config.cli
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m nblib.report", description="Publish the compare report as the committed example.")
     parser.add_argument("--publish-example", action="store_true", help="copy reports/compare.* to the repo's reports/examples/")
