@@ -37,7 +37,7 @@ from dataclasses import replace  # noqa: E402
 import torch  # noqa: E402
 
 from bench_pretrain import table  # noqa: E402  (the same table printer; scripts in one folder)
-from nblib import config, machine, measure, tokenizer  # noqa: E402
+from nblib import attention, config, machine, measure, tokenizer  # noqa: E402
 from nblib.model import GPTConfig, export_hf  # noqa: E402
 
 TARGET_CELL = (8, 2048)  # batch, context of the GQA-vs-MHA decode target
@@ -143,7 +143,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, help="interleaved decode repeats per cell (default 3)")
     parser.add_argument("--prefill-repeats", type=int, default=1, help="of which also time the prefill (default 1)")
     parser.add_argument("--new-tokens", type=int, help="decode steps per timing (default 16)")
-    parser.add_argument("--gqa-kv-heads", type=int, default=2, help="K/V heads of the GQA variant")
+    parser.add_argument("--gqa-kv-heads", type=int, default=attention.VARIANTS["gqa"].n_kv_head,
+                        help="K/V heads of the GQA variant (default: nblib.attention's gqa)")
     parser.add_argument("--gen-tokens", type=int, help="new tokens for cache vs recomputation (default 256)")
     parser.add_argument("--hf-prompt", type=int, help="prompt tokens for the HF comparison (default 128)")
     parser.add_argument("--hf-new-tokens", type=int, help="new tokens for the HF comparison (default 128)")

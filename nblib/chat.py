@@ -4,7 +4,8 @@ write the transcript. From a terminal::
     python -m nblib.chat --model runs/finetune-lora-8bit/seed-1234/merged
 
 Type a message and the answer streams in; ``/help`` lists the commands (``/reset`` starts a new
-conversation, ``/exit`` or Ctrl-D leaves). On a POSIX terminal, keys typed while an answer
+conversation, ``/exit`` or Ctrl-D leaves). Ctrl-C stops the answer that streams, at an empty
+prompt it leaves. On a POSIX terminal, keys typed while an answer
 streams are not echoed into it: they start the next prompt line, ready to edit or send.
 """
 from __future__ import annotations
@@ -33,6 +34,7 @@ COMMANDS = {
 }
 YOU, BOT = "you> ", "bot> "
 EMPTY_ANSWER = "(empty answer)"  # shown in the terminal and the transcript for an answer with no text
+STOPPED = "(stopped)"  # shown after an answer that Ctrl-C stopped
 _ESCAPE = re.compile(r"\x1b(\[[0-?]*[ -/]*[@-~]|O.|.)?")  # the sequences of arrow, function and Alt keys
 
 
@@ -236,11 +238,16 @@ def converse(
     lines: Iterable[str],
     echo: bool = False,
     answering: Callable[[], AbstractContextManager[Any]] = nullcontext,
+    interruptible: bool = False,
 ) -> list[dict[str, Any]]:
     """Answer each line (streaming to stdout) or run its command; stop at ``/exit``.
 
     ``echo`` prints each line first (for scripted input); each answer runs inside ``answering()``
-    (:meth:`Terminal.answering` in the CLI). Returns one row per exchange.
+    (:meth:`Terminal.answering` in the CLI). With ``interruptible`` (the CLI), Ctrl-C while an
+    answer streams stops that answer and the chat goes on; the stopped exchange is left out of the
+    history and the rows, as if it had not been asked: the model only ever sees finished turns, as
+    in training, and a half answer (often stopped for going astray) would steer the next ones.
+    Otherwise the interrupt goes on up. Returns one row per finished exchange.
     """
     rows = []
     for line in lines:
@@ -268,6 +275,11 @@ def converse(
         except ValueError as e:  # an empty or too long message: say so and go on
             print(e)
             continue
+        except KeyboardInterrupt:
+            if not interruptible:
+                raise
+            print(flush=True)
+            continue
         print(" […]" if reply.truncated else "", flush=True)
         rows.append(_row(chat.conversation, line, reply))
     return rows
@@ -285,10 +297,14 @@ def _answer(chat: ChatSession, message: str) -> Reply:
         body = text.rstrip()
         held = text[len(body) :]
         if body:
-            _print(shown + body)
-            shown = ""
+            out, shown = shown + body, ""  # first: a Ctrl-C during the print must not show "bot> " again
+            _print(out)
 
-    reply = chat.ask(message, stream=show)
+    try:
+        reply = chat.ask(message, stream=show)
+    except KeyboardInterrupt:  # the history is as before the message (ChatSession.ask records finished turns)
+        _print((shown or " ") + STOPPED)
+        raise
     if shown:  # nothing was shown: say so, as the transcript does
         _print(shown + EMPTY_ANSWER)
     return reply
@@ -372,8 +388,8 @@ def interact(chat: ChatSession) -> Any:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m nblib.chat",
-        description="Chat with the fine-tuned assistant: answers stream in; /help lists the commands "
-        "(/reset starts a new conversation, /exit or Ctrl-D leaves).",
+        description="Chat with the fine-tuned assistant: answers stream in (Ctrl-C stops one); /help lists "
+        "the commands (/reset starts a new conversation, /exit, Ctrl-D or Ctrl-C at an empty prompt leaves).",
     )
     parser.add_argument("--model", help="merged model or peft adapter folder (default: the chat profile's, runs/finetune-lora-8bit/seed-1234/merged)")
     parser.add_argument("--profile", default="auto", help="chat settings profile: smoke, full or auto")
@@ -396,8 +412,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"model {cfg['model']} ({budget(chat)}); /help for commands", flush=True)
     terminal = Terminal.stdin()
     try:
-        converse(chat, terminal.lines(), answering=terminal.answering)
-    except KeyboardInterrupt:
+        converse(chat, terminal.lines(), answering=terminal.answering, interruptible=True)
+    except KeyboardInterrupt:  # at the prompt
         print()
     return 0
 

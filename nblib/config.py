@@ -42,6 +42,11 @@ class SettingsError(ValueError):
     """Settings that do not fit a stage's schema; the message names each setting and what it accepts."""
 
 
+class MissingInput(FileNotFoundError):
+    """A file an earlier stage writes is absent or unusable; the message names it and the notebook that
+    (re)writes it. A user's step to take, so :func:`cli` prints it without a traceback."""
+
+
 def resolve_profile(profile: str = "auto") -> str:
     """Return ``smoke``, ``full`` or ``dry-run``; ``auto`` picks ``full`` when a CUDA GPU is present."""
     if profile == "auto":
@@ -343,8 +348,9 @@ def parse_params(items: list[str]) -> dict[str, Any]:
 
 def cli(main: Callable[[list[str] | None], int]) -> Callable[[list[str] | None], int]:
     """A command's ``main`` that prints a user's mistake as one message on stderr and exits 2 (as
-    argparse does for bad arguments), not a traceback: settings (:class:`SettingsError`) and a GPU
-    the installation cannot serve (``machine.HardwareError``, the 8-bit refusal among them)."""
+    argparse does for bad arguments), not a traceback: settings (:class:`SettingsError`), an earlier
+    stage's output that is missing (:class:`MissingInput`) and a GPU the installation cannot serve
+    (``machine.HardwareError``, the 8-bit refusal among them)."""
     spec = main.__globals__.get("__spec__")  # its module's import name, also when run as __main__ by -m
     command = "python -m " + (spec.name if spec else main.__module__).removesuffix(".__main__")
 
@@ -354,7 +360,7 @@ def cli(main: Callable[[list[str] | None], int]) -> Callable[[list[str] | None],
 
         try:
             return main(argv)
-        except (SettingsError, HardwareError) as e:
+        except (SettingsError, MissingInput, HardwareError) as e:
             print(f"{command}: error: {e}", file=sys.stderr)
             return 2
 

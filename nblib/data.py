@@ -73,7 +73,7 @@ def build_token_files(paths: config.Paths | None = None, force: bool = False) ->
     sources = {split: paths.corpus / f"{split}.txt" for split in SPLITS}
     missing = [str(p) for p in sources.values() if not p.is_file()]
     if missing:
-        raise FileNotFoundError(
+        raise config.MissingInput(
             f"corpus split(s) missing: {', '.join(missing)}; run notebooks/02_clean.ipynb (the clean stage) first"
         )
     corpus_sha = {split: sha256_file(path) for split, path in sources.items()}

@@ -261,5 +261,6 @@ def load(dialogue_dir: str | os.PathLike, split_name: str) -> list[dict]:
     """Read one split written by :func:`prepare`, with a clear error when the clean stage has not run."""
     path = Path(dialogue_dir) / f"{split_name}.jsonl"
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found; run 02_clean (nblib.dialogue.prepare) to build the dialogue splits")
+        raise config.MissingInput(f"{config.relative(path)} not found: notebooks/02_clean.ipynb (the clean stage) writes "
+                                  "the dialogue splits; run it first")
     return read_jsonl(path)

@@ -88,6 +88,21 @@ def append_jsonl(path: str | os.PathLike, row: Any) -> None:
         f.flush()
 
 
+def make_new_dir(path: str | os.PathLike) -> Path:
+    """Create a folder that did not exist: ``path``, else ``path-2``, ``path-3``, ... (two runs
+    started within one second must not share a time-stamped folder)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for n in range(1, 1000):
+        candidate = path if n == 1 else path.with_name(f"{path.name}-{n}")
+        try:
+            candidate.mkdir()
+        except FileExistsError:
+            continue
+        return candidate
+    raise FileExistsError(f"{path}: 999 folders of this name exist already")
+
+
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     """Hex sha256 of a file, read in chunks."""
     h = hashlib.sha256()

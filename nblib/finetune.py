@@ -22,6 +22,7 @@ import math
 import os
 import random
 import shutil
+import sys
 import time
 import warnings
 from contextlib import contextmanager
@@ -32,7 +33,7 @@ from typing import Any, Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
-from nblib import config, dialogue, machine, runs, tokenizer, tracking
+from nblib import config, dialogue, lock, machine, runs, tokenizer, tracking
 from nblib.files import read_json, remove_orphans, replace_dir, sha256_file, write_json
 from nblib.progress import Progress
 from nblib.tokenizer import EOT
@@ -554,13 +555,13 @@ def setup(cfg: dict[str, Any], seed: int | None = None) -> Setup:
     cfg = {**cfg, "seed": cfg["seeds"][0] if seed is None else int(seed)}
     name, paths, device = f"finetune-{v.name}", config.paths(), machine.detect(local_rank=machine.local_rank())
     machine.check_build(device, QUANTIZED_BITS.get(v.mode))  # bitsandbytes' kernels, before the run folder
+    started = time.time()
+    train_records = select(dialogue.load(paths.dialogues, "train"), cfg["mix"], cfg["seed"])  # before the run folder too
+    val_records = select(dialogue.load(paths.dialogues, "val"), cfg["mix"], cfg["seed"])[: cfg["eval_dialogues"]]
     run_dir = runs.folder(name, cfg["seed"], paths)
     previous = _check_resume(run_dir, cfg)
     tracking.configure_env(run_dir)
     config.set_seed(cfg["seed"])
-    started = time.time()
-    train_records = select(dialogue.load(paths.dialogues, "train"), cfg["mix"], cfg["seed"])
-    val_records = select(dialogue.load(paths.dialogues, "val"), cfg["mix"], cfg["seed"])[: cfg["eval_dialogues"]]
 
     tok = load_tokenizer(cfg["base_model"])
     model = load_base(cfg["base_model"], v.mode, device)
@@ -724,7 +725,7 @@ def train(s: Setup) -> dict[str, Any]:
         warnings.filterwarnings("ignore", message="Setting `save_embedding_layers` to `True`", category=UserWarning)
         result = trainer.train(resume_from_checkpoint=last)
     out_of_time = callbacks[0].out_of_time
-    return {
+    trained = {
         "finished": not out_of_time and trainer.state.global_step >= cfg["steps"],
         "stop_reason": "time_budget" if out_of_time else "done",
         "train_samples_per_s": result.metrics["train_samples_per_second"],
@@ -735,14 +736,18 @@ def train(s: Setup) -> dict[str, Any]:
         "peak_memory_bytes": machine.peak_memory(s.device),
         "log_history": trainer.state.log_history,
     }
+    if trained["finished"] and machine.rank() == 0:  # at once: a kill from here on keeps what training measured
+        write_json(output_dir / TRAINED, {k: trained[k] for k in ("steps", "best_step", "train_samples_per_s",
+                                                                  "train_seconds", "peak_memory_bytes")})
+    return trained
 
 
 def _restore_finished(s: Setup, last: Path) -> dict[str, Any]:
     """A run that already reached its steps: load the best weights (its checkpoint's, or once pruned,
     ``adapter/`` or ``merged/``) and the logged history.
 
-    Throughput and peak memory come from ``checkpoints/trained.json`` (written before the outputs,
-    so a kill while saving them keeps it), else from the earlier summary, else they are ``None``:
+    Throughput and peak memory come from ``checkpoints/trained.json`` (written as soon as training
+    ends, so a kill while saving the outputs keeps it), else from the earlier summary, else they are ``None``:
     the Trainer saves ``trainer_state.json`` before it logs its closing row (runtime, samples/s),
     so the checkpoints do not hold them.
     """
@@ -838,8 +843,6 @@ def finish(s: Setup, before: dict[str, Any], after: dict[str, Any], trained: dic
     if not trained["finished"]:
         return runs.write_summary(s.run_dir, common)
     ckpt = s.run_dir / "checkpoints"
-    write_json(ckpt / TRAINED, {k: trained[k] for k in ("steps", "best_step", "train_samples_per_s", "train_seconds",
-                                                        "peak_memory_bytes")})
     adapter, merged, weights = save_outputs(s)
     merged_loss = None
     if merged is not None:
@@ -941,15 +944,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     overrides = config.stage_overrides(parser, args)
     cfg = config.settings(STAGE, args.profile, variant=args.variant, **overrides)
-    s = setup(cfg, args.seed)
-    before = evaluate(s)
-    trained = train(s)
-    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-    if machine.rank() == 0:
-        after = evaluate(s)
-        finish(s, before, after, trained)
-        print(f"{s.name} seed {s.seed}: {trained['steps']} steps on {world} process(es), eval loss "
-              f"{before['loss']:.6f} -> {after['loss']:.6f}, finished={trained['finished']}")
+    with lock.hold("python -m nblib.finetune " + " ".join(sys.argv[1:] if argv is None else argv)):
+        s = setup(cfg, args.seed)
+        before = evaluate(s)
+        trained = train(s)
+        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        if machine.rank() == 0:
+            after = evaluate(s)
+            finish(s, before, after, trained)
+            print(f"{s.name} seed {s.seed}: {trained['steps']} steps on {world} process(es), eval loss "
+                  f"{before['loss']:.6f} -> {after['loss']:.6f}, finished={trained['finished']}")
     return 0
 
 

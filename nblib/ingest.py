@@ -217,11 +217,17 @@ _CONTROL = re.compile("[\x00-\x08\x0b\x0e-\x1f\x7f-\x9f]")  # Cc but newline, ta
 def implausible(data: bytes, gutenberg: bool) -> str | None:
     """Why ``data`` does not look like a text (or, with ``gutenberg``, a Project Gutenberg e-book),
     or ``None`` when it does: no NUL bytes, mostly letters, almost no control characters, lines of
-    sensible length, and for e-books the ``*** START OF`` line."""
-    nul = data.count(0)
+    sensible length, and for e-books the ``*** START OF`` line. Checks the text as the cleaner
+    decodes it (``clean.decode``), so UTF-16 with a BOM, whose bytes are half NULs, is text."""
+    try:
+        text, encoding = decode(data)
+    except UnicodeDecodeError as e:
+        name = e.encoding.upper().removesuffix("-LE").removesuffix("-BE")
+        return f"it starts with a {name} byte-order mark but is not {name} ({e.reason})"
+    nul = text.count("\0")
     if nul:
-        return f"it holds {nul:,} NUL bytes (a binary file, not text)"
-    text = decode(data)[0]
+        unit = "characters" if encoding == "utf-16" else "bytes"
+        return f"it holds {nul:,} NUL {unit} (a binary file, not text)"
     visible = len(text) - sum(map(str.isspace, text))
     if not visible:
         return "it holds no text"

@@ -6,9 +6,10 @@
 Each stage's own progress (step, loss, ETA) shows live while it runs; warnings a stage printed
 are repeated in the pipeline's output; the run ends with where the results are and the report's
 headline figures. Executed copies are kept in ``runs/pipeline-<timestamp>/`` with a
-``pipeline.json`` status file. A failing cell, a kernel that dies (an out-of-memory kill) or
-Ctrl-C stops the run: ``pipeline.json`` marks the stage failed or interrupted and names the last
-cell that started, and the command exits 1.
+``pipeline.json`` status file. A failing cell, a kernel that dies (an out-of-memory kill),
+Ctrl-C or SIGTERM (a Kaggle session ending) stops the run: ``pipeline.json`` marks the stage
+failed or interrupted and names the last cell that started, and the command exits 1. One
+pipeline or stage command runs per working root at a time (:mod:`nblib.lock`).
 
 ``--dry-run`` runs the notebooks in the ``dry-run`` profile: the full profile with each stage
 file's ``dry-run:`` changes (a handful of steps, one seed, small measurement sweeps), plus GPT-2
@@ -21,6 +22,7 @@ import argparse
 import difflib
 import os
 import re
+import signal
 import sys
 import threading
 import time
@@ -30,8 +32,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, TextIO
 
-from nblib import config, progress
-from nblib.files import write_json
+from nblib import attention, config, lock, progress
+from nblib.files import make_new_dir, write_json
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 
@@ -61,6 +63,37 @@ class StageFailed(RuntimeError):
     """A notebook raised, its kernel died, or the run was interrupted; the message says where and why."""
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (how a Kaggle session ends, or ``kill``): stops the run the way Ctrl-C does."""
+
+
+_signals: list[int] = []  # the stop signals main() received during this run
+
+
+def _interrupted() -> KeyboardInterrupt:
+    return Terminated() if _signals[0] == signal.SIGTERM else KeyboardInterrupt()
+
+
+def _stop(signum: int, frame: object) -> None:
+    """SIGTERM or Ctrl-C (main's handler): interrupt the running stage's kernel, so its cell ends
+    as after Ctrl-C in Jupyter and the kernel shuts down idle (shut down mid-cell, ipykernel logs a
+    ZMQError traceback); with no kernel running, or on a second signal, stop at once."""
+    import psutil  # ipykernel's own dependency
+
+    kernels = []
+    for child in psutil.Process().children():
+        try:
+            if "ipykernel" in " ".join(child.cmdline()):
+                kernels.append(child.pid)
+        except psutil.Error:
+            continue
+    _signals.append(signum)
+    if not kernels or len(_signals) > 1:
+        raise _interrupted()
+    for pid in kernels:
+        os.killpg(pid, signal.SIGINT)  # the kernel leads its own session (jupyter_client); run_stage sees the cell end
+
+
 def select(only: str | None = None, start: str | None = None, stages: tuple[Stage, ...] = STAGES) -> list[Stage]:
     """Stages to run. ``only`` is a comma list; each item matches a stage name or its prefix
     (``05`` selects every fine-tune variant). ``start`` runs from the first match onwards."""
@@ -70,13 +103,19 @@ def select(only: str | None = None, start: str | None = None, stages: tuple[Stag
         exact = [s for s in stages if s.name == key]
         found = exact or [s for s in stages if s.name.startswith(key) or s.name.split("_", 1)[1] == key]
         if not found:
-            raise ValueError(f"no stage matches {key!r}; stages: {', '.join(s.name for s in stages)}")
+            raise config.SettingsError(f"no stage matches {key!r}; stages: {', '.join(s.name for s in stages)}")
         return found
 
-    if start:
-        stages = stages[stages.index(matches(start)[0]) :]
-    if only:
-        wanted = {s.name for key in only.split(",") if key.strip() for s in matches(key.strip())}
+    if start is not None:
+        if not start.strip():
+            raise config.SettingsError(f"--from names no stage; stages: {', '.join(s.name for s in stages)}")
+        stages = stages[stages.index(matches(start.strip())[0]) :]
+    if only is not None:
+        keys = [key.strip() for key in only.split(",") if key.strip()]
+        if not keys:  # '' or ',' must not mean "every stage" nor "none"
+            raise config.SettingsError(f"--only {only!r} names no stage; give a comma list of stage names or prefixes "
+                                       f"from: {', '.join(s.name for s in stages)}")
+        wanted = {s.name for key in keys for s in matches(key)}
         stages = [s for s in stages if s.name in wanted]
     return stages
 
@@ -110,8 +149,35 @@ def check_user_params(stages: list[Stage], user: dict[str, Any], declared: dict[
             known = sorted({p for s in scope for p in declared[s.notebook]})
             close = difflib.get_close_matches(name, known, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ValueError(f"parameter {key!r} is not declared by any selected stage "
+            raise config.SettingsError(f"parameter {key!r} is not declared by any selected stage "
                              f"({', '.join(s.name for s in scope) or 'none'}){hint}")
+
+
+# The profile file(s) each notebook reads its settings from, and which notebook parameter goes to
+# which setting there (None: every parameter named like one of the file's settings).
+SETTINGS_FILES: dict[str, tuple[tuple[str, dict[str, str] | None], ...]] = {
+    "01_ingest.ipynb": (("ingest", None),),
+    "02_clean.ipynb": (("clean", None), ("dialogue", {"dialogue_targets": "targets"})),
+    "03_train_mha.ipynb": (("train", None),),
+    "04_train_gqa.ipynb": (("train", None),),
+    "05_finetune_lora_8bit.ipynb": (("finetune", None),),
+    "06_compare.ipynb": (("compare", None),),
+    "07_chat_demo.ipynb": (("chat", None),),
+}
+
+
+def check_settings(stages: list[tuple[Stage, dict[str, Any]]], profile: str) -> None:
+    """Refuse, before any stage runs, a value a selected stage would refuse (``seeds=[]`` must not
+    let earlier stages run first): each stage's merged settings, validated as its notebook does."""
+    for stage, params in stages:
+        for file, names in SETTINGS_FILES.get(stage.notebook, ()):
+            schema = config.profile_table(file)["schema"]
+            names = names or {k: k for k in params if k in schema}
+            given = {setting: params[param] for param, setting in names.items() if param in params}
+            try:
+                config.settings(file, profile, preset=params.get("preset") if file == "train" else None, **given)
+            except ValueError as e:
+                raise config.SettingsError(f"stage {stage.name}: {e}") from None
 
 
 def _cell_label(notebook: Path, source: str) -> str:
@@ -217,6 +283,9 @@ def run_stage(stage: Stage, out_dir: Path, params: dict[str, Any], progress_on: 
     output = out_dir / f"{stage.name}.ipynb"
     status_file = out_dir / f".{stage.name}.progress.json"
     os.environ[progress.ENV] = str(status_file)
+    # ipykernel 6 (Kaggle's image) starts debugpy, which prints a "frozen modules" notice on
+    # Python 3.11+ to every kernel's stderr; the kernel inherits this and stays quiet.
+    os.environ.setdefault("PYDEVD_DISABLE_FILE_VALIDATION", "1")
     notebook = NOTEBOOKS / stage.notebook
     try:
         with Watcher(status_file, stage.name) if progress_on else nullcontext():
@@ -228,6 +297,8 @@ def run_stage(stage: Stage, out_dir: Path, params: dict[str, Any], progress_on: 
                 extra_arguments=["--IPKernelApp.log_level=ERROR"],
             )
     except PapermillExecutionError as e:
+        if _signals:  # the cell ended because _stop interrupted it
+            raise _interrupted() from None
         source = "\n".join("    " + line for line in e.source.splitlines()[:8])
         raise StageFailed(
             f"stage {stage.name} failed in {_cell_label(notebook, e.source)}:\n"
@@ -242,6 +313,26 @@ def run_stage(stage: Stage, out_dir: Path, params: dict[str, Any], progress_on: 
     finally:
         os.environ.pop(progress.ENV, None)
     return output
+
+
+def check_hardware(stages: list[tuple[Stage, dict[str, Any]]]) -> None:
+    """Refuse, before any stage runs or anything is written, a GPU a selected stage (with its
+    parameters) could not run on: every stage after cleaning runs on the GPU when there is one, a
+    fine-tune of an 8- or 4-bit base needs bitsandbytes' kernels too (``machine.check_build``)."""
+    from nblib import finetune, machine
+
+    gpu_stages = [(s, p) for s, p in stages if not s.notebook.startswith(("01_", "02_"))]
+    if not gpu_stages:
+        return
+    device = machine.detect()  # torch's kernels
+    for stage, params in gpu_stages:
+        if "variant" in params and stage.notebook.startswith("05_"):
+            machine.check_build(device, finetune.QUANTIZED_BITS.get(finetune.variant(params["variant"]).mode))
+
+
+def pretrain_runs(profile: str) -> list[str]:
+    """The run folders notebooks 03 and 04 write under ``profile`` (its ``variants`` setting)."""
+    return [attention.get(k).folder for k in config.settings("train", profile)["variants"]]
 
 
 def dry_run_stages() -> tuple[Stage, ...]:
@@ -268,7 +359,7 @@ def dry_run_stages() -> tuple[Stage, ...]:
         Stage("03_train_gpt2_small", "03_train_mha.ipynb", {"preset": "gpt2-small", "name": "pretrain-gpt2-small"}),
         by_name["04_train_gqa"],
         *(Stage(f"05_finetune_{v.replace('-', '_')}", "05_finetune_lora_8bit.ipynb", {"variant": v}) for v in variants),
-        Stage("06_compare", "06_compare.ipynb", {"runs": ["pretrain-mha", "pretrain-gqa", *(f"finetune-{v}" for v in variants)]}),
+        Stage("06_compare", "06_compare.ipynb", {"runs": [*pretrain_runs(config.DRY_RUN), *(f"finetune-{v}" for v in variants)]}),
         Stage("07_chat_demo", "07_chat_demo.ipynb", {"model": f"runs/finetune-{variants[0]}/seed-{seed}/merged"}),
     )
 
@@ -302,8 +393,11 @@ def run(
     user = params or {}
     declared = {s.notebook: declared_parameters(NOTEBOOKS / s.notebook) for s in stages}
     check_user_params(stages, user, declared)
+    check_settings([(s, stage_params(s, profile, user, declared[s.notebook])) for s in stages], profile)
+    check_hardware([(s, stage_params(s, profile, user, declared[s.notebook])) for s in stages])
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
-    out_dir = out_dir or config.paths().runs / f"pipeline-{stamp}"
+    if out_dir is None:  # a new folder, also for two runs started within one second
+        out_dir = make_new_dir(config.paths().runs / f"pipeline-{stamp}")
     out_dir.mkdir(parents=True, exist_ok=True)
     status: dict[str, Any] = {"profile": profile, "home": str(config.home()), "started": stamp, "stages": []}
     if dry_run:
@@ -314,6 +408,8 @@ def run(
             finetune.random_base(config.resolve(config.settings("finetune", config.DRY_RUN)["base_model"]))
     t_start = time.perf_counter()
     for i, stage in enumerate(stages, 1):
+        if _signals:  # the previous stage ended normally although interrupted
+            raise _interrupted()
         print(f"[{i}/{len(stages)}] {stage.name} ...", flush=True)
         t0 = time.perf_counter()
         entry = {"name": stage.name, "notebook": stage.notebook, "params": stage_params(stage, profile, user, declared[stage.notebook])}
@@ -324,8 +420,10 @@ def run(
             executed = run_stage(stage, out_dir, entry["params"], progress)
         except (StageFailed, KeyboardInterrupt) as e:
             interrupted = isinstance(e, KeyboardInterrupt)
-            error = (f"stage {stage.name} interrupted (Ctrl-C) in {last_started_cell(out_dir / f'{stage.name}.ipynb', NOTEBOOKS / stage.notebook)}"
-                     if interrupted else str(e))
+            error = (f"stage {stage.name} interrupted ({'SIGTERM' if isinstance(e, Terminated) else 'Ctrl-C'}) in "
+                     f"{last_started_cell(out_dir / f'{stage.name}.ipynb', NOTEBOOKS / stage.notebook)}\n  to resume, run "
+                     f"the same command again (or with --from {stage.name}): training stages continue from their "
+                     "last checkpoint" if interrupted else str(e))
             entry.update(status="interrupted" if interrupted else "failed", seconds=round(time.perf_counter() - t0, 1), error=error)
             write_json(out_dir / "pipeline.json", status)
             raise StageFailed(error) from None
@@ -336,8 +434,60 @@ def run(
             print(f"      {stage.name}: {line}", flush=True)
     status["total_seconds"] = round(sum(s["seconds"] for s in status["stages"]), 1)
     status["out_dir"] = config.relative(out_dir)
+    status["disk"] = disk_usage(estimate=dry_run)
     write_json(out_dir / "pipeline.json", status)
     return status
+
+
+def _bytes(path: Path, skip: tuple[str, ...] = ()) -> int:
+    """Bytes of the files under ``path`` (links not followed), without top-level entries named in ``skip`` or ``.venv*``."""
+    entries = [path] if path.is_file() else [e for e in path.iterdir() if e.name not in skip and not e.name.startswith(".venv")]
+    total = 0
+    for entry in entries:
+        files = [entry] if entry.is_file() else entry.rglob("*")
+        total += sum(f.stat().st_size for f in files if f.is_file() and not f.is_symlink())
+    return total
+
+
+def disk_usage(estimate: bool = False) -> dict[str, Any]:
+    """What the working root holds (``pipeline.json``'s ``disk``): bytes per top-level folder, per
+    run folder (``runs/<name>/seed-<seed>``, W&B offline files included) and of the clone (the
+    repository minus virtual envs and the outputs); ``dry-run/`` and virtual envs are left out.
+
+    ``estimate`` (a dry run) adds ``full_profile_estimate_bytes``: each run folder times the seeds
+    the full profile runs of its stage, plus data, reports, executed notebooks and the clone.
+    """
+    home, repo, runs_dir = config.home(), Path(__file__).resolve().parents[1], config.paths().runs
+    outputs = ("data", "runs", "reports", "models", "dry-run")
+    inside = home.relative_to(repo).parts[:1] if home != repo and home.is_relative_to(repo) else ()
+    folders = {e.name: _bytes(e) for e in sorted(home.iterdir())
+               if e.name not in ("runs", "dry-run") and not e.name.startswith(".venv") and e.resolve() != repo
+               and (home != repo or e.name in outputs)}  # a working root that is the clone: its outputs only
+    run_folders = {config.relative(f, runs_dir): _bytes(f)
+                   for e in sorted(runs_dir.glob("*/")) for f in sorted(e.glob("seed-*/")) or [e]}
+    clone = _bytes(repo, skip=outputs + inside)  # a working root inside the clone is not the clone
+    disk: dict[str, Any] = {"folders": folders, "runs": run_folders, "clone": clone,
+                            "total_bytes": sum(folders.values()) + sum(run_folders.values()) + clone}
+    if not estimate:
+        return disk
+    seeds = {"pretrain": len(config.settings("train", "full")["seeds"]),
+             "finetune": len(config.settings("finetune", "full")["seeds"])}
+    full_runs = {*pretrain_runs("full"), *(f"finetune-{v}" for v in FINETUNE_VARIANTS)}  # what STAGES train
+    counts = {f: seeds[f.split("-")[0]] if f.split("/")[0] in full_runs else 1 for f in run_folders}
+    missing = sorted(full_runs - {f.split("/")[0] for f in run_folders})
+    disk["full_profile_counts"] = counts
+    disk["full_profile_estimate_bytes"] = (sum(run_folders[f] * n for f, n in counts.items()) + clone
+                                           + sum(v for k, v in folders.items() if k != "models"))
+    disk["full_profile_estimate_assumes"] = (
+        "each run folder of the full profile's runs measured here times the seeds the full profile runs of its stage, "
+        "any other folder (the gpt2-small preset run, executed notebooks) once (full_profile_counts); a "
+        "finished run keeps the same files whatever its steps (pretraining deletes its ckpt*.pt, a fine-tune prunes "
+        "its checkpoints: adapter/ or merged/ hold the best weights) but metrics logs and W&B offline files grow with the steps and "
+        "are undercounted; data/ is what this run's sources gave; models/ (the dry run's random base; the full "
+        "profile downloads gpt2 into the Hugging Face cache) is left out"
+        + (f"; runs of the full profile not measured here, so not counted: {', '.join(missing)}" if missing else "")
+    )
+    return disk
 
 
 def headlines(report_md: Path, n: int = 4) -> list[str]:
@@ -380,6 +530,7 @@ def closing_summary(status: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+@config.cli
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m nblib.pipeline", description=__doc__.split("\n\n")[0])
     parser.add_argument("--profile", default="smoke", help="smoke (CPU minutes), full (GPU) or auto")
@@ -402,12 +553,24 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.home or args.dry_run:
         os.environ["NBLIB_HOME"] = str(Path(args.home).resolve() if args.home else config.home() / "dry-run")
+    previous = {sig: signal.signal(sig, _stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        status = run(args.profile, args.only, args.start, config.parse_params(args.param), args.out, not args.no_progress,
-                     args.time_budget_minutes, args.dry_run)
+        with lock.hold("python -m nblib.pipeline " + " ".join(sys.argv[1:] if argv is None else argv)):
+            status = run(args.profile, args.only, args.start, config.parse_params(args.param), args.out,
+                         not args.no_progress, args.time_budget_minutes, args.dry_run)
+    except config.SettingsError:
+        raise  # config.cli: a usage error (lock.HomeBusy among them), exit 2
     except (StageFailed, ValueError, FileNotFoundError) as e:
         print(f"pipeline stopped: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt as e:  # no stage was running
+        print(f"pipeline stopped: interrupted ({'SIGTERM' if isinstance(e, Terminated) else 'Ctrl-C'}) between stages; "
+              "to resume, run the same command again", file=sys.stderr)
+        return 1
+    finally:
+        _signals.clear()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     print(closing_summary(status))
     return 0
 

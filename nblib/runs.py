@@ -17,7 +17,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable
 
-from nblib import config
+from nblib import attention, config
 from nblib.files import append_jsonl, read_json, read_jsonl, write_json, write_jsonl
 
 if TYPE_CHECKING:
@@ -34,7 +34,7 @@ COMMON: dict[str, tuple[tuple[type, ...] | type, str]] = {
     "schema": (int, "version of this schema"),
     "name": (str, "the run's variant folder under runs/, e.g. pretrain-gqa"),
     "stage": (str, "pretrain | finetune"),
-    "variant": (str, "mha | gqa | mqa, or a fine-tune variant such as lora-8bit"),
+    "variant": (str, "an attention variant (nblib.attention: mha, gqa, ...) or a fine-tune variant such as lora-8bit"),
     "label": (str, "how reports name the variant: MHA, LoRA + 8-bit, ..."),
     "folder": (str, "this run's folder, relative to the working root"),
     "profile": (str, "smoke | full | dry-run"),
@@ -75,6 +75,20 @@ PRETRAIN: dict[str, tuple[tuple[type, ...] | type, str]] = {
     "checkpoint": (str, "best.pt, relative to the working root (what later stages load)"),
     "hf_export": (OPTIONAL_TEXT, "Hugging Face GPT2LMHeadModel folder of best.pt (MHA only), or null"),
 }
+# Added within schema 2: a finished pretraining summary written before them lacks them (a run
+# from scratch), so they are checked when present and never required.
+PRETRAIN_OPTIONAL: dict[str, tuple[tuple[type, ...] | type, str]] = {
+    "init": (str, "scratch | convert (K/V heads pooled from a finished run, then uptrained)"),
+    "source_run": (OPTIONAL_TEXT, "the run folder converted from, relative to the working root, or null"),
+    "conversion_method": (OPTIONAL_TEXT, "mean | first | random (nblib.model.convert_kv_heads), or null"),
+    "uptrain_fraction": (OPTIONAL_NUMBER, "alpha: uptraining steps as a fraction of the source's, or null"),
+    "converted_val_loss": (OPTIONAL_NUMBER, "val loss right after conversion (alpha = 0), or null"),
+    "uptrained_val_loss": (OPTIONAL_NUMBER, "val loss at the end of uptraining, or null"),
+    "source_steps": (int, "optimizer steps of the source run (0 from scratch)"),
+    "total_steps": (int, "source_steps + steps: the optimizer steps behind these weights"),
+    "total_tokens": (int, "training tokens behind these weights, the source's included"),
+}
+OPTIONAL = {"pretrain": PRETRAIN_OPTIONAL, "finetune": {}}
 FINETUNE: dict[str, tuple[tuple[type, ...] | type, str]] = {
     "mode": (str, "precision of the base weights: 8bit | 4bit | 16bit | 32bit"),
     "lora": (bool, "LoRA adapter (true) or every weight trained (false)"),
@@ -108,22 +122,38 @@ FINETUNE: dict[str, tuple[tuple[type, ...] | type, str]] = {
 FIELDS = {"pretrain": PRETRAIN, "finetune": FINETUNE}
 
 
-class RunError(FileNotFoundError):
+class RunError(config.MissingInput):
     """A run is absent, unfinished or unreadable; the message names the notebook that (re)writes it."""
 
 
 def producer(name: str) -> str:
     """The notebook (with its parameters) that writes run ``name``."""
     stage, _, variant = name.partition("-")
-    if name == "pretrain-mha":
-        return "03_train_mha"
-    if name == "pretrain-gqa":
-        return "04_train_gqa"
+    known = attention.of_run(name)
+    if known is not None:
+        return known.notebook + ("" if known.key in attention.REQUIRED else f" with {known.key!r} in variants")
     if stage == "pretrain" and variant:
-        return f"04_train_gqa (with the n_kv_head of {variant} and name={name!r})"
+        return f"03_train_mha or 04_train_gqa (whichever wrote {name!r} with name={name!r})"
     if stage == "finetune" and variant:
         return f"05_finetune_lora_8bit with variant={variant!r}"
     return f"03_train_mha, 04_train_gqa or 05_finetune_lora_8bit (whichever wrote {name!r})"
+
+
+def afresh(name: str) -> str:
+    """How to start pretraining run ``name`` over, replacing what its folder holds: the notebook
+    parameter, the pipeline's ``-p`` and the command-line flag."""
+    known = attention.of_run(name)
+    stages = [known.notebook] if known is not None else ["03_train_mha", "04_train_gqa"]
+    pipeline = " or ".join(f"-p {stage}.overwrite=true" for stage in stages)
+    return f"overwrite=True (pipeline: {pipeline}; python -m nblib.train: --overwrite)"
+
+
+def rerun(name: str) -> str:
+    """The advice for a run this nblib cannot read: its notebook again; for pretraining with
+    ``overwrite``, since the notebook will not resume or keep what it cannot read."""
+    if not name.startswith("pretrain-"):
+        return f"re-run notebook {producer(name)}"
+    return f"re-run notebook {producer(name)} with {afresh(name)} to replace it"
 
 
 def folder(name: str, seed: int, paths: config.Paths | None = None) -> Path:
@@ -137,21 +167,23 @@ def check(summary: dict[str, Any], where: str) -> None:
     if summary.get("schema") != SCHEMA:
         raise RunError(
             f"{where}/summary.json has schema {summary.get('schema')!r}, this nblib reads schema {SCHEMA}: "
-            f"it was written by another version; re-run notebook {producer(name)}"
+            f"it was written by another version; {rerun(name)}"
         )
     stage = summary.get("stage")
     if stage not in STAGES:
         raise ValueError(f"{where}/summary.json: stage is {stage!r}, expected one of {', '.join(STAGES)}")
     fields = {**COMMON, **FIELDS[stage]} if summary.get("finished") else COMMON
+    optional = OPTIONAL[stage]
     problems = []
-    for key, (types, _) in fields.items():
+    for key, (types, _) in {**fields, **optional}.items():
         if key not in summary:
-            problems.append(f"{key} is missing")
+            if key not in optional:
+                problems.append(f"{key} is missing")
         elif not isinstance(summary[key], types) or (types in (int, NUMBER) and isinstance(summary[key], bool)):
             problems.append(f"{key}={summary[key]!r} is not {types}")
     if problems:
         raise ValueError(f"{where}/summary.json does not follow the run schema ({'; '.join(problems)}); "
-                         f"re-run notebook {producer(name)}")
+                         f"{rerun(name)}")
 
 
 def write_summary(run_dir: str | os.PathLike, summary: dict[str, Any]) -> dict[str, Any]:
@@ -170,6 +202,9 @@ def read_summary(run_dir: str | os.PathLike) -> dict[str, Any]:
     if not path.is_file():
         raise RunError(f"{where}/summary.json not found: run notebook {producer(run_dir.parent.name)} first")
     summary = read_json(path)
+    if not isinstance(summary, dict):  # e.g. `[]` from a hand edit: check() needs a mapping
+        raise RunError(f"{where}/summary.json holds a JSON {type(summary).__name__}, not an object of run facts: "
+                       f"run notebook {producer(run_dir.parent.name)} again to rewrite it")
     check(summary, where)
     return summary
 
@@ -216,7 +251,7 @@ def table(summaries: list[dict[str, Any]]) -> pd.DataFrame:
     import pandas as pd
 
     stage = summaries[0]["stage"]
-    keys = [k for k in ("label", "seed", "profile", "compute_dtype", "stop_reason", *FIELDS[stage],
+    keys = [k for k in ("label", "seed", "profile", "compute_dtype", "stop_reason", *FIELDS[stage], *OPTIONAL[stage],
                         "wall_seconds", "train_seconds", "peak_memory_bytes")
             if not isinstance(summaries[0].get(k), (dict, list))]
     return pd.DataFrame({s["folder"]: {k: s.get(k) for k in keys} for s in summaries})

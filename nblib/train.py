@@ -1,5 +1,10 @@
 """Pretraining: one entry point, :func:`run`, shared by the MHA and GQA notebooks.
 
+Which runs there are is ``nblib.attention``'s table: :func:`plan` turns a profile's ``variants``
+into run names and settings. A variant converted from another (``init`` ``convert``) starts from
+the finished source run of the same seed, pools its K/V heads (``nblib.model.convert_kv_heads``)
+and uptrains for ``uptrain_fraction`` of the source's steps (:func:`load_source`, :func:`build`).
+
 The loop reads top to bottom like nanoGPT's ``train.py``: :func:`prepare` checks the run folder
 (resume, refuse, or start afresh), :func:`build` makes the model, optimizer and data, :func:`restore`
 loads a checkpoint, then each :func:`train_step` is followed by :func:`evaluate` every
@@ -39,9 +44,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from nblib import config, data, machine, runs, tokenizer, tracking
+from nblib import attention, config, data, lock, machine, runs, tokenizer, tracking
 from nblib.files import TEMP_SUFFIX, remove_orphans
-from nblib.model import GPT, GPTConfig, export_hf, load_checkpoint, save_checkpoint
+from nblib.model import GPT, GPTConfig, convert_kv_heads, export_hf, load_checkpoint, save_checkpoint
 from nblib.progress import Progress
 
 STAGE = "train"
@@ -60,8 +65,43 @@ def model_config(cfg: Mapping[str, Any]) -> GPTConfig:
 
 
 def default_name(cfg: Mapping[str, Any]) -> str:
-    """``pretrain-mha``, ``pretrain-gqa`` or ``pretrain-mqa``."""
-    return f"pretrain-{model_config(cfg).variant}"
+    """The folder of the scratch variant (``nblib.attention``) with these heads, e.g. ``pretrain-gqa``;
+    ``pretrain-<mha|gqa|mqa>-kv<n>`` for heads no variant has."""
+    key = attention.scratch_key(cfg["n_kv_head"], cfg["n_head"])
+    return attention.VARIANTS[key].folder if key else f"pretrain-{model_config(cfg).variant}-kv{cfg['n_kv_head']}"
+
+
+def variant_settings(cfg: Mapping[str, Any], key: str) -> dict[str, Any]:
+    """``cfg`` with the K/V heads of variant ``key``."""
+    return {**cfg, "n_kv_head": attention.get(key).kv_heads(cfg["n_head"])}
+
+
+def plan(cfg: Mapping[str, Any], variants: list[str] | None = None, name: str | None = None) -> list[tuple[str, dict[str, Any]]]:
+    """``(run name, settings)`` of each variant to train: ``variants``, or (``None``) every variant of
+    the profile but MHA; scratch ones first, then the converted ones (whose sources must be done).
+    ``name`` renames the run of a single variant (e.g. ``pretrain-gpt2-small``)."""
+    keys = [k for k in cfg["variants"] if k != attention.BASELINE] if variants is None else list(variants)
+    chosen = sorted((attention.get(k) for k in dict.fromkeys(keys)), key=lambda v: v.converted)
+    if name and len(chosen) != 1:
+        raise config.SettingsError(f"name={name!r} renames one run, but variants {', '.join(keys)} are {len(chosen)}: "
+                                   "leave name unset or give a single variant")
+    return [(name or v.folder, variant_settings(cfg, v.key)) for v in chosen]
+
+
+def variant_of(name: str, cfg: Mapping[str, Any]) -> attention.Variant:
+    """The variant run ``name`` trains: the registry's for a ``pretrain-<key>`` folder (its heads must be
+    the settings'), else the scratch variant of the settings' heads (e.g. ``pretrain-gpt2-small``: MHA)."""
+    known = attention.of_run(name)
+    if known is not None:
+        if known.kv_heads(cfg["n_head"]) != cfg["n_kv_head"]:
+            raise config.SettingsError(
+                f"run {name} is variant {known.key!r} with {known.kv_heads(cfg['n_head'])} K/V heads, but the settings "
+                f"have n_kv_head={cfg['n_kv_head']}: use train.variant_settings(cfg, {known.key!r}) or another name"
+            )
+        return known
+    key = attention.scratch_key(cfg["n_kv_head"], cfg["n_head"])
+    kind = model_config(cfg).variant
+    return attention.VARIANTS[key] if key else attention.Variant(kind, cfg["n_kv_head"], kind.upper(), "#000000")
 
 
 def lr_factor(step: int, warmup_steps: int, max_steps: int, min_ratio: float) -> float:
@@ -155,6 +195,7 @@ class State:
     last_val_loss: float | None = None
     last_val_bpb: float | None = None
     skipped_steps: int = 0  # fp16 steps the grad scaler skipped (inf/nan gradients)
+    initial_val_loss: float | None = None  # the step-0 evaluation (a converted model before uptraining)
 
 
 @dataclass
@@ -179,6 +220,8 @@ class Session:
     eval_sets: dict[str, list[tuple[torch.Tensor, torch.Tensor]]]
     token_bytes: torch.Tensor
     data: dict[str, Any]
+    variant: attention.Variant
+    source: dict[str, Any] | None = None  # the summary of the run a converted variant starts from
     state: State = field(default_factory=State)
     best: dict[str, torch.Tensor] | None = None  # weights of the best evaluation (CPU copy)
     wandb: Any = None
@@ -227,13 +270,29 @@ def run(
     seed, name = identity(cfg, seed, name)
     cfg["seed"] = seed
     paths = paths or config.paths()
+    variant_of(name, cfg)  # settings whose heads are not the named variant's are refused first
+    machine.detect(local_rank=machine.local_rank())  # a GPU this torch cannot run is refused before any file is touched
     ddp = machine.distributed()
     try:
         run_dir = runs.folder(name, seed, paths)
-        decision, ckpt = prepare(run_dir, cfg, ddp, overwrite)
-        if decision == DONE:
-            return runs.read_summary(run_dir)
-        s = build(cfg, name, seed, run_dir, paths, ddp)
+        # overwrite: the old run waits aside until the new one is built (token files, tokenizer, model),
+        # and comes back if that fails: a failed overwrite must not cost a finished run.
+        aside = run_dir.with_name(f".{run_dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+        if overwrite and ddp.master and run_dir.exists():
+            os.replace(run_dir, aside)
+        try:
+            decision, ckpt = prepare(run_dir, cfg, ddp, overwrite)
+            if decision == DONE:
+                return runs.read_summary(run_dir)
+            s = build(cfg, name, seed, run_dir, paths, ddp)
+        except BaseException:
+            if aside.exists():
+                shutil.rmtree(run_dir, ignore_errors=True)
+                os.replace(aside, run_dir)
+                print(f"{config.relative(run_dir)}: the run it held is kept (overwrite failed before training)")
+            raise
+        if aside.exists():
+            shutil.rmtree(aside)
         if ckpt is not None:
             restore(s, ckpt)
         return train_loop(s, stop_at, progress)
@@ -266,8 +325,8 @@ def _resumable(run_dir: Path) -> tuple[dict[str, Any] | None, str | None]:
             else:
                 return older, f"{broken}; resuming from {config.relative(prev)} (step {older['step']}) instead"
         raise ValueError(
-            f"{broken}, and no earlier good checkpoint is kept. Start afresh with overwrite=True "
-            f"(--overwrite), or restore the file from a backup"
+            f"{broken}, and no earlier good checkpoint is kept. Start afresh with {runs.afresh(run_dir.parent.name)}, "
+            "or restore the file from a backup"
         ) from None
 
 
@@ -304,15 +363,29 @@ def _decide(run_dir: Path, cfg: dict[str, Any]) -> tuple[int, dict[str, Any] | N
     summary_path = run_dir / "summary.json"
     summary = runs.read_summary(run_dir) if summary_path.is_file() else None
     saved = ckpt["settings"] if ckpt is not None else (summary or {}).get("config")
-    diff = runs.settings_diff(saved, cfg, config.free_keys(STAGE)) if saved is not None else []
+    # a run from scratch does not read uptrain_fraction (and runs older than it lack it)
+    free = config.free_keys(STAGE) | (set() if variant_of(run_dir.parent.name, cfg).converted else {"uptrain_fraction"})
+    diff = runs.settings_diff(saved, cfg, free) if saved is not None else []
     if diff:
         raise ValueError(
             f"{config.relative(run_dir)} holds a run of different settings ({'; '.join(diff)}); use the same "
-            "settings to resume, another run name, or overwrite=True to start afresh"
+            f"settings to resume, another run name, or {runs.afresh(run_dir.parent.name)} to start afresh"
         )
     if summary is not None and summary["finished"]:
         return DONE, None
     return (RESUME, ckpt) if ckpt is not None else (FRESH, None)
+
+
+def check_context(cfg: Mapping[str, Any], tokens: Mapping[str, int]) -> None:
+    """Refuse, before the model is built, a ``context_length`` the train or val split cannot fill:
+    a batch is windows of ``context_length + 1`` tokens of one split."""
+    short = {split: n for split, n in tokens.items() if split in ("train", "val") and n < cfg["context_length"] + 1}
+    if short:
+        raise config.SettingsError(
+            f"context_length={cfg['context_length']} needs windows of {cfg['context_length'] + 1} tokens, but the "
+            + " and ".join(f"{split} split holds {n:,}" for split, n in short.items())
+            + "; lower context_length or give the corpus more text"
+        )
 
 
 def build(cfg: dict[str, Any], name: str, seed: int, run_dir: Path, paths: config.Paths, ddp: machine.Dist) -> Session:
@@ -322,6 +395,7 @@ def build(cfg: dict[str, Any], name: str, seed: int, run_dir: Path, paths: confi
     ddp.barrier()
     if not ddp.master:
         manifest = data.build_token_files(paths)  # reuses rank 0's files
+    check_context(cfg, {split: info["tokens"] for split, info in manifest["splits"].items()})
     if cfg["grad_accum_steps"] % ddp.world_size:
         raise config.SettingsError(
             f"grad_accum_steps={cfg['grad_accum_steps']} must be a multiple of the {ddp.world_size} DDP processes "
@@ -335,13 +409,26 @@ def build(cfg: dict[str, Any], name: str, seed: int, run_dir: Path, paths: confi
         torch.set_float32_matmul_precision("high")
     device = policy.device.torch
     train_tokens, val_tokens = data.load_tokens(paths, "train"), data.load_tokens(paths, "val")
-    max_steps = max_steps_for(cfg, manifest["splits"]["train"]["tokens"])
+    info = {"corpus_sha256": manifest["corpus_sha256"],
+            "tokens": {split: part["tokens"] for split, part in manifest["splits"].items()}}
+    variant = variant_of(name, cfg)
+    max_steps, warmup, source = max_steps_for(cfg, info["tokens"]["train"]), cfg["warmup_steps"], None
 
     config.set_seed(seed)
-    model = GPT(model_config(cfg)).to(device)
+    if variant.converted:
+        source_model, source = load_source(variant, cfg, seed, paths, info)
+        model = convert_kv_heads(source_model, cfg["n_kv_head"], variant.method, seed=seed).to(device)
+        # Uptraining is the pretraining recipe for alpha of the source's steps (Ainslie et al. 2023),
+        # the schedule's shape squeezed into them: warmup_steps scaled by uptrain steps / the source's
+        # max_steps (at least one when the source warmed up), then cosine from learning_rate to min_lr at
+        # the last uptrain step. round(.., 9) keeps float noise (0.07 * 100 = 7.000000000000001) from adding a step.
+        max_steps = max(1, math.ceil(round(cfg["uptrain_fraction"] * source["steps"], 9)))
+        warmup = min(max_steps, max(int(warmup > 0), round(warmup * max_steps / source["max_steps"])))
+    else:
+        model = GPT(model_config(cfg)).to(device)
     optimizer = configure_optimizer(model, cfg, device)
     min_ratio = cfg["min_lr"] / cfg["learning_rate"]
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg["warmup_steps"], max_steps, min_ratio))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup, max_steps, min_ratio))
     fwd = torch.compile(model) if policy.compile else model
     train_model = DDP(fwd, device_ids=[ddp.local_rank] if device.type == "cuda" else None) if ddp.world_size > 1 else fwd
     return Session(
@@ -351,9 +438,33 @@ def build(cfg: dict[str, Any], name: str, seed: int, run_dir: Path, paths: confi
         train_tokens=train_tokens,
         eval_sets={"train": fixed_batches(train_tokens, cfg, seed, 1, device), "val": fixed_batches(val_tokens, cfg, seed, 2, device)},
         token_bytes=torch.from_numpy(tokenizer.token_bytes()).to(device),
-        data={"corpus_sha256": manifest["corpus_sha256"],
-              "tokens": {split: info["tokens"] for split, info in manifest["splits"].items()}},
+        data=info, variant=variant, source=source,
     )
+
+
+def load_source(variant: attention.Variant, cfg: Mapping[str, Any], seed: int, paths: config.Paths,
+                info: Mapping[str, Any]) -> tuple[GPT, dict[str, Any]]:
+    """The best weights and summary of the finished run a converted variant starts from (same seed),
+    refused when absent, unfinished, or trained with other settings (K/V heads and the free keys
+    aside) or on other data."""
+    src = attention.get(variant.source)
+    run_dir = runs.folder(src.folder, seed, paths)
+    where = config.relative(run_dir, paths.home)
+    summary = runs.read_summary(run_dir) if (run_dir / "summary.json").is_file() else None
+    if summary is None or not summary["finished"]:
+        raise runs.RunError(
+            f"{variant.folder} is converted from {where}/best.pt, which is "
+            f"{'missing' if summary is None else 'not finished'}: run notebook {src.notebook} (seed {seed}) to its end "
+            "first, with the same settings"
+        )
+    diff = runs.settings_diff(summary["config"], dict(cfg), config.free_keys(STAGE) | {"n_kv_head", "uptrain_fraction"})
+    if summary["data"] != info:
+        diff.append("data (the corpus token files differ)")
+    if diff:
+        raise config.SettingsError(f"{variant.folder} cannot be converted from {where}, trained with other settings "
+                                   f"({'; '.join(diff)}): use that run's settings, or re-run notebook {src.notebook}")
+    model, _ = load_checkpoint(paths.home / summary["checkpoint"])
+    return model, summary
 
 
 def restore(s: Session, ckpt: dict[str, Any]) -> None:
@@ -385,8 +496,10 @@ def train_loop(s: Session, stop_at: int | None, progress: bool) -> dict[str, Any
     reason = "done"
     bar = Progress(f"{s.name} seed {s.seed}", s.max_steps, initial=s.state.step, disable=not (progress and s.ddp.master))
     try:
-        if s.state.step == 0 and s.ddp.master:
-            record_eval(s, evaluate(s))
+        if s.state.step == 0 and s.state.last_val_loss is None and s.ddp.master:  # a session stopped at step 0 has it
+            row = evaluate(s)
+            s.state.initial_val_loss = row["val_loss"]
+            record_eval(s, row)
             runs.write_summary(s.run_dir, summary(s, False, None, None))
         while s.state.step < limit:
             if out_of_time(s):
@@ -565,10 +678,11 @@ def finish(s: Session, reason: str) -> dict[str, Any]:
 
 def summary(s: Session, finished: bool, reason: str | None, hf_dir: Path | None) -> dict[str, Any]:
     """This run's ``summary.json`` (``nblib.runs`` schema)."""
-    st, m, c = s.state, s.model, s.model.config
+    st, m, c, v, src = s.state, s.model, s.model.config, s.variant, s.source
     best, last = st.best_val_loss, st.last_val_loss
+    source_steps, source_tokens = (src["steps"], src["tokens_seen"]) if src else (0, 0)
     return {
-        "name": s.name, "stage": "pretrain", "variant": c.variant, "label": c.variant.upper(),
+        "name": s.name, "stage": "pretrain", "variant": v.key, "label": v.label,
         "folder": config.relative(s.run_dir, s.paths.home), "profile": s.cfg["profile"], "seed": s.seed,
         "config": s.cfg, "machine": machine.info(s.policy.device), "data": s.data,
         "compute_dtype": s.policy.dtype_name, "finished": finished, "stop_reason": reason,
@@ -585,6 +699,10 @@ def summary(s: Session, finished: bool, reason: str | None, hf_dir: Path | None)
         "final_val_bpb": st.last_val_bpb,
         "train_tokens_per_s": st.tokens_seen / st.train_seconds if st.train_seconds else None,
         "tokens_seen": st.tokens_seen, "steps": st.step, "max_steps": s.max_steps, "skipped_steps": st.skipped_steps,
+        "init": v.init, "source_run": src["folder"] if src else None, "conversion_method": v.method,
+        "uptrain_fraction": s.cfg["uptrain_fraction"] if src else None,
+        "converted_val_loss": st.initial_val_loss if src else None, "uptrained_val_loss": last if src else None,
+        "source_steps": source_steps, "total_steps": source_steps + st.step, "total_tokens": source_tokens + st.tokens_seen,
         "world_size": s.ddp.world_size,
         "checkpoint": config.relative(s.run_dir / BEST, s.paths.home),
         "hf_export": config.relative(hf_dir, s.paths.home) if hf_dir is not None else None,
@@ -637,7 +755,8 @@ def launch(
     overwrite: bool = False,
     processes: int | None = None,
 ) -> dict[str, Any]:
-    """Pretrain one seed on every visible GPU; returns its ``summary.json`` like :func:`run`.
+    """Pretrain one seed on every visible GPU; returns its ``summary.json`` like :func:`run`, but a
+    session the time budget stopped raises (:func:`outcome` says where; the next call resumes).
 
     One process (one GPU, a CPU, or already inside torchrun) trains here with :func:`run`; more
     (:func:`world_size`) run :func:`torchrun_command` as a child whose output is streamed here.
@@ -646,13 +765,31 @@ def launch(
     """
     n = 1 if "WORLD_SIZE" in os.environ else world_size(cfg, processes)
     if n == 1:
-        return run(cfg, seed, name, paths, overwrite=overwrite)
+        return _finished(run(cfg, seed, name, paths, overwrite=overwrite))
     paths = paths or config.paths()
     seed, name = identity(cfg, seed, name)
     command = torchrun_command(cfg, n, seed, name, overwrite)
     print(f"{name} seed {seed}: {n} DDP processes (torchrun)", flush=True)
     stream(command, {**os.environ, "NBLIB_HOME": str(paths.home)})
-    return runs.read_summary(runs.folder(name, seed, paths))
+    return _finished(runs.read_summary(runs.folder(name, seed, paths)))
+
+
+def outcome(summary: Mapping[str, Any]) -> str:
+    """One line on a run: its steps and best val loss once finished, else where it stopped and that
+    running it again resumes it."""
+    head = f"{summary['name']} seed {summary['seed']}"
+    if summary["finished"]:
+        return f"{head}: {summary['steps']} steps, best val loss {summary['best_val_loss']:.4f}, finished"
+    why = {"time_budget": "time budget", "stop_at": "stop_at"}.get(summary["stop_reason"], summary["stop_reason"])
+    return (f"{head} stopped at step {summary['steps']} of {summary['max_steps']} ({why}): run again with the same "
+            f"settings to resume from {summary['folder']}/{CKPT}")
+
+
+def _finished(summary: dict[str, Any]) -> dict[str, Any]:
+    """``summary`` of a finished run; a stopped one raises, so a notebook (and the pipeline) does not end as if done."""
+    if not summary["finished"]:
+        raise RuntimeError(outcome(summary))
+    return summary
 
 
 def stream(command: list[str], env: Mapping[str, str]) -> None:
@@ -687,6 +824,7 @@ RANK_ERROR = re.compile(r"\[rank(?P<rank>\d+)\]: [A-Za-z_][\w.]*(Error|Exception
 # command line (what torchrun launches for multi-GPU runs)
 
 
+@config.cli
 def main(argv: list[str] | None = None) -> int:
     """``python -m nblib.train`` / ``torchrun --standalone --nproc_per_node=2 -m nblib.train``."""
     parser = config.stage_arguments("python -m nblib.train", "Pretrain a GPT (one process or DDP under torchrun).")
@@ -697,10 +835,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     overrides = config.stage_overrides(parser, args)
     cfg = config.settings(STAGE, args.profile, args.preset, **overrides)
-    summary = run(cfg, args.seed, args.name, overwrite=args.overwrite, stop_at=args.stop_at)
+    with lock.hold("python -m nblib.train " + " ".join(sys.argv[1:] if argv is None else argv)):
+        summary = run(cfg, args.seed, args.name, overwrite=args.overwrite, stop_at=args.stop_at)
     if machine.rank() == 0:
-        print(f"{summary['name']} seed {summary['seed']}: {summary['steps']} steps, best val loss "
-              f"{summary['best_val_loss']:.4f}, finished={summary['finished']}")
+        print(outcome(summary))
     return 0
 
 

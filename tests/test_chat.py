@@ -24,6 +24,8 @@ START = f"model {MERGED} (64-token context: 32 for your message and the history,
 # The CLI with a 0.3 s pause after each streamed piece, so that a test can type while an answer streams.
 SLOW_CLI = "import sys, time; from nblib import chat; show = chat._print; " \
            "chat._print = lambda text: (show(text), time.sleep(0.3)); sys.exit(chat.main())"
+# Ctrl-C must land while the answer streams: a second a piece leaves room for a loaded machine
+SLOWER_CLI = SLOW_CLI.replace("time.sleep(0.3)", "time.sleep(1.0)")
 
 
 @pytest.fixture
@@ -117,6 +119,30 @@ def test_scripted_conversation_and_transcript(merged, home, capsys):
     assert "## Conversation 2" in text and "**Assistant:** Two plus two is four." in text
     assert "- model: `runs/finetune-lora-8bit/seed-1234/merged`" in text and str(home) not in text
     assert all("<|" not in line for line in text.splitlines() if line.startswith("**Assistant:**"))
+
+
+def test_ctrl_c_stops_one_answer_and_leaves_it_out_of_the_history(merged, monkeypatch, capsys):
+    """An answer interrupted after its first piece: marked stopped, no row, no turn; the next line is
+    answered as in a fresh conversation. Without ``interruptible`` (notebooks) the interrupt goes on up."""
+    session = chat.session(*chat.load(MERGED, device="cpu"), smoke(temperature=0))
+    show, pieces = chat._print, []
+
+    def interrupt_second(text: str) -> None:
+        pieces.append(text)
+        if len(pieces) == 2:
+            raise KeyboardInterrupt
+        show(text)
+
+    monkeypatch.setattr(chat, "_print", interrupt_second)
+    rows = chat.converse(session, ["What is two plus two?", "What is two plus two?"], interruptible=True)
+    assert capsys.readouterr().out == "bot> Two (stopped)\nbot> Two plus two is four.\n"
+    assert [r["user"] for r in rows] == ["What is two plus two?"]
+    assert session.turns == [{"role": "user", "content": "What is two plus two?"},
+                             {"role": "assistant", "content": "Two plus two is four."}]
+    pieces.clear()
+    with pytest.raises(KeyboardInterrupt):
+        chat.converse(session, ["Name a color."])
+    assert len(session.turns) == 2
 
 
 def test_typed_spells_the_line_the_keys_make():
@@ -229,6 +255,22 @@ def test_cli_keys_typed_while_an_answer_streams_start_the_next_line(merged, home
     cli.expect_exact("you> ")
     cli.sendline("/exit")
     cli.expect(pexpect.EOF)
+    cli.close()
+    assert cli.exitstatus == 0
+
+
+def test_cli_ctrl_c_stops_the_answer_and_at_an_empty_prompt_leaves(merged, home):
+    cli = spawn(home, "-c", SLOWER_CLI)
+    cli.expect_exact("you> ")
+    cli.sendline("What is two plus two?")
+    cli.expect_exact("bot> Two")
+    cli.sendintr()  # Ctrl-C while " plus two is four." streams
+    cli.expect_exact(" (stopped)\r\nyou> ")  # the chat goes on
+    cli.sendline("What is two plus two?")
+    cli.expect_exact("bot> Two plus two is four.\r\nyou> ")
+    cli.sendintr()  # Ctrl-C at the prompt leaves, as before
+    cli.expect(pexpect.EOF)
+    assert "Traceback" not in cli.before
     cli.close()
     assert cli.exitstatus == 0
 

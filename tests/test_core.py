@@ -286,3 +286,15 @@ def test_wandb_offline_without_key_writes_run_files(tmp_path, monkeypatch):
     assert tracking.wandb_mode() == "online"
     monkeypatch.setenv("WANDB_MODE", "disabled")
     assert tracking.wandb_mode() == "disabled"
+
+
+@pytest.mark.parametrize("text", ["[]", "3", '"done"', "null"])
+def test_summary_that_is_not_an_object_names_the_file_and_its_notebook(home, text):
+    from nblib import runs
+
+    run_dir = home / "runs" / "finetune-full" / "seed-1234"
+    run_dir.mkdir(parents=True)
+    (run_dir / "summary.json").write_text(text)
+    with pytest.raises(runs.RunError, match=r"runs/finetune-full/seed-1234/summary\.json holds a JSON \w+, not an "
+                                            r"object of run facts: run notebook 05_finetune_lora_8bit with variant=.full. again"):
+        runs.read_summary(run_dir)

@@ -156,6 +156,15 @@ def test_setup_errors(root, home):
         finetune.load_base(str(root / BASE), "2bit")
 
 
+def test_cli_without_dialogues_names_the_file_and_the_notebook(home, capsys):
+    """No traceback: the missing split, the notebook that writes it, exit 2 (as for bad settings)."""
+    assert finetune.main(["--profile", "smoke", "-p", "wandb=false"]) == 2
+    assert capsys.readouterr().err == (
+        "python -m nblib.finetune: error: data/processed/dialogues/train.jsonl not found: notebooks/02_clean.ipynb "
+        "(the clean stage) writes the dialogue splits; run it first\n")
+    assert not (home / "runs" / "finetune-lora-8bit").exists()  # refused before the run folder is made
+
+
 # --- the lora-8bit run -----------------------------------------------------------------------------
 
 

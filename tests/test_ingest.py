@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import json
 import os
 import random
@@ -15,6 +16,7 @@ import pytest
 
 from nblib import config, ingest, plots
 from nblib.clean import START_RE as START_PATTERN
+from nblib.clean import decode
 from nblib.files import sha256_file
 
 
@@ -239,6 +241,26 @@ def test_collection_skips_binary_files_and_names_them(tmp_path, store):
     with pytest.raises(ingest.IngestError, match=r"works/scan.txt: it holds [\d,]+ NUL bytes"):
         ingest.fetch_collection(src, store)
     assert list(store.manifest()["files"]) == ["machado/good.txt"]
+
+
+@pytest.mark.parametrize("encoding", ["utf-16-le", "utf-16-be"])
+def test_utf16_book_with_bom_is_text_and_kept_exactly(mirror, tmp_path, encoding):
+    """A UTF-16 e-book (half its bytes NUL) is accepted as the cleaner decodes it, byte for byte;
+    a BOM followed by bytes that are not UTF-16 is refused by name."""
+    fake = tmp_path / "mirror"
+    (fake / "gutenberg").mkdir(parents=True)
+    text = (mirror / "gutenberg" / "pg55752.txt").read_text(encoding="utf-8")
+    bom = codecs.BOM_UTF16_LE if encoding.endswith("le") else codecs.BOM_UTF16_BE
+    data = bom + text.encode(encoding)
+    (fake / "gutenberg" / "pg55752.txt").write_bytes(data)
+    store = ingest.RawStore(tmp_path / "raw")
+    ingest.fetch_gutenberg([55752], store, mirror=fake, base_url="http://127.0.0.1:9", retries=0)
+    assert (store.dir / "gutenberg" / "pg55752.txt").read_bytes() == data
+    assert store.manifest()["files"]["gutenberg/pg55752.txt"]["encoding"] == "utf-16"
+    assert decode(data) == (text, "utf-16")
+    assert ingest.implausible(bom + b"\x00" * 2000, gutenberg=False) == "it holds 1,000 NUL characters (a binary file, not text)"
+    assert ingest.implausible(bom + text.encode(encoding)[:-1], gutenberg=True) == (
+        "it starts with a UTF-16 byte-order mark but is not UTF-16 (truncated data)")
 
 
 # ---------------------------------------------------------------------------------------------

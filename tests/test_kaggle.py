@@ -21,6 +21,7 @@ from nblib import config, dialogue, finetune, machine, pipeline, train
 from nblib.files import read_json, read_jsonl, write_jsonl
 from nblib.tokenizer import hf_tokenizer
 from helpers import write_corpus
+from test_machine import CU126_TORCH, KAGGLE_TORCH
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 TOOLS = README.parent / "tools"
@@ -36,8 +37,8 @@ def _code_cells(name: str) -> list[str]:
 
 def test_mha_and_gqa_notebooks_share_their_code_and_launch_on_every_gpu():
     assert _code_cells("03_train_mha.ipynb") == _code_cells("04_train_gqa.ipynb")
-    assert any("train.launch(cfg, seed, name, paths, overwrite=overwrite, processes=processes)" in c
-               for c in _code_cells("03_train_mha.ipynb"))
+    assert any("train.launch(run_cfg, seed, run_name, paths, overwrite=overwrite, processes=processes)" in c
+               and "for run_name, run_cfg in plan for seed in" in c for c in _code_cells("03_train_mha.ipynb"))
 
 
 # --- how many processes, and the torchrun command ------------------------------------------------
@@ -181,26 +182,108 @@ def test_readme_kaggle_commands_exist(capsys):
 
 
 def test_readme_table_matches_the_machine_rules():
-    """Every accelerator row of the section's table says what nblib.machine decides for that GPU."""
+    """Every accelerator row of the section's table says what nblib.machine decides for that GPU
+    under Kaggle's torch (2.10.0+cu128): refused without kernels, else its dtype, compile and 8-bit."""
     rows = {}
     for line in _kaggle_section().splitlines():
         if line.startswith("| **"):
             cells = [c.strip() for c in line.strip().strip("|").split("|")]
             rows[re.match(r"\*\*(.+?)\*\*", cells[0]).group(1)] = cells
-    assert set(rows) == {"T4 x2", "P100"}
-    for key, capability, count in (("T4 x2", (7, 5), 2), ("P100", (6, 0), 1)):
-        gpu = machine.Device("cuda", f"Tesla {key.split()[0]}", capability, 16 * 2**30, count=count)
+    assert set(rows) == {"T4 x2", "P100", "L4", "A100", "H100", "RTX PRO 6000"}
+    version, cuda, archs = KAGGLE_TORCH
+    for key, cells in rows.items():
+        spec = next(g for g in machine.GPUS if g.key == key.split(" x")[0])
+        count = int(key.split(" x")[1]) if " x" in key else 1
+        gpu = machine.Device("cuda", f"NVIDIA {spec.key}", spec.capability, 16 * 2**30, count=count)
+        _, cc, profile, dtype, compiled, int8, used = cells
+        assert cc == f"{spec.capability[0]}.{spec.capability[1]}"
+        try:
+            machine.check_kernels(gpu, archs, version, cuda)
+        except machine.HardwareError as e:
+            assert profile.startswith("refused") and f"sm_{spec.capability[0]}{spec.capability[1]}" in profile
+            assert re.search(r"pip install torch==\S+ --index-url \S+cu126", used)[0] in str(e)
+            continue
         policy = machine.policy("auto", compile=True, device=gpu)
-        _, cc, profile, dtype, compiled, int8, used = rows[key]
-        assert cc == f"{capability[0]}.{capability[1]}" and profile.startswith("full")
+        assert profile.startswith("full")
         assert dtype.startswith(policy.dtype_name) and ("GradScaler" in dtype) == policy.scaler
         assert compiled.startswith("on" if policy.compile else "off")
+        assert ("best-effort" in compiled) == (spec.capability < (8, 0))
         try:
             machine.check_8bit(gpu)
             assert int8.startswith("yes")
-        except RuntimeError as e:
+        except machine.HardwareError as e:
             assert int8.startswith("no") and "lora-16bit" in int8 and "lora-16bit" in str(e)
-        assert used.startswith(str(count))
+        assert used.startswith(str(count) if count > 1 else "all")
+
+
+# --- a GPU the torch build has no kernels for, and user errors: one message, exit 2 ---------------
+
+FAKE_P100 = """
+import sys, types, torch
+from torch.torch_version import TorchVersion
+props = types.SimpleNamespace(name="Tesla P100-PCIE-16GB", major=6, minor=0, total_memory=16 * 2**30)
+torch.cuda.is_available = lambda: True
+torch.cuda.device_count = lambda: 1
+torch.cuda.get_device_properties = lambda device=0: props
+torch.cuda.get_device_capability = lambda device=0: (6, 0)
+torch.cuda.get_arch_list = lambda: {archs!r}
+torch.version.cuda = {cuda!r}
+torch.__version__ = TorchVersion({version!r})
+module, *argv = sys.argv[1:]
+sys.exit(__import__(module, fromlist=["main"]).main(argv))
+"""
+
+
+def _cli(args: list[str], home: Path, fake: str | None = None) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-c", fake, *args] if fake else [sys.executable, "-m", *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "NBLIB_HOME": str(home), "OMP_NUM_THREADS": "1"})
+
+
+@pytest.mark.parametrize("args", [
+    ["nblib.train", "--profile", "full"],
+    ["nblib.finetune", "--profile", "full"],
+    ["nblib.pipeline", "--profile", "full", "--only", "03,05"],
+    ["nblib.chat", "--profile", "full"],
+])
+def test_a_p100_under_kaggles_torch_is_refused_before_anything_is_written(args, tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    version, cuda, archs = KAGGLE_TORCH
+    proc = _cli(args, home, FAKE_P100.format(archs=archs, cuda=cuda, version=version))
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and not proc.stdout
+    assert proc.stderr.strip().splitlines() == [
+        f"python -m {args[0]}: error: Tesla P100-PCIE-16GB (compute capability 6.0, sm_60) cannot run this torch: "
+        "torch 2.10.0+cu128 (CUDA 12.8) has GPU kernels for sm_70 sm_75 sm_80 sm_86 sm_90 sm_100 sm_120 only, so "
+        "its first CUDA operation would fail. Fix: pick Kaggle's \"GPU T4 x2\" accelerator, or install a torch "
+        "built for CUDA 12.6, which has sm_60 kernels: pip install torch==2.10.0 --index-url "
+        "https://download.pytorch.org/whl/cu126"]
+    assert not list(home.rglob("*"))
+
+
+def test_the_8bit_refusal_is_a_message(tmp_path):
+    """A P100 under a cu126 torch: the 8-bit fine-tune is refused (LLM.int8() needs 7.5), no traceback."""
+    version, cuda, archs = CU126_TORCH
+    proc = _cli(["nblib.finetune", "--profile", "full", "--variant", "lora-8bit"], tmp_path,
+                FAKE_P100.format(archs=archs, cuda=cuda, version=version))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.startswith("python -m nblib.finetune: error: 8-bit base models need bitsandbytes' LLM.int8()")
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("args, says", [
+    (["nblib.train", "-p", "learning_rate=0"], "python -m nblib.train: error: invalid train setting(s): learning_rate=0"),
+    (["nblib.finetune", "-p", "learning_rate=0"], "python -m nblib.finetune: error: invalid finetune setting(s): learning_rate=0"),
+    (["nblib.pipeline", "-p", "max_stepz=3"], "python -m nblib.pipeline: error: parameter 'max_stepz' is not declared"),
+    (["nblib.chat", "--temperature", "-1"], "python -m nblib.chat: error: invalid chat setting(s): temperature=-1"),
+    (["nblib.report", "--label"], "python -m nblib.report: error: argument --label: expected one argument"),
+])
+def test_bad_arguments_are_one_message_and_exit_2(args, says, tmp_path):
+    proc = _cli(args, tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert says in proc.stderr
+    assert not list(tmp_path.rglob("*"))
 
 
 def test_readme_estimates_are_the_tools_output():
@@ -208,7 +291,7 @@ def test_readme_estimates_are_the_tools_output():
     estimates = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(estimates)
     assert estimates.table() in _kaggle_section(), "run tools/kaggle_estimates.py and paste its table into README.md"
-    pre = {r[0]: r for r in estimates.rows()}["pretrain MHA (8 x 8 x 512)"]
+    pre = {r[0]: r for r in estimates.rows()}["pretrain MHA (8 x 8 x 512, 8 K/V heads)"]
     assert pre[1] == f"{train.max_steps_for(config.settings('train', 'full'), estimates.TRAIN_TOKENS)} steps"
 
 

@@ -52,8 +52,25 @@ def test_select_by_name_prefix_and_from():
     assert names(pipeline.select("ingest")) == ["01_ingest"]
     assert names(pipeline.select(start="06")) == ["06_compare", "07_chat_demo"]
     assert len(pipeline.select()) == len(pipeline.STAGES)
-    with pytest.raises(ValueError, match="no stage matches 'trian'"):
+    with pytest.raises(config.SettingsError, match="no stage matches 'trian'"):
         pipeline.select("trian")
+    for empty in ("", ",", " , "):  # not "every stage", not "none"
+        with pytest.raises(config.SettingsError, match=f"--only {re.escape(repr(empty))} names no stage; .*from: 01_ingest, 02_clean"):
+            pipeline.select(empty)
+
+
+def test_impossible_settings_stop_the_pipeline_before_any_stage(home, tmp_path, capsys):
+    """`--only 02,03 -p seeds=[]`: 03 would refuse seeds=[], so 02 must not run first."""
+    out = tmp_path / "out"
+    assert pipeline.main(["--only", "02,03", "-p", "seeds=[]", "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("python -m nblib.pipeline: error: stage 03_train_mha: invalid train setting(s): "
+                          "seeds=[] must be a non-empty list of integers") and "Traceback" not in err
+    assert not out.exists() and not (home / "data").exists()
+    assert pipeline.main(["--only", ",", "--out", str(out)]) == 2
+    assert "names no stage" in capsys.readouterr().err and not out.exists()
+    assert pipeline.main(["--only", "02", "-p", "dialogue_targets={alpaca: -5}", "--out", str(out)]) == 2
+    assert "stage 02_clean: invalid dialogue setting(s): targets.alpaca=-5" in capsys.readouterr().err
 
 
 def test_parse_params_reads_yaml_values():
@@ -233,3 +250,107 @@ def test_pretraining_notebooks_differ_only_in_parameters():
         return [c.source for c in cells if c.cell_type == "code" and "parameters" not in c.metadata.get("tags", [])]
 
     assert code("03_train_mha.ipynb") == code("04_train_gqa.ipynb")
+
+
+def test_disk_record_and_full_profile_estimate(tiny, tmp_path):
+    """pipeline.json's ``disk``: bytes per folder and run folder (W&B files inside), the clone apart;
+    dry-run/ and virtual envs left out; a dry run's estimate multiplies run folders by the full profile's seeds."""
+    files = {"data/raw/x": 1000, "reports/r.md": 10, "runs/pretrain-mha/seed-1337/best.pt": 3000,
+             "runs/finetune-full/seed-1234/wandb/offline-run-1/run-1.wandb": 2000,
+             "runs/pretrain-gpt2-small/seed-1337/hf/model.safetensors": 500,
+             "dry-run/runs/big.pt": 10**6, ".venv/lib/big.so": 10**6}
+    for name, size in files.items():
+        (tiny / name).parent.mkdir(parents=True, exist_ok=True)
+        (tiny / name).write_bytes(b"\0" * size)
+    status = pipeline.run("smoke", only="01", out_dir=tmp_path / "out", progress=False)
+    disk = json.loads((tmp_path / "out" / "pipeline.json").read_text())["disk"]
+    assert disk == status["disk"] and "full_profile_estimate_bytes" not in disk  # not a dry run
+    assert disk["folders"] == {"a.txt": len("smoke:olá".encode()), "data": 1000, "reports": 10}
+    assert disk["runs"] == {"finetune-full/seed-1234": 2000, "pretrain-gpt2-small/seed-1337": 500,
+                            "pretrain-mha/seed-1337": 3000}
+    assert disk["clone"] > 10**5 and disk["total_bytes"] == sum(disk["folders"].values()) + 5500 + disk["clone"]
+    estimate = pipeline.disk_usage(estimate=True)
+    assert estimate["full_profile_counts"] == {"finetune-full/seed-1234": 3, "pretrain-gpt2-small/seed-1337": 1,
+                                               "pretrain-mha/seed-1337": 3}
+    assert estimate["full_profile_estimate_bytes"] == 3 * 2000 + 500 + 3 * 3000 + 1000 + 10 + 10 + disk["clone"]
+    missing = sorted({"finetune-lora-32bit", "finetune-lora-8bit", *pipeline.pretrain_runs("full")} - {"pretrain-mha"})
+    assert "pretrain-gqa-uptrained" in missing  # every variant of the full profile's `variants`
+    assert f"not counted: {', '.join(missing)}" in estimate["full_profile_estimate_assumes"]
+
+
+_HOLD = ("import sys, time\nfrom nblib import lock\nwith lock.hold('holder-under-test'):\n"
+         "    print('held', flush=True)\n    time.sleep(120) if sys.argv[1] == 'wait' else __import__('os').kill(__import__('os').getpid(), 9)\n")
+
+
+def _holder(mode: str) -> subprocess.Popen:
+    """A real process that takes the working root's lock, then waits (``wait``) or is killed (``die``)."""
+    proc = subprocess.Popen([sys.executable, "-c", _HOLD, mode], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline() == "held\n"
+    return proc
+
+
+@pytest.mark.parametrize("command", ["nblib.pipeline", "nblib.train", "nblib.finetune"])
+def test_second_command_on_one_home_is_refused_naming_the_holder(home, command):
+    """Two pipelines (or a pipeline and a stage command) on one NBLIB_HOME used to corrupt each
+    other's checkpoints and metrics: the second is refused, exit 2, naming the holder."""
+    holder = _holder("wait")
+    try:
+        proc = subprocess.run([sys.executable, "-m", command, "--profile", "smoke"] + (["--only", "01"] if command == "nblib.pipeline" else []),
+                              capture_output=True, text=True, timeout=300)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert f"is in use by pid {holder.pid} on " in proc.stderr and "(holder-under-test)" in proc.stderr
+    assert "--home or NBLIB_HOME" in proc.stderr and "Traceback" not in proc.stderr
+    assert [p.name for p in (home / "runs").iterdir()] == [".nblib.lock"]  # nothing else written
+
+
+def test_lock_of_a_dead_holder_is_taken_over_with_a_note(tiny, tmp_path, capsys):
+    holder = _holder("die")
+    assert holder.wait() == -9
+    assert pipeline.main(["--profile", "smoke", "--only", "01", "--no-progress", "--out", str(tmp_path / "out")]) == 0
+    err = capsys.readouterr().err
+    assert f"note: took over the lock on {tiny} left by pid {holder.pid} on " in err and "ended without releasing it" in err
+    assert not (tiny / "runs" / ".nblib.lock").exists()  # released: the lock file goes with its holder
+    assert (tiny / "a.txt").read_text() == "smoke:olá"
+
+
+def test_executed_notebook_folders_never_collide(tmp_path):
+    """``runs/pipeline-<second>``: two runs started within one second get two folders."""
+    from nblib.files import make_new_dir
+
+    first, second = make_new_dir(tmp_path / "pipeline-1"), make_new_dir(tmp_path / "pipeline-1")
+    assert (first.name, second.name) == ("pipeline-1", "pipeline-1-2") and first.is_dir() and second.is_dir()
+
+
+def test_sigterm_marks_the_stage_interrupted_and_stops_the_kernel(tiny, tmp_path):
+    """SIGTERM (a Kaggle session ending) takes Ctrl-C's path: the stage is marked interrupted, one
+    message says how to resume, no traceback, and the stage's kernel is shut down."""
+    pid_file = tmp_path / "kernel.pid"
+    _notebook(pipeline.NOTEBOOKS / "long.ipynb", 'profile = "auto"',
+              f"import os, pathlib, time\npathlib.Path({str(pid_file)!r}).write_text(str(os.getpid()))\ntime.sleep(120)")
+    script = tmp_path / "drive.py"
+    script.write_text(
+        "import sys\nfrom nblib import pipeline\nfrom nblib.pipeline import Stage\n"
+        f"pipeline.NOTEBOOKS = __import__('pathlib').Path({str(pipeline.NOTEBOOKS)!r})\n"
+        "pipeline.STAGES = (Stage('01_long', 'long.ipynb'),)\n"
+        f"sys.exit(pipeline.main(['--profile', 'smoke', '--out', {str(tmp_path / 'out')!r}, '--no-progress']))\n")
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not pid_file.is_file():
+        time.sleep(0.5)
+    kernel = int(pid_file.read_text())
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1, err[-2000:]
+    assert "stage 01_long interrupted (SIGTERM) in cell 3 of long.ipynb" in err
+    assert "to resume, run the same command again (or with --from 01_long)" in err and "Traceback" not in err
+    status = json.loads((tmp_path / "out" / "pipeline.json").read_text())
+    assert status["stages"][0]["status"] == "interrupted" and "SIGTERM" in status["stages"][0]["error"]
+    for _ in range(40):  # the kernel is shut down, not left running
+        if not Path(f"/proc/{kernel}").exists() or "Z" in Path(f"/proc/{kernel}/stat").read_text().split()[2]:
+            break
+        time.sleep(0.25)
+    else:
+        pytest.fail(f"the stage's kernel (pid {kernel}) still runs after the pipeline ended")

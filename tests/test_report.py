@@ -159,12 +159,39 @@ def test_loads_every_run_in_a_fixed_order(home):
         report.load(["finetune-full"])
 
 
+def test_an_uptrained_variant_is_matched_ordered_and_tabled(home):
+    """Summaries older than the uptraining fields (the fixtures) still read; a converted run may differ
+    from MHA in K/V heads, alpha and steps, and gets the conversion table."""
+    from nblib.report import figures, tables
+
+    make_pretrain_run(home, "mha", 4)
+    make_pretrain_run(home, "gqa", 2, val_offset=0.05)
+    make_pretrain_run(home, "gqa-uptrained", 2, val_offset=0.02, cfg_extra={"uptrain_fraction": 0.2})
+    run = home / "runs" / "pretrain-gqa-uptrained" / "seed-1337"
+    runs.write_summary(run, {**runs.read_summary(run), "label": "GQA uptrained", "steps": 3, "max_steps": 3,
+                             "tokens_seen": 1536, "init": "convert", "source_run": "runs/pretrain-mha/seed-1337",
+                             "conversion_method": "mean", "uptrain_fraction": 0.2, "converted_val_loss": 7.0,
+                             "uptrained_val_loss": 6.52, "source_steps": 30, "total_steps": 33, "total_tokens": 16896})
+    comparison = report.load()
+    assert list(comparison.pretrain) == ["MHA", "GQA", "GQA uptrained"] and not comparison.mismatches
+    col = tables.conversion_table(comparison)["GQA uptrained"]
+    assert (col["source_run"], col["conversion_method"], col["uptrain_fraction"]) == ("runs/pretrain-mha", "mean", 0.2)
+    assert (col["converted_val_loss"], col["uptrained_val_loss"], col["scratch_variant"]) == (7.0, 6.52, "GQA")
+    assert col["scratch_val_loss"] == pytest.approx(6.55) and (col["total_steps"], col["scratch_steps"]) == (33, 30)
+    assert tables.conversion_table(report.load(["pretrain-mha", "pretrain-gqa"])) is None
+    line = figures.val_loss(comparison).axes[0].lines[-1]  # the uptrained run starts after MHA's tokens
+    assert line.get_xdata()[0] == 15360
+    with pytest.raises(report.MismatchError, match=r"differ in learning_rate \(only n_kv_head, uptrain_fraction may differ\)"):
+        make_pretrain_run(home, "mqa", 1, cfg_extra={"learning_rate": 1e-2})
+        report.load()
+
+
 def test_a_mismatched_pair_is_refused_or_flagged(home):
     make_pretrain_run(home, "mha", 4)
     make_pretrain_run(home, "gqa", 2, cfg_extra={"learning_rate": 1e-3},
                       data={**DATA, "tokens": {**DATA["tokens"], "train": 999}})
     with pytest.raises(report.MismatchError, match=r"runs/pretrain-mha and runs/pretrain-gqa are not a matched pair: they differ "
-                                                   r"in learning_rate, data.tokens \(only n_kv_head may differ\)"):
+                                                   r"in learning_rate, data.tokens \(only n_kv_head, uptrain_fraction may differ\)"):
         report.load()
     comparison = report.load(allow_mismatch=True)
     assert len(comparison.mismatches) == 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -85,6 +86,15 @@ def test_settings_presets_and_steps():
 def test_bad_settings_are_refused_before_any_work(bad, message):
     with pytest.raises(config.SettingsError, match=message):
         tiny(**bad)
+
+
+def test_a_context_no_split_or_machine_can_hold_is_refused_before_any_work(corpus_home: Path):
+    with pytest.raises(config.SettingsError, match=re.escape("context_length=100000 must be an integer in [2, 8192]")):
+        tiny(context_length=100_000)
+    with pytest.raises(config.SettingsError, match=r"context_length=4096 needs windows of 4097 tokens, but the val "
+                                                   r"split holds [\d,]+; lower context_length"):
+        train.run(tiny(context_length=4096), progress=False)
+    assert not list((corpus_home / "runs").rglob("*.*"))  # no checkpoint, summary or metrics written
 
 
 def test_run_writes_the_run_folder_contract(corpus_home: Path):
@@ -175,6 +185,35 @@ def test_changed_settings_are_refused_unless_overwrite(corpus_home: Path):
               progress=False)  # free settings do not count as changes
 
 
+def test_an_old_schema_run_names_overwrite_and_is_replaced_with_it(corpus_home: Path):
+    """The summary's advice and the refusal name the parameter that replaces the run, not just "re-run"."""
+    cfg = tiny(n_kv_head=2, max_steps=2, eval_interval=2)
+    train.run(cfg, progress=False)
+    run = folder(corpus_home, "pretrain-gqa")
+    old = {**read_json(run / "summary.json"), "schema": 1}
+    (run / "summary.json").write_text(json.dumps(old))
+    advice = ("re-run notebook 04_train_gqa with overwrite=True (pipeline: -p 04_train_gqa.overwrite=true; "
+              "python -m nblib.train: --overwrite) to replace it")
+    with pytest.raises(runs.RunError, match=re.escape(advice)):
+        runs.read_summary(run)
+    with pytest.raises(ValueError, match=re.escape(advice)):
+        train.run(cfg, progress=False)
+    assert train.run(cfg, overwrite=True, progress=False)["schema"] == runs.SCHEMA
+
+
+def test_a_failed_overwrite_keeps_the_finished_run(corpus_home: Path, capsys):
+    """overwrite=True that fails before training (no corpus to build token files from) leaves the old run as it was."""
+    train.run(tiny(max_steps=2, eval_interval=2), name="w", progress=False)
+    run = folder(corpus_home, "w")
+    before = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    shutil.rmtree(corpus_home / "data" / "processed")
+    with pytest.raises(FileNotFoundError, match="corpus split"):
+        train.run(tiny(max_steps=3), name="w", overwrite=True, progress=False)
+    assert {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+    assert sorted(p.name for p in run.parent.iterdir()) == ["seed-1337"]
+    assert "runs/w/seed-1337: the run it held is kept (overwrite failed before training)" in capsys.readouterr().out
+
+
 def test_corrupt_checkpoint_falls_back_or_names_the_fix(corpus_home: Path, capsys):
     cfg = tiny()
     train.run(cfg, name="c", stop_at=4, progress=False)
@@ -229,6 +268,22 @@ def test_time_budget_stops_with_a_checkpoint_and_the_next_session_resumes(corpus
     # the next session (the budget is a free setting: a new session may have another) carries on
     second = train.run(tiny(**sizes), name="budget", stop_at=first["steps"] + 2, progress=False)
     assert second["steps"] == first["steps"] + 2
+
+
+def test_a_budget_stop_says_so_and_its_rerun_keeps_one_step_0_evaluation(corpus_home: Path, capsys):
+    """A budget spent before step 1: launch (what notebooks 03/04 call) raises with where it stopped, the
+    CLI prints it, and the next session neither evaluates step 0 again nor loses anything."""
+    with pytest.raises(RuntimeError, match=r"^t seed 1337 stopped at step 0 of 8 \(time budget\): run again with the "
+                       r"same settings to resume from runs/t/seed-1337/ckpt.pt$"):
+        train.launch(tiny(time_budget_minutes=0.001), name="t")
+    params = [a for k, v in {**TINY, "time_budget_minutes": 0.001}.items() for a in ("-p", f"{k}={json.dumps(v)}")]
+    assert train.main(["--profile", "smoke", "--name", "t", *params]) == 0
+    assert capsys.readouterr().out.endswith("t seed 1337 stopped at step 0 of 8 (time budget): run again with the same "
+                                            "settings to resume from runs/t/seed-1337/ckpt.pt\n")
+    done = train.launch(tiny(), name="t")
+    rows = read_jsonl(folder(corpus_home, "t") / "metrics.jsonl")
+    assert done["finished"] and [r["step"] for r in rows if r["kind"] == "eval"] == [0, 4, 8]
+    assert train.outcome(done) == f"t seed 1337: 8 steps, best val loss {done['best_val_loss']:.4f}, finished"
 
 
 def test_fp16_grad_scaler_skipped_step_keeps_the_schedule(corpus_home: Path, monkeypatch):
@@ -307,6 +362,63 @@ def test_runs_table_and_metrics(corpus_home: Path):
     assert list(table.columns) == ["runs/p/seed-1337"] and table.loc["steps", "runs/p/seed-1337"] == 2
     with pytest.raises(runs.RunError, match="train the run first"):
         runs.read_metrics(folder(corpus_home, "absent"))
+
+
+def test_uptraining_converts_the_finished_mha_run_of_the_same_seed(corpus_home: Path):
+    from nblib import data, machine, tokenizer
+    from nblib.model import convert_kv_heads
+
+    cfg = tiny(uptrain_fraction=0.3)  # ceil(0.3 x 8) = 3 uptrain steps
+    up_cfg = train.variant_settings(cfg, "gqa-uptrained")
+    with pytest.raises(runs.RunError, match=r"pretrain-gqa-uptrained is converted from runs/pretrain-mha/seed-1337/"
+                                            r"best.pt, which is missing: run notebook 03_train_mha \(seed 1337\)"):
+        train.run(up_cfg, name="pretrain-gqa-uptrained", progress=False)
+    train.run(cfg, stop_at=2, progress=False)
+    with pytest.raises(runs.RunError, match="which is not finished: run notebook 03_train_mha"):
+        train.run(up_cfg, name="pretrain-gqa-uptrained", progress=False)
+    mha = train.run(cfg, progress=False)
+    assert mha["init"] == "scratch" and mha["source_steps"] == 0 and mha["total_steps"] == mha["steps"] == 8
+    with pytest.raises(config.SettingsError, match="cannot be converted from runs/pretrain-mha/seed-1337, trained with "
+                                                   r"other settings \(learning_rate: 0.003 -> 0.001\)"):
+        train.run({**up_cfg, "learning_rate": 1e-3}, name="pretrain-gqa-uptrained", progress=False)
+    with pytest.raises(config.SettingsError, match="variant 'gqa-uptrained' with 2 K/V heads, but the settings have n_kv_head=4"):
+        train.run(cfg, name="pretrain-gqa-uptrained", progress=False)
+
+    up = train.run(up_cfg, name="pretrain-gqa-uptrained", progress=False)
+    assert up["finished"] and up["variant"] == "gqa-uptrained" and up["label"] == "GQA uptrained" and up["n_kv_head"] == 2
+    assert (up["init"], up["source_run"], up["conversion_method"], up["uptrain_fraction"]) == (
+        "convert", "runs/pretrain-mha/seed-1337", "mean", 0.3)
+    assert up["steps"] == up["max_steps"] == 3 and up["source_steps"] == 8 and up["total_steps"] == 11
+    assert up["total_tokens"] == mha["tokens_seen"] + up["tokens_seen"] == 11 * 4 * 2 * 32
+    assert up["uptrained_val_loss"] == up["final_val_loss"]
+    # alpha = 0: the converted model's val loss, computed here from best.pt on the run's fixed val batches
+    source, _ = load_checkpoint(corpus_home / mha["checkpoint"])
+    converted = convert_kv_heads(source, 2, "mean", seed=1337)
+    batches = train.fixed_batches(data.load_tokens(config.paths(), "val"), up_cfg, 1337, 2, torch.device("cpu"))
+    direct, _ = train.evaluate_loss(converted, batches, machine.policy("float32"), torch.from_numpy(tokenizer.token_bytes()))
+    assert up["converted_val_loss"] == pytest.approx(direct, rel=1e-6)
+    assert up["converted_val_loss"] != mha["best_val_loss"]  # pooling K/V heads changes the model
+    evals = [r for r in read_jsonl(folder(corpus_home, "pretrain-gqa-uptrained") / "metrics.jsonl") if r["kind"] == "eval"]
+    assert [r["step"] for r in evals] == [0, 3] and evals[0]["val_loss"] == up["converted_val_loss"]
+    assert train.run(up_cfg, name="pretrain-gqa-uptrained", progress=False) == up  # finished: returned as is
+    assert runs.read_summary(folder(corpus_home, "pretrain-mha"))["config"]["uptrain_fraction"] == 0.3
+
+
+def test_plan_orders_scratch_before_converted_variants():
+    from nblib import attention
+
+    cfg = config.settings("train", "full")
+    planned = [attention.of_run(n) for n, _ in train.plan(cfg)]  # notebook 04: the profile's variants but MHA
+    assert {v.key for v in planned} == set(cfg["variants"]) - {"mha"} and {"gqa", "gqa-uptrained"} <= {v.key for v in planned}
+    assert [v.converted for v in planned] == sorted(v.converted for v in planned)  # sources before their conversions
+    assert [(n, c["n_kv_head"]) for n, c in train.plan(cfg, ["mqa-uptrained", "mha"])] == [
+        ("pretrain-mha", 8), ("pretrain-mqa-uptrained", 1)]
+    assert [n for n, _ in train.plan(cfg, ["mha"], "pretrain-gpt2-small")] == ["pretrain-gpt2-small"]
+    with pytest.raises(config.SettingsError, match="did you mean 'gqa'"):
+        train.plan(cfg, ["gqa2"])
+    with pytest.raises(config.SettingsError, match="renames one run"):
+        train.plan(cfg, None, "x")
+    assert train.default_name(cfg) == "pretrain-mha" and train.default_name({**cfg, "n_kv_head": 4}) == "pretrain-gqa4"
 
 
 def test_kill_9_at_any_moment_loses_nothing(corpus_home: Path):

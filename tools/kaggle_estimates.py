@@ -13,22 +13,30 @@ from __future__ import annotations
 
 import argparse
 
-from nblib import config, machine, train
+import math
+
+from nblib import attention, config, machine, train
 from nblib.model import GPT
 
 TRAIN_TOKENS = 3_883_901  # the full profile's train split built from the offline mirror (see README)
-GPUS = {"T4 x2": ("T4", 2), "P100": ("P100", 1)}  # accelerator -> (spec key, GPUs data-parallel training can use)
+# accelerator -> (spec key, GPUs data-parallel training can use); Kaggle's own torch refuses the P100
+# (no sm_60 kernels in its CUDA 12.8 build), so its column is for a CUDA 12.6 torch (see README)
+GPUS = {"T4 x2": ("T4", 2), "P100 (CUDA 12.6 torch)": ("P100", 1)}
 
 
 def _peak(key: str) -> float:
     return next(g for g in machine.GPUS if g.key == key).peak_flops["float16"]
 
 
-def pretrain_flops(preset: str | None, n_kv_head: int | None, train_tokens: int) -> tuple[float, int]:
-    """``(FLOPs, steps)`` of one full-profile pretraining run: its steps plus its evaluations."""
-    cfg = config.settings("train", "full", preset, n_kv_head=n_kv_head)
+def pretrain_flops(preset: str | None, key: str, train_tokens: int) -> tuple[float, int]:
+    """``(FLOPs, steps)`` of one full-profile pretraining run of variant ``key``: its steps plus its
+    evaluations. A converted variant runs ``uptrain_fraction`` of its source's steps (and is counted
+    alone: its source run is a row of its own)."""
+    cfg = train.variant_settings(config.settings("train", "full", preset), key)
     per_token = GPT(train.model_config(cfg)).flops_per_token()
     steps = train.max_steps_for(cfg, train_tokens)
+    if attention.get(key).converted:
+        steps = max(1, math.ceil(round(cfg["uptrain_fraction"] * steps, 9)))
     tokens = steps * cfg["batch_size"] * cfg["grad_accum_steps"] * cfg["context_length"]
     evals = steps // cfg["eval_interval"] + 2
     eval_tokens = evals * 2 * cfg["eval_batches"] * cfg["batch_size"] * cfg["context_length"]
@@ -51,10 +59,16 @@ def rows(train_tokens: int = TRAIN_TOKENS, mfu: float = 0.3) -> list[list[str]]:
 
     seeds = len(config.settings("train", "full")["seeds"])
     out = []
-    for label, preset, kv, runs in (("pretrain MHA (8 x 8 x 512)", None, None, seeds),
-                                    ("pretrain GQA (2 K/V heads)", None, 2, seeds),
-                                    ("pretrain gpt2-small preset (optional)", "gpt2-small", None, 1)):
-        flops, steps = pretrain_flops(preset, kv, train_tokens)
+    full = config.settings("train", "full")
+    shape = f"{full['n_layer']} x {full['n_head']} x {full['d_model']}"
+
+    def label(key: str) -> str:
+        kv = attention.get(key).kv_heads(full["n_head"])
+        return f"pretrain {attention.get(key).label} ({shape}, {kv} K/V head{'s' if kv > 1 else ''})"
+
+    variants = [(label(k), None, k, seeds) for k in full["variants"]]
+    for label, preset, key, runs in (*variants, ("pretrain gpt2-small preset (optional)", "gpt2-small", attention.BASELINE, 1)):
+        flops, steps = pretrain_flops(preset, key, train_tokens)
         out.append((label, f"{steps} steps", runs, flops, minutes(flops, None)))
     ft = config.settings("finetune", "full")
     for label, lora in (("fine-tune LoRA (8-bit or 32-bit base)", True), ("fine-tune full", False)):
@@ -62,7 +76,11 @@ def rows(train_tokens: int = TRAIN_TOKENS, mfu: float = 0.3) -> list[list[str]]:
         runs = len(ft["seeds"]) * (2 if lora else 1)
         out.append((label, f"{ft['steps']} steps", runs, flops, minutes(flops, 1)))
     return [[label, what, str(runs), f"{flops / 1e15:.1f}",
-             *(f"{m:.0f} ({m * runs:.0f})" for m in mins)] for label, what, runs, flops, mins in out]
+             *(f"{_minutes(m)} ({_minutes(m * runs)})" for m in mins)] for label, what, runs, flops, mins in out]
+
+
+def _minutes(m: float) -> str:
+    return f"{m:.0f}" if m >= 1 else f"{m:.1f}"
 
 
 def table(train_tokens: int = TRAIN_TOKENS, mfu: float = 0.3) -> str:

@@ -11,13 +11,18 @@ from nblib.report import figures
 from nblib.report.glance import at_a_glance
 from nblib.report.loading import Comparison, pairs
 from nblib.report.render import Report, new_report
-from nblib.report.tables import RATIO, finetune_samples
+from nblib.report.tables import RATIO, conversion_table, finetune_samples
 
 PRETRAIN_NOTE = (
     "Each ÷ MHA column divides the variant's figure by MHA's. Quality rows are over seeds: mean (min–max, n seeds). "
     "Rows measured here were timed in this process with the variants interleaved: median (min–max over repeats). "
     "KV-cache rows are per sequence in fp32. Peak memory, for every stage, is the peak of the training phase alone: "
     "CUDA's peak allocation on a GPU, the process's peak resident memory on a CPU."
+)
+CONVERSION_NOTE = (
+    "A converted variant starts from the finished MHA run of the same seed with its K/V heads pooled per group "
+    "(Ainslie et al. 2023, arXiv 2305.13245), then trains alpha x MHA's steps with the same recipe. Losses after training are "
+    "final evaluations, mean (min–max, n seeds), as is the from-scratch run's it is set against."
 )
 COST_NOTE = (
     "Random weights of real shapes, timed on the machine that rendered this report (speed does not depend on the "
@@ -58,6 +63,9 @@ def compose(comparison: Comparison, settings: dict[str, Any], pretrain: pd.DataF
     flagged = tuple(f"{other.label}{RATIO}{base.label}" for base, other in pairs(comparison)
                     if any(f"runs/{other.name} " in m and f"runs/{base.name} " in m for m in comparison.mismatches))
     rep.add_table("MHA vs GQA", pretrain, note=PRETRAIN_NOTE, flagged=flagged)
+    conversion = conversion_table(comparison)
+    if conversion is not None:
+        rep.add_table("GQA converted from MHA", conversion, note=CONVERSION_NOTE)
     rep.add_figure("Validation loss", figures.val_loss(comparison))
     rep.add_figure("KV-cache memory vs context length", figures.kv_cache(comparison))
     rep.add_figure("Throughput", figures.speed(pretrain))

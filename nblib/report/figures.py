@@ -6,13 +6,18 @@ import pandas as pd
 
 from nblib import plots
 from nblib.report.glance import kv_per_token
-from nblib.report.loading import Comparison
+from nblib.report.loading import Comparison, Run
 from nblib.report.tables import RATIO, label, spread
 
 
 def val_loss(comparison: Comparison) -> Figure:
-    """Validation loss of every pretraining variant, mean over seeds with their range."""
-    return plots.val_loss({lab: [r.metrics for r in g.runs] for lab, g in comparison.pretrain.items()})
+    """Validation loss of every pretraining variant, mean over seeds with their range; a converted
+    variant's tokens count its source run's too (the tokens behind its weights)."""
+    def behind(run: Run) -> list[dict]:
+        offset = run.summary.get("total_tokens", run.summary["tokens_seen"]) - run.summary["tokens_seen"]
+        return [{**r, "tokens": r["tokens"] + offset} if "tokens" in r else r for r in run.metrics] if offset else run.metrics
+
+    return plots.val_loss({lab: [behind(r) for r in g.runs] for lab, g in comparison.pretrain.items()})
 
 
 def kv_cache(comparison: Comparison) -> Figure:

@@ -92,6 +92,10 @@ def pretrain_lines(comparison: Comparison, table: pd.DataFrame) -> list[str]:
     for v, g in pre.items():
         if v == BASELINE:
             continue
+        if g.summary.get("init") == "convert":  # its cache and speed are its scratch twin's: only quality is news
+            lines.append(f"**{v} − MHA** best val loss {verdict(paired(base, g, 'best_val_loss'))} (converted from "
+                         f"MHA, then uptrained for {g.summary['uptrain_fraction']:g} of its steps).")
+            continue
         r = table[f"{v}{RATIO}{BASELINE}"]
         kv = [k for k in table.index if str(k).startswith("kv_at_")][-1]
         heads = f"{g.summary['n_kv_head']} KV heads for {g.summary['n_head']} query heads"

@@ -1,7 +1,9 @@
 """Reading the runs a comparison needs, and refusing pairs that are not matched.
 
 A *group* is one variant (``runs/<name>/``) with all its seeds (``seed-<seed>/``). Compared
-groups must differ only in what is compared: pretraining variants in ``n_kv_head``, fine-tune
+groups must differ only in what is compared: pretraining variants in ``n_kv_head`` and
+``uptrain_fraction`` (a variant converted from MHA also starts from its weights and takes fewer
+steps; neither is a setting), fine-tune
 variants in their variant (precision, LoRA) and learning rate. Everything else — settings
 (except the stage's ``free`` keys), the data trained on (sha256 and token counts) and the set of
 seeds — must agree, and so must the seeds of one group among themselves. A pair that does not is
@@ -14,10 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from nblib import config, runs
+from nblib import attention, config, runs
 
-REQUIRED = ("pretrain-mha", "pretrain-gqa")
-VARIED = {"pretrain": frozenset({"n_kv_head"}), "finetune": frozenset({"variant", "learning_rate"})}
+REQUIRED = tuple(attention.VARIANTS[k].folder for k in attention.REQUIRED)
+VARIED = {"pretrain": frozenset({"n_kv_head", "uptrain_fraction"}), "finetune": frozenset({"variant", "learning_rate"})}
 PROFILE_STAGE = {"pretrain": "train", "finetune": "finetune"}
 
 
@@ -119,18 +121,19 @@ def load_group(name: str, root: str | Path | None = None) -> Group:
 
 
 def _order(group: Group) -> tuple:
-    """Pretraining before fine-tuning; MHA, GQA, MQA by falling KV heads; fine-tune variants by
-    base precision (4, 8, 16, 32 bits), LoRA before full."""
+    """Pretraining before fine-tuning; attention variants in ``nblib.attention``'s order (others
+    after them by falling KV heads); fine-tune variants by base precision (4, 8, 16, 32 bits), LoRA
+    before full."""
     s = group.summary
     if group.stage == "pretrain":
-        return (0, -s["n_kv_head"], group.name)
+        return (0, attention.rank(s["variant"]), -s["n_kv_head"], group.name)
     return (1, not s["lora"], int(s["mode"].removesuffix("bit")), group.name)
 
 
 def load(names: Iterable[str] | None = None, root: str | Path | None = None, allow_mismatch: bool = False) -> Comparison:
     """Read the named variant folders, or every one under ``runs/`` when ``names`` is ``None``.
 
-    Without names, ``pretrain-mha`` and ``pretrain-gqa`` are required and other unfinished runs
+    Without names, ``pretrain-mha`` and ``pretrain-gqa`` (``nblib.attention.REQUIRED``) are required and other unfinished runs
     are left out with a warning; with names, every named run is required. Any pretraining variant
     besides MHA needs ``pretrain-mha`` as its baseline. Pairs that are not matched raise
     :class:`MismatchError` unless ``allow_mismatch``.

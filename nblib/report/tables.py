@@ -100,6 +100,12 @@ LABELS: dict[str, str] = {
     "merged_eval_loss": "Eval loss of the merged model (what chat loads)", "base_eval_loss": "Base model eval loss",
     "stop_rate_before": "Stop rate before", "stop_rate_after": "Stop rate after",
     "run_samples_per_s": "Train samples/s, as each run recorded it", "merged_weights": "Merged folder holds",
+    "source_run": "Converted from", "conversion_method": "K/V heads pooled by",
+    "uptrain_fraction": "Uptraining steps / the source's (alpha)",
+    "converted_val_loss": "Val loss right after conversion (alpha = 0)",
+    "uptrained_val_loss": "Val loss after uptraining", "scratch_variant": "Same KV heads from scratch",
+    "scratch_val_loss": "Its final val loss", "uptrain_steps": "Uptraining steps",
+    "total_steps": "Steps behind the weights (source + uptraining)", "scratch_steps": "Its steps (from scratch)",
 }
 
 
@@ -171,6 +177,35 @@ def pretrain_table(comparison: Comparison, measured: pd.DataFrame | None = None,
     table = pd.DataFrame(cols)
     table.index.name = "metric"
     return with_ratios(table)
+
+
+def conversion_table(comparison: Comparison) -> pd.DataFrame | None:
+    """MHA -> GQA conversion (Ainslie et al. 2023): per variant converted from another run, its method,
+    alpha, val loss right after conversion and after uptraining, against the variant of the same KV
+    heads trained from scratch; losses over seeds. ``None`` when no run was converted."""
+    pre = comparison.pretrain
+    scratch = {g.summary["n_kv_head"]: g for g in pre.values() if g.summary.get("init", "scratch") == "scratch"}
+    cols = {}
+    for lab, g in pre.items():
+        s = g.summary
+        if s.get("init") != "convert":
+            continue
+        twin = scratch.get(s["n_kv_head"])
+        cols[lab] = {
+            "source_run": s["source_run"].rsplit("/", 1)[0], "conversion_method": s["conversion_method"],
+            "uptrain_fraction": s["uptrain_fraction"], "n_kv_head": s["n_kv_head"],
+            "converted_val_loss": _seed_stat(g, "converted_val_loss"),
+            "uptrained_val_loss": _seed_stat(g, "uptrained_val_loss"),
+            "scratch_variant": twin.label if twin else "none compared",
+            "scratch_val_loss": _seed_stat(twin, "final_val_loss") if twin else math.nan,
+            "uptrain_steps": s["steps"], "total_steps": s["total_steps"],
+            "scratch_steps": twin.summary["steps"] if twin else math.nan,
+        }
+    if not cols:
+        return None
+    table = pd.DataFrame(cols)
+    table.index.name = "metric"
+    return table
 
 
 def measured_rows(generation: pd.DataFrame | None = None, training: pd.DataFrame | None = None) -> pd.DataFrame:
