@@ -350,7 +350,7 @@ def cli(main: Callable[[list[str] | None], int]) -> Callable[[list[str] | None],
     """A command's ``main`` that prints a user's mistake as one message on stderr and exits 2 (as
     argparse does for bad arguments), not a traceback: settings (:class:`SettingsError`), an earlier
     stage's output that is missing (:class:`MissingInput`) and a GPU the installation cannot serve
-    (``machine.HardwareError``, the 8-bit refusal among them)."""
+    (``machine.HardwareError``, the 8-bit refusal among them); an interrupt exits 130, also without one."""
     spec = main.__globals__.get("__spec__")  # its module's import name, also when run as __main__ by -m
     command = "python -m " + (spec.name if spec else main.__module__).removesuffix(".__main__")
 
@@ -363,6 +363,9 @@ def cli(main: Callable[[list[str] | None], int]) -> Callable[[list[str] | None],
         except (SettingsError, MissingInput, HardwareError) as e:
             print(f"{command}: error: {e}", file=sys.stderr)
             return 2
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM: what was saved is said where it was saved
+            print(f"{command}: interrupted", file=sys.stderr)
+            return 130
 
     return run
 

@@ -515,15 +515,17 @@ def closing_summary(status: dict[str, Any]) -> str:
     lines = [f"pipeline finished: {len(stages)} stage(s) in {status['total_seconds']:.1f} s ({status['profile']} profile)",
              f"  executed notebooks: {status['out_dir']}/ (pipeline.json says how each stage went)"]
     report = paths.reports / "compare.html"
+    fresh = "06_compare" in stages  # a report from an earlier run may not match the runs any more
     if report.is_file():
-        lines.append(f"  report:             {config.relative(report)} (also .md and .csv)")
+        lines.append(f"  report:             {config.relative(report)} (also .md and .csv)"
+                     + ("" if fresh else "; not rendered by this run: run 06_compare to refresh it"))
     transcript = paths.reports / "chat_transcript.md"
     if transcript.is_file():
         lines.append(f"  chat transcript:    {config.relative(transcript)}")
     chat_model = config.resolve(config.settings("chat", status["profile"])["model"])
     if chat_model.is_dir():
         lines.append(f"  chat with it:       python -m nblib.chat --model {config.relative(chat_model)}")
-    figures = headlines(paths.reports / "compare.md")
+    figures = headlines(paths.reports / "compare.md") if fresh else []
     if figures:
         lines.append("  at a glance:")
         lines += [f"    - {f}" for f in figures]

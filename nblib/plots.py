@@ -154,8 +154,10 @@ def kv_cache(per_token: Mapping[str, float], max_context: int = 8192) -> Figure:
     return fig
 
 
-def bars(panels: Mapping[str, Mapping[str, tuple[float, float, float]]], ylabel: str, log: Sequence[str] = ()) -> Figure:
-    """One bar panel per measure: ``{title: {variant: (median, low, high)}}``, the error bar spanning low–high."""
+def bars(panels: Mapping[str, Mapping[str, tuple[float, float, float]]], ylabel: str | Mapping[str, str],
+         log: Sequence[str] = ()) -> Figure:
+    """One bar panel per measure: ``{title: {variant: (median, low, high)}}``, the error bar spanning
+    low–high; ``ylabel`` one unit for every panel or ``{title: unit}``."""
     cols = min(len(panels), 2)  # two panels a row: four in one row are unreadable on a phone
     rows = math.ceil(len(panels) / cols)
     fig = _figure(4.2 * cols, 3.2 * rows)
@@ -170,7 +172,8 @@ def bars(panels: Mapping[str, Mapping[str, tuple[float, float, float]]], ylabel:
         err = np.vstack([np.clip(mid - lo, 0, None), np.clip(hi - mid, 0, None)])
         ax.bar(names, mid, yerr=np.nan_to_num(err), capsize=3, color=[f"C{i}" for i in range(len(names))])
         ax.set_title(textwrap.fill(title, 34), fontsize=9)  # long titles wrap instead of running into the next panel
-        ax.set_ylabel(ylabel if title not in log else f"{ylabel} (log scale)")
+        unit = ylabel if isinstance(ylabel, str) else ylabel[title]
+        ax.set_ylabel(unit if title not in log else f"{unit} (log scale)")
         ax.tick_params(axis="x", labelsize=8, labelrotation=15)
         if title in log:
             ax.set_yscale("log")

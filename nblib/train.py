@@ -31,9 +31,11 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import deque
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -487,47 +489,80 @@ def restore(s: Session, ckpt: dict[str, Any]) -> None:
             _save_best(s)
 
 
+@contextmanager
+def stop_requests(active: bool) -> Iterator[list[int]]:
+    """While active, SIGINT and SIGTERM (Ctrl-C, the pipeline interrupting its kernel, a Kaggle session
+    ending) only ask for a stop: the list they fill is read between steps, where a checkpoint is
+    exact (one in the middle of a step would not be). A second signal stops at once. Needs the main
+    thread (signal handlers) and one process (DDP ranks would have to agree on the step)."""
+    asked: list[int] = []
+    if not active or threading.current_thread() is not threading.main_thread():
+        yield asked
+        return
+
+    def ask(signum: int, frame: object) -> None:
+        if asked:
+            raise KeyboardInterrupt
+        asked.append(signum)
+
+    previous = {sig: signal.signal(sig, ask) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield asked
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def train_loop(s: Session, stop_at: int | None, progress: bool) -> dict[str, Any]:
-    """Steps until ``max_steps``, early stopping, ``stop_at`` or the time budget; then :func:`finish`."""
+    """Steps until ``max_steps``, early stopping, ``stop_at`` or the time budget; then :func:`finish`.
+    A stop signal (:func:`stop_requests`) ends it with a checkpoint and ``KeyboardInterrupt``."""
     s.wandb = tracking.init_wandb(s.run_dir, s.run_dir.parent.name + f"-seed-{s.seed}",
                                   {**s.cfg, "max_steps": s.max_steps}) if s.cfg["wandb"] and s.ddp.master else None
     machine.reset_peak_memory(s.device)
     limit = s.max_steps if stop_at is None else min(stop_at, s.max_steps)
     reason = "done"
     bar = Progress(f"{s.name} seed {s.seed}", s.max_steps, initial=s.state.step, disable=not (progress and s.ddp.master))
-    try:
-        if s.state.step == 0 and s.state.last_val_loss is None and s.ddp.master:  # a session stopped at step 0 has it
-            row = evaluate(s)
-            s.state.initial_val_loss = row["val_loss"]
-            record_eval(s, row)
-            runs.write_summary(s.run_dir, summary(s, False, None, None))
-        while s.state.step < limit:
-            if out_of_time(s):
-                reason = "time_budget"
-                break
-            loss = train_step(s)
-            step = s.state.step
-            if s.ddp.master and (step % s.cfg["log_interval"] == 0 or step == s.max_steps):
-                log_train(s, loss)
-            stop = False
-            if step % s.cfg["eval_interval"] == 0 or step == s.max_steps:
-                stop = bool(s.ddp.agree(int(record_eval(s, evaluate(s))) if s.ddp.master else 0, s.device))
-            bar.update(1, loss=loss, **({"val": s.state.last_val_loss} if s.state.last_val_loss is not None else {}))
-            if stop:
-                reason = "early_stopping"
-            elif step == limit and limit < s.max_steps:
-                reason = "stop_at"
-            if s.ddp.master and (step % s.cfg["ckpt_interval"] == 0 or stop or step == limit):
+    with stop_requests(s.ddp.world_size == 1) as asked:
+        try:
+            if s.state.step == 0 and s.state.last_val_loss is None and s.ddp.master:  # a session stopped at step 0 has it
+                row = evaluate(s)
+                s.state.initial_val_loss = row["val_loss"]
+                record_eval(s, row)
+                runs.write_summary(s.run_dir, summary(s, False, None, None))
+            while s.state.step < limit:
+                if asked:
+                    if s.ddp.master:
+                        checkpoint(s)
+                    name = "SIGTERM" if asked[0] == signal.SIGTERM else "SIGINT"
+                    print(f"{s.name} seed {s.seed}: stopped by {name} at step {s.state.step} of {s.max_steps}, checkpoint "
+                          "saved; run again with the same settings to resume", flush=True)
+                    raise KeyboardInterrupt(name)
+                if out_of_time(s):
+                    reason = "time_budget"
+                    break
+                loss = train_step(s)
+                step = s.state.step
+                if s.ddp.master and (step % s.cfg["log_interval"] == 0 or step == s.max_steps):
+                    log_train(s, loss)
+                stop = False
+                if step % s.cfg["eval_interval"] == 0 or step == s.max_steps:
+                    stop = bool(s.ddp.agree(int(record_eval(s, evaluate(s))) if s.ddp.master else 0, s.device))
+                bar.update(1, loss=loss, **({"val": s.state.last_val_loss} if s.state.last_val_loss is not None else {}))
+                if stop:
+                    reason = "early_stopping"
+                elif step == limit and limit < s.max_steps:
+                    reason = "stop_at"
+                if s.ddp.master and (step % s.cfg["ckpt_interval"] == 0 or stop or step == limit):
+                    checkpoint(s)
+                if stop:
+                    break
+            if reason == "time_budget" and s.ddp.master:
                 checkpoint(s)
-            if stop:
-                break
-        if reason == "time_budget" and s.ddp.master:
-            checkpoint(s)
-        return finish(s, reason)
-    finally:
-        bar.close()
-        if s.wandb is not None:
-            s.wandb.finish()
+            return finish(s, reason)
+        finally:
+            bar.close()
+            if s.wandb is not None:
+                s.wandb.finish()
 
 
 def out_of_time(s: Session) -> bool:

@@ -202,6 +202,10 @@ def test_closing_summary_names_results_and_headlines(home, tmp_path):
                                      "out_dir": "runs/pipeline-x"})
     assert "report:             reports/compare.html" in text and "runs/pipeline-x/" in text
     assert "- GQA keeps a KV cache 0.50× the size" in text and "- two" in text
+    # a run without the compare stage (a rerun of 03, say) must not quote a report its runs no longer match
+    text = pipeline.closing_summary({"stages": [{"name": "03_train_mha"}], "total_seconds": 1.0, "profile": "smoke",
+                                     "out_dir": "runs/pipeline-y"})
+    assert "not rendered by this run: run 06_compare to refresh it" in text and "KV cache" not in text
 
 
 @pytest.mark.parametrize("notebook", sorted({s.notebook for s in pipeline.STAGES}))

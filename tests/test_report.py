@@ -481,3 +481,15 @@ def test_report_screenshot_in_headless_chromium(rendered, tmp_path, width, heigh
     assert hi - lo > 100, "the screenshot is blank"
     dark = sum(image.histogram()[:128])
     assert dark > 0.005 * width * height, "almost no text was drawn"
+
+
+def test_finetune_memory_panels_name_their_own_units():
+    """The fine-tune bar chart labelled every y-axis "MiB / parameters"; each panel now names its unit."""
+    import pandas as pd
+
+    from nblib.report import figures
+
+    table = pd.DataFrame({"LoRA + 8-bit": {"footprint_mib": 13.5, "peak_memory_mib": 1040.0, "trainable_params": 153_792},
+                          "Full fine-tune": {"footprint_mib": 12.7, "peak_memory_mib": 1060.0, "trainable_params": 3_320_768}})
+    fig = figures.finetune_memory(table)
+    assert [ax.get_ylabel() for ax in fig.axes if ax.axison] == ["MiB", "MiB", "parameters (log scale)"]

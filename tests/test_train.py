@@ -421,6 +421,36 @@ def test_plan_orders_scratch_before_converted_variants():
     assert train.default_name(cfg) == "pretrain-mha" and train.default_name({**cfg, "n_kv_head": 4}) == "pretrain-gqa4"
 
 
+def test_sigterm_stops_between_steps_with_a_checkpoint_and_resumes_exactly(corpus_home: Path):
+    """SIGTERM (a Kaggle session ending; the pipeline sends its kernel SIGINT) used to end a run with
+    the work since its last checkpoint lost: now the loop saves one at the next step boundary, says
+    so, and the CLI exits 130 without a traceback; the rerun ends with an uninterrupted run's losses."""
+    import signal
+    import time
+
+    settings = {**TINY, "max_steps": 60, "ckpt_interval": 1000, "eval_interval": 20, "log_interval": 1, "dropout": 0.0}
+    params = [arg for k, v in settings.items() for arg in ("-p", f"{k}={json.dumps(v)}")]
+    cmd = [sys.executable, "-m", "nblib.train", "--profile", "smoke", "--name", "stopped", *params]
+    run = folder(corpus_home, "stopped")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:  # wait for a few training steps
+        rows = read_jsonl(run / "metrics.jsonl") if (run / "metrics.jsonl").is_file() else []
+        if sum(r["kind"] == "train" for r in rows) >= 3:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130 and "Traceback" not in err, err[-3000:]
+    step = torch.load(run / "ckpt.pt", weights_only=True)["step"]  # no periodic checkpoint: the signal's own
+    assert 3 <= step < 60 and f"stopped by SIGTERM at step {step} of 60, checkpoint saved" in out
+    assert err.strip().endswith("python -m nblib.train: interrupted")
+    final = train.run(tiny(**settings), name="stopped", progress=False)
+    whole = train.run(tiny(**settings), name="whole", progress=False)
+    assert final["finished"] and final["steps"] == 60
+    assert losses(read_jsonl(run / "metrics.jsonl")) == losses(read_jsonl(folder(corpus_home, "whole") / "metrics.jsonl"))
+
+
 def test_kill_9_at_any_moment_loses_nothing(corpus_home: Path):
     """Kill the training process at several moments (checkpoint writes included): every restart resumes,
     no temp file survives the next start, and the final losses equal an uninterrupted run's."""

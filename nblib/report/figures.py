@@ -39,6 +39,6 @@ def finetune_losses(comparison: Comparison) -> Figure:
 
 def finetune_memory(table: pd.DataFrame) -> Figure:
     """Footprint, peak memory and trainable parameters (log scale) per variant."""
-    keys = ("footprint_mib", "peak_memory_mib", "trainable_params")
-    panels = {label(k): {v: spread(table.loc[k, v]) for v in table.columns} for k in keys}
-    return plots.bars(panels, "MiB / parameters", log=(label("trainable_params"),))
+    units = {"footprint_mib": "MiB", "peak_memory_mib": "MiB", "trainable_params": "parameters"}
+    panels = {label(k): {v: spread(table.loc[k, v]) for v in table.columns} for k in units}
+    return plots.bars(panels, {label(k): unit for k, unit in units.items()}, log=(label("trainable_params"),))
