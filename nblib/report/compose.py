@@ -22,7 +22,9 @@ PRETRAIN_NOTE = (
 CONVERSION_NOTE = (
     "A converted variant starts from the finished MHA run of the same seed with its K/V heads pooled per group "
     "(Ainslie et al. 2023, arXiv 2305.13245), then trains alpha x MHA's steps with the same recipe. Losses after training are "
-    "final evaluations, mean (min–max, n seeds), as is the from-scratch run's it is set against."
+    "final evaluations, mean (min–max, n seeds), as is the from-scratch run's it is set against. Uptraining restarts the "
+    "learning-rate schedule at its peak, so on a source whose own schedule has just decayed its first steps can raise the "
+    "loss above the converted model's: read the two rows together (best val loss, in the table above, takes the lower)."
 )
 COST_NOTE = (
     "Random weights of real shapes, timed on the machine that rendered this report (speed does not depend on the "
