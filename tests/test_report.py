@@ -493,3 +493,13 @@ def test_finetune_memory_panels_name_their_own_units():
                           "Full fine-tune": {"footprint_mib": 12.7, "peak_memory_mib": 1060.0, "trainable_params": 3_320_768}})
     fig = figures.finetune_memory(table)
     assert [ax.get_ylabel() for ax in fig.axes if ax.axison] == ["MiB", "MiB", "parameters (log scale)"]
+
+
+def test_figures_stay_legible_on_a_phone():
+    """At 390 px a figure scaled to the page drew its text at about 4 px: on a phone the report shows
+    figures at twice the page width in a box that scrolls sideways (text at about 8-12 px)."""
+    import nblib.report
+
+    css = (Path(nblib.report.__file__).parent / "style.css").read_text()
+    phone = re.search(r"@media \(max-width:480px\)\{(.*)\}\s*$", css, re.S)
+    assert phone and ".fig{overflow-x:auto}" in phone[1] and ".fig img{width:200%;max-width:none}" in phone[1]
