@@ -148,15 +148,20 @@ def test_dead_kernel_is_a_failed_stage_naming_the_cell(tiny, tmp_path, capsys):
     assert [s["status"] for s in status["stages"]] == ["ok", "failed"]
 
 
-def test_ctrl_c_marks_the_stage_interrupted(tiny, tmp_path):
-    _notebook(pipeline.NOTEBOOKS / "long.ipynb", 'profile = "auto"', "import time\ntime.sleep(120)")
+def _drive_long_stage(tmp_path: Path) -> subprocess.Popen:
+    """``python -m nblib.pipeline`` (as a script) running only ``long.ipynb`` as stage 01_long, in a child process."""
     script = tmp_path / "drive.py"
     script.write_text(
         "import sys\nfrom nblib import pipeline\nfrom nblib.pipeline import Stage\n"
         f"pipeline.NOTEBOOKS = __import__('pathlib').Path({str(pipeline.NOTEBOOKS)!r})\n"
         "pipeline.STAGES = (Stage('01_long', 'long.ipynb'),)\n"
         f"sys.exit(pipeline.main(['--profile', 'smoke', '--out', {str(tmp_path / 'out')!r}, '--no-progress']))\n")
-    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_ctrl_c_marks_the_stage_interrupted(tiny, tmp_path):
+    _notebook(pipeline.NOTEBOOKS / "long.ipynb", 'profile = "auto"', "import time\ntime.sleep(120)")
+    proc = _drive_long_stage(tmp_path)
     executed = tmp_path / "out" / "01_long.ipynb"
 
     def sleeping() -> bool:
@@ -334,13 +339,7 @@ def test_sigterm_marks_the_stage_interrupted_and_stops_the_kernel(tiny, tmp_path
     pid_file = tmp_path / "kernel.pid"
     _notebook(pipeline.NOTEBOOKS / "long.ipynb", 'profile = "auto"',
               f"import os, pathlib, time\npathlib.Path({str(pid_file)!r}).write_text(str(os.getpid()))\ntime.sleep(120)")
-    script = tmp_path / "drive.py"
-    script.write_text(
-        "import sys\nfrom nblib import pipeline\nfrom nblib.pipeline import Stage\n"
-        f"pipeline.NOTEBOOKS = __import__('pathlib').Path({str(pipeline.NOTEBOOKS)!r})\n"
-        "pipeline.STAGES = (Stage('01_long', 'long.ipynb'),)\n"
-        f"sys.exit(pipeline.main(['--profile', 'smoke', '--out', {str(tmp_path / 'out')!r}, '--no-progress']))\n")
-    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = _drive_long_stage(tmp_path)
     deadline = time.time() + 120
     while time.time() < deadline and not pid_file.is_file():
         time.sleep(0.5)
