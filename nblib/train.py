@@ -279,8 +279,10 @@ def run(
         run_dir = runs.folder(name, seed, paths)
         # overwrite: the old run waits aside until the new one is built (token files, tokenizer, model),
         # and comes back if that fails: a failed overwrite must not cost a finished run.
+        # Rank 0 alone moves it and puts it back or deletes it (the ranks' clocks may name it apart).
         aside = run_dir.with_name(f".{run_dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
-        if overwrite and ddp.master and run_dir.exists():
+        mine = overwrite and ddp.master and run_dir.exists()
+        if mine:
             os.replace(run_dir, aside)
         try:
             decision, ckpt = prepare(run_dir, cfg, ddp, overwrite)
@@ -288,12 +290,12 @@ def run(
                 return runs.read_summary(run_dir)
             s = build(cfg, name, seed, run_dir, paths, ddp)
         except BaseException:
-            if aside.exists():
+            if mine:
                 shutil.rmtree(run_dir, ignore_errors=True)
                 os.replace(aside, run_dir)
                 print(f"{config.relative(run_dir)}: the run it held is kept (overwrite failed before training)")
             raise
-        if aside.exists():
+        if mine:
             shutil.rmtree(aside)
         if ckpt is not None:
             restore(s, ckpt)
