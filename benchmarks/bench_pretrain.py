@@ -12,6 +12,10 @@
    configs, fp16 and bf16, with and without ``torch.compile``.
 6. On the CPU: training tokens/s in fp32 against bf16 autocast, interleaved (why
    ``nblib.machine`` keeps CPUs in fp32).
+7. nblib's training step against nanoGPT's own ``model.py`` (``--nanogpt PATH`` or ``$NBLIB_NANOGPT``;
+   else downloaded from GitHub at a pinned commit, never kept in this repository): same weights, batch,
+   context, width and dtype, interleaved, for each ``--chunk-rows`` of nblib's LM-head loss; ends with
+   a JSON line. ``--shape smoke|full`` (``--context``, ``--batch-size`` override).
 
 Sizes are the ``full`` training profile's (8 layers x 8 heads x 512) unless ``--quick``.
 Sections 1-2 run on the GPU when there is one (bf16 training where supported), else the CPU.
@@ -19,16 +23,24 @@ Sections 1-2 run on the GPU when there is one (bf16 training where supported), e
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib.util
+import io
+import json
 import math
 import os
 import statistics
+import tempfile
 import time
+import urllib.request
+from pathlib import Path
+from types import ModuleType
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nblib import config, machine, train
+from nblib import config, loss, machine, train
 from nblib.model import GPT, GPTConfig, KVCache
 
 
@@ -364,6 +376,100 @@ def bench_cpu_dtypes(quick: bool, reps: int, batch_size: int) -> None:
     table(rows, f"6. CPU training: fp32 vs bf16 autocast, batch {batch_size}, interleaved, median of {reps}")
 
 
+# ---------------------------------------------------------------------------------------------
+# 7. nblib against nanoGPT's own model.py
+
+NANOGPT_COMMIT = "3adf61e154c3fe3fca428ad6bc3818b27a3b8291"  # karpathy/nanoGPT master, 2025-11-12
+NANOGPT_URL = f"https://raw.githubusercontent.com/karpathy/nanoGPT/{NANOGPT_COMMIT}/model.py"
+
+
+def load_nanogpt(path: str | None) -> ModuleType | str:
+    """nanoGPT's ``model.py`` as a module, from ``path`` or downloaded to a temporary folder; a reason if neither works."""
+    if path is None:
+        try:
+            code = urllib.request.urlopen(NANOGPT_URL, timeout=20).read()
+        except OSError as e:
+            return (f"could not download {NANOGPT_URL} ({e}); pass a copy of nanoGPT's model.py with --nanogpt PATH "
+                    "or NBLIB_NANOGPT=PATH (git clone https://github.com/karpathy/nanoGPT)")
+        path = str(Path(tempfile.mkdtemp(prefix="nanogpt-")) / "model.py")
+        Path(path).write_bytes(code)
+    if not Path(path).is_file():
+        return f"--nanogpt {path}: no such file; give the path of nanoGPT's model.py"
+    spec = importlib.util.spec_from_file_location("nanogpt_model", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "GPT") or not hasattr(module, "GPTConfig"):
+        return f"{path} has no GPT/GPTConfig: it is not nanoGPT's model.py"
+    return module
+
+
+def bench_nanogpt(path: str | None, shape: str, context: int | None, batch_size: int | None, reps: int,
+                  chunk_rows: list[int | None]) -> None:
+    nanogpt = load_nanogpt(path)
+    if isinstance(nanogpt, str):
+        print(f"\n## 7. nblib vs nanoGPT: skipped ({nanogpt})")
+        return
+    cfg = config.settings("train", shape)
+    c = GPTConfig(**{k: cfg[k] for k in ("n_layer", "n_head", "n_kv_head", "d_model")}, dropout=0.0,
+                  context_length=context or cfg["context_length"])
+    B, T = batch_size or cfg["batch_size"], c.context_length
+    torch.manual_seed(0)
+    ours = GPT(c).train()
+    with contextlib.redirect_stdout(io.StringIO()):  # nanoGPT prints its parameter count and optimizer groups
+        nano = nanogpt.GPT(nanogpt.GPTConfig(block_size=T, vocab_size=c.vocab_size, n_layer=c.n_layer, n_head=c.n_head,
+                                             n_embd=c.d_model, dropout=0.0, bias=c.bias)).train()
+        nano.load_state_dict(ours.state_dict())
+        opt_nano = nano.configure_optimizers(cfg["weight_decay"], cfg["learning_rate"], (cfg["beta1"], cfg["beta2"]), "cpu")
+    opt_ours = train.configure_optimizer(ours, cfg, torch.device("cpu"))
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randint(0, c.vocab_size, (B, T + 1), generator=gen)
+    x, y = x[:, :-1].contiguous(), x[:, 1:].contiguous()  # as nanoGPT's get_batch (its loss views targets)
+    with torch.no_grad():  # same function: logits and loss of the two models on the same batch
+        diff = (ours.eval()(x, y)[0] - nano.eval()(x, y)[0]).abs().max().item()
+        first = {"nblib": ours.train()(x, y)[1].item(), "nanoGPT": nano.train()(x, y)[1].item()}
+
+    def step(model: nn.Module, opt: torch.optim.Optimizer, rows: int | None) -> float:
+        loss.CHUNK_ROWS = rows or None  # None: nblib's default size
+        model.train(rows != 0)  # 0: eval mode (no dropout either way), so GPT.forward takes the plain logits loss
+        t0 = time.perf_counter()
+        _, value = model(x, y)
+        value.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return time.perf_counter() - t0
+
+    default = loss.CHUNK_ROWS
+    names = {None: f"nblib (chunks of {max(128, 2 * c.d_model)})", 0: "nblib plain loss"}
+    runs = {"nanoGPT": (nano, opt_nano, None)} | {names.get(r, f"nblib chunk {r}"): (ours, opt_ours, r) for r in chunk_rows}
+    times: dict[str, list[float]] = {label: [] for label in runs}
+    loads = [os.getloadavg()[0]]
+    for rep in range(reps + 1):  # rep 0 warms up; the order reverses every other repetition
+        for label in runs if rep % 2 == 0 else list(runs)[::-1]:
+            t = step(*runs[label])
+            if rep:
+                times[label].append(t)
+        loads.append(os.getloadavg()[0])
+    loss.CHUNK_ROWS = default
+    t_nano = statistics.median(times["nanoGPT"])
+    rows = [{"model": label, "ms/step": f"{1000 * statistics.median(ts):,.1f}",
+             "range ms": f"{1000 * min(ts):,.0f}-{1000 * max(ts):,.0f}", "tok/s": f"{B * T / statistics.median(ts):,.0f}",
+             "vs nanoGPT": f"{t_nano / statistics.median(ts):.2f}x"} for label, ts in times.items()]
+    info = machine.info()
+    table(rows, f"7. Training step (fwd + bwd + clip + AdamW) vs nanoGPT's model.py @ {NANOGPT_COMMIT[:7]}, "
+                f"{shape} shape {c.n_layer}x{c.n_head}x{c.d_model}, context {T}, batch {B}, CPU fp32, "
+                f"{torch.get_num_threads()} threads, median of {reps} interleaved steps")
+    print(f"\nsame weights: max |logit diff| {diff:.1e}, first loss nblib {first['nblib']:.6f} / nanoGPT "
+          f"{first['nanoGPT']:.6f}; {info['cpu']}, load average (1 min) {min(loads):.2f}-{max(loads):.2f}")
+    ratios = {label: round(t_nano / statistics.median(ts), 3) for label, ts in times.items() if label != "nanoGPT"}
+    print(json.dumps({"bench": "nblib_vs_nanogpt", "shape": shape, "n_layer": c.n_layer, "n_head": c.n_head,
+                      "d_model": c.d_model, "context": T, "batch": B, "dtype": "float32", "reps": reps,
+                      "ms_per_step": {k: round(1000 * statistics.median(v), 2) for k, v in times.items()},
+                      "speedup_vs_nanogpt": ratios, "default_chunk_rows": max(128, 2 * c.d_model), "max_logit_diff": diff,
+                      "cpu": info["cpu"], "threads": torch.get_num_threads(), "loadavg_1m": [min(loads), max(loads)],
+                      "nanogpt_commit": NANOGPT_COMMIT}))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sizes (2x128), for a fast smoke check")
@@ -372,7 +478,14 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--gen-reps", type=int, default=2)
     parser.add_argument("--gpu-steps", type=int, default=20)
-    parser.add_argument("--only", default="1,2,3,4,5,6", help="comma list of sections to run")
+    parser.add_argument("--only", default="1,2,3,4,5,6,7", help="comma list of sections to run")
+    parser.add_argument("--nanogpt", default=os.environ.get("NBLIB_NANOGPT"),
+                        help="nanoGPT's model.py for section 7 (default $NBLIB_NANOGPT, else downloaded)")
+    parser.add_argument("--shape", choices=("smoke", "full"), default="smoke", help="section 7: the training profile's sizes")
+    parser.add_argument("--context", type=int, help="section 7: context length (default the profile's)")
+    parser.add_argument("--chunk-rows", default="0,auto",
+                        help="section 7: comma list of nblib.loss chunk sizes to time (rows of the LM head per chunk; "
+                             "auto: nblib's default, 0: the plain logits + cross-entropy loss)")
     args = parser.parse_args()
     only = {int(x) for x in args.only.split(",")}
     info = machine.info()
@@ -387,6 +500,8 @@ def main() -> None:
         4: bench_tokenisation,
         5: lambda: bench_gpu(args.gpu_steps),
         6: lambda: bench_cpu_dtypes(args.quick, args.reps, batch_size),
+        7: lambda: bench_nanogpt(args.nanogpt, args.shape, args.context, args.batch_size, args.reps,
+                                 [None if r == "auto" else int(r) for r in args.chunk_rows.split(",")]),
     }
     for number in sorted(only):
         sections[number]()

@@ -219,6 +219,37 @@ def decode_speed(s: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, Any
     return df.drop(columns="decode_repeats").to_dict("records"), dict(df.attrs)
 
 
+def compiled_decode(s: dict[str, Any]) -> list[dict[str, Any]]:
+    """Greedy decoding compiled (CUDA graphs) vs eager at the trained shapes, in the run's dtype: whether the
+    tokens are identical, the compile seconds and ms per token of each (what nblib.decode.use_compile waits for)."""
+    import torch
+    from nblib import machine, measure, train
+
+    device = machine.detect().torch
+    dtype = machine.auto_dtype(machine.detect())
+    rows = []
+    for label in VARIANTS if s["profile"] != "smoke" else ["MHA"]:  # a dry run compiles one graph, on a CPU
+        model = measure.random_model(train.model_config({**train_settings(s, label), "dropout": 0.0}), device, dtype)
+        for batch in s["batches"]:
+            idx = torch.randint(0, model.config.vocab_size, (batch, 16), device=device, generator=torch.Generator(device).manual_seed(0))
+            row: dict[str, Any] = {"variant": label, "batch": batch, "new_tokens": s["new_tokens"]}
+            tokens = {}
+            for compiled in (False, True):
+                t0 = time.perf_counter()
+                model.generate(idx, 2, temperature=0.0, compile=compiled)  # warm-up: the compile happens here
+                torch.cuda.synchronize(device) if device.type == "cuda" else None
+                row[f"{'compiled' if compiled else 'eager'}_warmup_s"] = time.perf_counter() - t0
+                t0 = time.perf_counter()
+                tokens[compiled] = model.generate(idx, s["new_tokens"], temperature=0.0, compile=compiled)
+                torch.cuda.synchronize(device) if device.type == "cuda" else None
+                row[f"{'compiled' if compiled else 'eager'}_ms_per_token"] = 1e3 * (time.perf_counter() - t0) / s["new_tokens"]
+            row["identical_tokens"] = bool(torch.equal(tokens[False], tokens[True]))
+            log(f"decode {label} batch {batch}: eager {row['eager_ms_per_token']:.2f} ms/token, compiled "
+                f"{row['compiled_ms_per_token']:.2f} (compile {row['compiled_warmup_s']:.1f} s), identical {row['identical_tokens']}")
+            rows.append(row)
+    return rows
+
+
 def finetune_settings(s: dict[str, Any], base_model: str) -> dict[str, Any]:
     from nblib import config
 
@@ -311,6 +342,8 @@ def write_outputs(out: Path, ev: dict[str, Any]) -> None:
               "variant", "compile", "backend", "dtype", "batch", "context", "tokens_per_s", "mfu", "warmup_s", "peak_memory_bytes"]),
           "\n## Decode\n", md_table(ev["decode"], ["variant", "batch", "context", "decode_tokens_per_s", "ms_per_token",
                                                    "kv_cache_bytes", "bandwidth_GBps", "mbu"]),
+          "\n## Decode compiled (CUDA graphs) vs eager, greedy, same tokens?\n", md_table(ev["compiled_decode"], [
+              "variant", "batch", "new_tokens", "eager_ms_per_token", "compiled_ms_per_token", "compiled_warmup_s", "identical_tokens"]),
           "\n## LoRA + 8-bit fine-tune of our MHA export\n",
           f"Skipped: {ft['skipped']}" if "skipped" in ft else md_table([ft], list(ft)),
           f"\nReport: {', '.join(ev['report'])}\n"]
@@ -349,7 +382,7 @@ def main() -> int:
             log(f"working root {home}, {'dry run' if args.dry_run else 'GPU run'} on {ev['device']}")
             steps = [("data", lambda: prepare_data(s)), ("pretrain", lambda: pretrain(s)),
                      ("kernels", lambda: kernels(s, s["batches"][-1])), ("training_step", lambda: throughput(s)),
-                     ("decode", lambda: decode_speed(s)),
+                     ("decode", lambda: decode_speed(s)), ("compiled_decode", lambda: compiled_decode(s)),
                      ("finetune_lora_8bit", lambda: finetune_8bit(s, ev["pretrain"]["MHA"])),
                      ("report", lambda: render_report(s, out))]
             for phase, fn in steps:

@@ -4,7 +4,9 @@ A variant is a run folder ``runs/pretrain-<key>/`` with its number of key/value 
 weights start: ``scratch`` (random, notebook 03 for MHA, 04 for the rest) or ``convert`` (the
 finished ``source`` run of the same seed with its K/V heads pooled per group by ``method``, then
 uptrained for a fraction of the source's steps: Ainslie et al. 2023, arXiv 2305.13245, which
-compares mean pooling with keeping the first head and random initialisation).
+compares mean pooling with keeping the first head and random initialisation). ``match`` says what
+a variant keeps equal to MHA: the width (the K/V projections shrink) or, as the Llama 2 paper's
+GQA ablation does, the parameter count (the MLP widened by ``nblib.model.matched_d_mlp``).
 Which variants a profile runs is the ``variants`` setting of ``profiles/train.yaml``; adding one is an
 entry here (and its key there). Foundations layer: imports only ``config``.
 """
@@ -16,6 +18,7 @@ from dataclasses import dataclass
 from nblib.config import SettingsError
 
 INITS = ("scratch", "convert")
+MATCHES = {"width": "equal width", "params": "equal parameters"}  # match -> the report's wording
 
 
 @dataclass(frozen=True)
@@ -28,7 +31,13 @@ class Variant:
     colour: str
     init: str = "scratch"
     source: str | None = None  # key of the variant converted from (init "convert")
-    method: str | None = None  # nblib.model.convert_kv_heads method: mean | first | random
+    method: str | None = None  # nblib.convert.convert_kv_heads method: mean | first | random
+    match: str = "width"  # a key of MATCHES: what is kept equal to MHA
+
+    @property
+    def matched(self) -> str:
+        """``equal width`` or ``equal parameters`` (the run summary's ``matched``)."""
+        return MATCHES[self.match]
 
     @property
     def folder(self) -> str:
@@ -54,6 +63,7 @@ VARIANTS: dict[str, Variant] = {v.key: v for v in (
     Variant("mha", None, "MHA", "#1f77b4"),
     Variant("gqa4", 4, "GQA-4", "#17becf"),
     Variant("gqa", 2, "GQA", "#ff7f0e"),
+    Variant("gqa-params", 2, "GQA (equal params)", "#bcbd22", match="params"),
     Variant("mqa", 1, "MQA", "#2ca02c"),
     Variant("gqa-uptrained", 2, "GQA uptrained", "#d62728", "convert", "mha", "mean"),
     Variant("mqa-uptrained", 1, "MQA uptrained", "#9467bd", "convert", "mha", "mean"),
@@ -80,7 +90,8 @@ def scratch_key(n_kv_head: int, n_head: int) -> str | None:
     """The scratch variant with these heads (MHA when they are equal), or ``None``."""
     if n_kv_head == n_head:
         return BASELINE
-    return next((v.key for v in VARIANTS.values() if not v.converted and v.n_kv_head == n_kv_head), None)
+    return next((v.key for v in VARIANTS.values()
+                 if not v.converted and v.match == "width" and v.n_kv_head == n_kv_head), None)
 
 
 def rank(key: str) -> int:

@@ -1,7 +1,11 @@
 """Dialogue records: one format, cleaning, splitting, rendering (the converters from each QA
 dataset's schema live in ``nblib.qa``, one module per source).
 
-A record is ``{"dialogue": [{"role": "user"|"assistant", "content": str}, ...], "source": str}``.
+A record is ``{"dialogue": [{"role": "user"|"assistant", "content": str}, ...], "source": str}``
+plus, for a source that ``nblib.qa_eval`` scores by task, the fields its module's ``eval_fields``
+gives (cleaned like the turns): SciQ's ``options`` and ``correct`` index, Natural Questions'
+``answers``. Free-form references are the dialogue's own last answer. The fields never reach the
+tokens, so adding them changed no training sequence.
 Rendered for the model as ``<|user|> q\\n<|assistant|> a<|endoftext|>``, turns joined by ``\\n``;
 only the assistant's words and the ``<|endoftext|>`` that closes them are trained on.
 
@@ -154,12 +158,13 @@ def convert(records: list[dict[str, Any]], source: str, max_chars: int | None = 
     ``dropped`` counts by reason: ``no_answer``, ``empty``, ``one_sided``, ``too_long`` (rendered
     text over ``max_chars``) and ``duplicate`` (same rendered text as an earlier record).
     """
-    to_turns = qa.get(source).convert
+    to_turns, to_fields = qa.get(source).convert, qa.get(source).eval_fields
     out, dropped, seen = [], Counter(), set()
     for i, rec in enumerate(records):
         try:
             turns = to_turns(rec)
             turns, reason = clean_dialogue(turns) if turns is not None else (None, "no_answer")
+            fields = _clean_fields(to_fields(rec)) if to_fields is not None and turns is not None else {}
         except (KeyError, TypeError, AttributeError, ValueError) as e:
             raise ValueError(f"{source} record {i}: cannot convert ({type(e).__name__}: {e})") from e
         if turns is None:
@@ -172,8 +177,16 @@ def convert(records: list[dict[str, Any]], source: str, max_chars: int | None = 
             dropped["duplicate"] += 1
         else:
             seen.add(text)
-            out.append({"dialogue": turns, "source": source})
+            out.append({"dialogue": turns, "source": source, **fields})
     return out, dropped
+
+
+def _clean_fields(fields: dict[str, Any]) -> dict[str, Any]:
+    """Evaluation fields with every text (alone or in a list) cleaned as the turns are."""
+    def one(v: Any) -> Any:
+        return clean_text(v) if isinstance(v, str) else v
+
+    return {k: [one(x) for x in v] if isinstance(v, list) else one(v) for k, v in fields.items()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -181,12 +194,18 @@ def convert(records: list[dict[str, Any]], source: str, max_chars: int | None = 
 
 
 def split(records: list[dict], val_fraction: float, test_fraction: float, seed: int) -> dict[str, list[dict]]:
-    """Seeded shuffle, then ``test`` and ``val`` take their rounded shares and ``train`` the rest."""
+    """Seeded shuffle, then ``test`` and ``val`` take their rounded shares and ``train`` the rest.
+
+    From three records on, a positive fraction gives at least one (as ``clean.assign_splits`` does),
+    so a small source still has eval dialogues: the dry run's six SciQ samples round to none at 5 %.
+    """
     if not 0 <= val_fraction + test_fraction < 1:
         raise ValueError(f"val_fraction + test_fraction must be in [0, 1), got {val_fraction} + {test_fraction}")
     rows = list(records)
     random.Random(seed).shuffle(rows)
-    n_test, n_val = round(len(rows) * test_fraction), round(len(rows) * val_fraction)
+    floor = len(rows) >= 3
+    n_test = max(int(floor and test_fraction > 0), round(len(rows) * test_fraction))
+    n_val = max(int(floor and val_fraction > 0), round(len(rows) * val_fraction))
     return {"test": rows[:n_test], "val": rows[n_test : n_test + n_val], "train": rows[n_test + n_val :]}
 
 

@@ -13,287 +13,41 @@ train(s)``; ``after = evaluate(s)``; ``summary = finish(s, before, after, traine
 ``runs/finetune-<variant>/seed-<seed>/`` (``summary.json`` in ``nblib.runs``' schema,
 ``metrics.jsonl``, ``checkpoints/``, ``adapter/``, ``merged/``). The eval loss is one number
 everywhere: nats per assistant token over all eval dialogues (token-weighted), for the Trainer's
-choice of the best checkpoint, the plotted curve and the summary alike.
+choice of the best checkpoint, the plotted curve and the summary alike. The val split picks the
+checkpoint; the test split (``task_eval_per_source`` dialogues of each source) scores the base and
+the trained model by source and by task (``nblib.qa_eval``).
+
+The base and its tokenizer are ``nblib.ftbase``'s, the methods and variants ``nblib.ftmethods``'
+(re-exported here), the ``Trainer`` and its callbacks ``nblib.fttrainer``'s; resume or refuse, the
+time budget and the common summary fields are ``nblib.lifecycle``'s, shared with pretraining.
 """
 from __future__ import annotations
 
-import logging
-import math
 import os
 import random
 import shutil
 import sys
 import time
 import warnings
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from nblib import config, dialogue, lock, machine, runs, tokenizer, tracking
-from nblib.files import read_json, remove_orphans, replace_dir, sha256_file, write_json
-from nblib.progress import Progress
+from nblib import config, dialogue, fttrainer, lifecycle, lock, machine, runs, tokenizer, tracking
+from nblib.files import read_json, sha256_file, write_json
+from nblib.ftbase import (MODES, QUANTIZED_BITS, add_special_tokens, compute_dtype, count_params,  # noqa: F401 (notebook 05)
+                          footprint, load_base, load_tokenizer, random_base, resolve_base)
+from nblib.ftmethods import (METHODS, PIPELINE, VARIANTS, Method, Variant, frequent_answer_tokens,  # noqa: F401
+                             load_adapter, lora_config, merge, variant, wrap_lora)
 from nblib.tokenizer import EOT
 
+if TYPE_CHECKING:
+    import pandas as pd
+
 STAGE = "finetune"
-MODES = ("8bit", "4bit", "16bit", "32bit")
-QUANTIZED_BITS = {"8bit": 8, "4bit": 4}  # the modes bitsandbytes serves, by weight bits
-LN2 = math.log(2)
-
-
-@dataclass(frozen=True)
-class Variant:
-    """One way to fine-tune: base precision, LoRA or not, and what the report compares it with."""
-
-    name: str
-    label: str
-    mode: str
-    lora: bool
-    baselines: tuple[str, ...]
-
-
-VARIANTS: dict[str, Variant] = {v.name: v for v in (
-    Variant("lora-8bit", "LoRA + 8-bit", "8bit", True, ("full", "lora-32bit")),
-    Variant("lora-4bit", "LoRA + 4-bit", "4bit", True, ("full", "lora-32bit")),
-    Variant("lora-16bit", "LoRA + 16-bit", "16bit", True, ("full", "lora-32bit")),
-    Variant("lora-32bit", "LoRA + 32-bit", "32bit", True, ("full",)),
-    Variant("full", "Full fine-tune", "32bit", False, ()),
-)}
-
-
-def variant(name: str) -> Variant:
-    if name not in VARIANTS:
-        raise ValueError(f"unknown variant {name!r}; choose one of {', '.join(VARIANTS)}")
-    return VARIANTS[name]
-
-
-# ---------------------------------------------------------------------------------------------
-# base model and tokenizer
-
-
-def resolve_base(base_model: str) -> str:
-    """A local model folder (absolute, or relative to the working root — never to the current
-    directory) as a path; anything else is a hub name."""
-    local = config.resolve(base_model)
-    if (local / "config.json").is_file():
-        return str(local.resolve())
-    if base_model.startswith((".", "/", "~")) or base_model.count("/") > 1:  # hub ids are "name" or "owner/name"
-        raise FileNotFoundError(
-            f"base model folder {base_model!r} not found under the working root {config.home()}; run 03_train_mha "
-            "(it exports runs/pretrain-mha/seed-<seed>/hf) or set base_model to a hub name such as 'gpt2'"
-        )
-    return base_model
-
-
-def random_base(folder: str | os.PathLike) -> Path:
-    """Save a GPT-2-small-shaped model (124M, ``GPT2Config()``) with seeded random weights and GPT-2's
-    tokenizer to ``folder`` (atomically, kept when already there): a base that needs no download."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    folder = Path(folder)
-    if (folder / "config.json").is_file():
-        return folder
-
-    def write(d: Path) -> None:
-        torch.manual_seed(0)
-        GPT2LMHeadModel(GPT2Config()).save_pretrained(d)
-        tokenizer.hf_tokenizer().save_pretrained(d)
-
-    return replace_dir(folder, write)
-
-
-def load_tokenizer(base_model: str) -> Any:
-    """The base model's tokenizer (hub name or local folder)."""
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(resolve_base(base_model))
-
-
-def load_base(base_model: str, mode: str = "32bit", device: machine.Device | None = None) -> Any:
-    """Load a causal LM in a precision ``mode``: ``8bit``/``4bit`` (bitsandbytes), ``16bit`` or ``32bit``."""
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
-    if mode not in MODES:
-        raise ValueError(f"unknown precision mode {mode!r}; choose one of {', '.join(MODES)}")
-    device = device or machine.detect()
-    kwargs: dict[str, Any] = {"device_map": {"": str(device.torch)}}
-    if mode == "8bit":
-        machine.check_8bit(device)
-        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
-    elif mode == "4bit":
-        compute = machine.half_dtype(device) if device.type == "cuda" else torch.float32
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute
-        )
-    else:
-        kwargs["dtype"] = machine.half_dtype(device) if mode == "16bit" else torch.float32
-    try:
-        model = AutoModelForCausalLM.from_pretrained(resolve_base(base_model), **kwargs)
-    except OSError as e:
-        raise OSError(
-            f"could not load base model {base_model!r} ({e}). Offline, point base_model at a local HF model "
-            "folder such as runs/pretrain-mha/seed-1337/hf (written by 03_train_mha)."
-        ) from e
-    if mode == "4bit":
-        _keep_4bit_trainable(model)
-    model.loss_type = "ForCausalLM"  # GPT-2 configs name none; saying it avoids a warning per model
-    return model
-
-
-def compute_dtype(mode: str, device: machine.Device) -> str:
-    """What the base layers' matmuls compute in, as trained (the Trainer autocasts on GPUs)."""
-    def name(dtype: torch.dtype) -> str:
-        return str(dtype).removeprefix("torch.")
-
-    if device.type == "cuda":
-        suffix = {"8bit": " (int8 matmul)", "4bit": " (nf4 weights)"}.get(mode, "")
-        return f"{name(machine.auto_dtype(device))} autocast{suffix}"
-    return {"8bit": "int8 matmul, float16 inputs", "4bit": "nf4 weights, float32 compute",
-            "16bit": name(machine.half_dtype(device)), "32bit": "float32"}[mode]
-
-
-class _Noise(logging.Filter):
-    """Drop notices that need no action here: bitsandbytes' fp16 cast of every int8 matmul of fp32
-    inputs (how its int8 path works) and the optional ``kernels`` package it looks for on CPU, and
-    the Trainer's note that the best checkpoint has no ``lm_head.weight`` (it is tied to the token
-    embedding, which the checkpoint has)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        return not (message.startswith("MatMul8bitLt: inputs will be cast") or "kernels-community" in message
-                    or ("missing keys in the checkpoint" in message and "['lm_head.weight']" in message))
-
-
-_NOISE = _Noise()
-
-
-def _quiet_notices() -> None:
-    for name in ("bitsandbytes", "bitsandbytes.autograd._functions", "bitsandbytes.backends.cpu.ops",
-                 "transformers.trainer"):
-        log = logging.getLogger(name)
-        if _NOISE not in log.filters:
-            log.addFilter(_NOISE)
-
-
-_quiet_notices()  # before bitsandbytes is first imported: its CPU backend logs at import time
-
-
-def _keep_4bit_trainable(model: Any) -> None:
-    """Stop bitsandbytes repacking 4-bit weights for CPU inference.
-
-    On a CPU with AVX512-BF16, the first forward pass without gradients (an evaluation, a sample
-    answer) rewrites each ``Linear4bit`` weight into an inference-only layout, and every training
-    step after it fails ("a view of a leaf Variable that requires grad is being used in an in-place
-    operation"). Training interleaves evaluation, so the repacking is switched off.
-    """
-    import bitsandbytes as bnb
-
-    for module in model.modules():
-        if isinstance(module, bnb.nn.Linear4bit):
-            module.support_avx512bf16_for_cpu = False
-
-
-def add_special_tokens(model: Any, tokenizer: Any) -> list[int]:
-    """Add ``<|user|>``/``<|assistant|>`` (one token each); new embedding rows start at the mean row.
-
-    Also sets the pad token to ``<|endoftext|>`` (the collator keeps padding out of the loss by
-    position, so the end-of-answer token stays in the labels). Returns the two token ids.
-    """
-    known = len(tokenizer)
-    added = tokenizer.add_special_tokens({"additional_special_tokens": list(dialogue.SPECIAL_TOKENS)})
-    tokenizer.pad_token = EOT
-    model.config.pad_token_id = model.generation_config.pad_token_id = tokenizer.pad_token_id
-    ids = tokenizer.convert_tokens_to_ids(list(dialogue.SPECIAL_TOKENS))
-    if added:
-        if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
-            model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-        weights = {id(w): w for w in (model.get_input_embeddings().weight, model.get_output_embeddings().weight)}
-        with torch.no_grad():
-            for weight in weights.values():  # one tensor when input and output embeddings are tied
-                weight[ids] = weight[:known].float().mean(0).to(weight.dtype)
-    return ids
-
-
-def _conv1d_targets(model: Any, targets: Sequence[str]) -> bool:
-    """Whether the LoRA target layers are GPT-2 ``Conv1D`` (weights stored ``[in, out]``)."""
-    from transformers.pytorch_utils import Conv1D
-
-    return any(isinstance(m, Conv1D) for name, m in model.named_modules() if name.rsplit(".", 1)[-1] in targets)
-
-
-def _token_rows(model: Any, token_ids: list[int]) -> list[int] | dict[str, list[int]]:
-    """peft ``trainable_token_indices``: the input embedding's rows, and the output layer's too when untied."""
-    inp, out = model.get_input_embeddings(), model.get_output_embeddings()
-    if out is None or out.weight is inp.weight:  # tied: peft trains the shared rows once
-        return list(token_ids)
-    names = {id(m): n.rsplit(".", 1)[-1] for n, m in model.named_modules()}
-    return {names[id(inp)]: list(token_ids), names[id(out)]: list(token_ids)}
-
-
-def lora_config(cfg: dict[str, Any], model: Any, token_ids: list[int]) -> Any:
-    """LoRA on ``cfg['lora_targets']`` plus trainable embedding rows for ``token_ids``."""
-    from peft import LoraConfig
-
-    tied = {"lm_head", "wte"} & set(cfg["lora_targets"])
-    if tied:
-        raise ValueError(
-            f"lora_targets {sorted(tied)}: GPT-2's output layer is the token embedding (tied), and a LoRA on it "
-            "cannot be merged into one saved model; the rows it needs are trained through lora_answer_rows instead. "
-            "Use the linear layers: c_attn, c_proj, c_fc"
-        )
-
-    return LoraConfig(
-        r=cfg["lora_r"],
-        lora_alpha=cfg["lora_alpha"],
-        lora_dropout=cfg["lora_dropout"],
-        target_modules=list(cfg["lora_targets"]),
-        # GPT-2's Conv1D keeps weights transposed; bitsandbytes turns them into Linear layers.
-        fan_in_fan_out=_conv1d_targets(model, cfg["lora_targets"]),
-        trainable_token_indices=_token_rows(model, token_ids),
-        bias="none",
-        task_type="CAUSAL_LM",
-    )
-
-
-@contextmanager
-def _peft_reads_deprecated_alias() -> Iterator[None]:
-    """Silence the FutureWarning peft 0.21 triggers by reading ``is_gradient_checkpointing`` when it wraps a model."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
-        yield
-
-
-def wrap_lora(model: Any, cfg: dict[str, Any], token_ids: list[int], mode: str) -> Any:
-    """The base wrapped with LoRA (k-bit bases prepared first); trainable parameters kept in fp32."""
-    from peft import get_peft_model, prepare_model_for_kbit_training
-
-    if mode in ("8bit", "4bit"):
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    with _peft_reads_deprecated_alias():
-        model = get_peft_model(model, lora_config(cfg, model, token_ids))
-    for p in model.parameters():  # optimiser state and fp16 grad scaling want fp32 trainables
-        if p.requires_grad and p.dtype != torch.float32:
-            p.data = p.data.float()
-    return model
-
-
-def count_params(model: Any) -> tuple[int, int]:
-    """``(trainable, total)`` parameters (4-bit weights counted unpacked, tied weights once)."""
-    if hasattr(model, "get_nb_trainable_parameters"):
-        return model.get_nb_trainable_parameters()
-    params = list(model.parameters())
-    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
-
-
-def footprint(base_model: str, mode: str) -> int:
-    """Bytes of weights and buffers of ``base_model`` loaded in ``mode``."""
-    model = load_base(base_model, mode)
-    size = model.get_memory_footprint()
-    del model
-    return size
 
 
 # ---------------------------------------------------------------------------------------------
@@ -353,14 +107,6 @@ class Collator:
         }
 
 
-def frequent_answer_tokens(examples: list[dict], k: int, exclude: Sequence[int] = ()) -> list[int]:
-    """The ``k`` token ids most frequent among the training labels (answer tokens), ``exclude`` left out."""
-    from collections import Counter
-
-    counts = Counter(t for ex in examples for t in ex["labels"] if t != -100 and t not in exclude)
-    return [t for t, _ in counts.most_common(k)]
-
-
 def token_bytes(tok: Any) -> torch.Tensor:
     """UTF-8 bytes per id of a GPT-2 tokenizer with added markers (special tokens count 0)."""
     base = torch.from_numpy(tokenizer.token_bytes())
@@ -378,21 +124,16 @@ def assistant_loss(model: Any, examples: list[dict], pad_id: int, batch_size: in
     every batch and divided by the token count; bits per byte over the tokens that stand for text."""
     was_training = model.training
     model.eval()
-    collate, total, count, text_nats, text_bytes = Collator(pad_id), 0.0, 0, 0.0, 0
+    collate = Collator(pad_id)
+    counted = lifecycle.LossSum(nbytes)
     for i in range(0, len(examples), batch_size):
         batch = {k: v.to(model.device) for k, v in collate(examples[i : i + batch_size]).items()}
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
         targets = batch["labels"][:, 1:].flatten()
         nll = F.cross_entropy(logits[:, :-1].flatten(0, 1), targets, ignore_index=-100, reduction="none")
-        keep = targets != -100
-        total += nll[keep].sum().item()
-        count += int(keep.sum())
-        if nbytes is not None:
-            b = nbytes.to(targets.device)[targets.clamp(min=0)] * keep
-            text_nats += nll[b > 0].sum().item()
-            text_bytes += int(b.sum())
+        counted.add(nll, targets, targets != -100)
     model.train(was_training)
-    return total / count, (text_nats / LN2 / text_bytes if text_bytes else None)
+    return counted.loss, counted.bpb
 
 
 @torch.no_grad()
@@ -444,6 +185,7 @@ class Setup:
     model: Any
     train_set: list[dict]
     val_set: list[dict]
+    test_records: list[dict]  # the test split's records, scored by nblib.qa_eval before and after training
     info: dict[str, Any]
     data: dict[str, Any]
     previous: dict[str, Any]  # the summary of the run whose checkpoints this one resumes, or {}
@@ -516,8 +258,7 @@ def _check_resume(run_dir: Path, cfg: dict[str, Any]) -> dict[str, Any]:
     """
     ckpt = run_dir / "checkpoints"
     if machine.rank() == 0:  # under torchrun the other ranks leave it to rank 0, the one that writes outputs
-        for note in remove_orphans(run_dir) + remove_orphans(ckpt):
-            print(f"{config.relative(run_dir)}: {note}")
+        lifecycle.clean(run_dir, ckpt)
     for name in _checkpoints_usable(ckpt) if ckpt.is_dir() else []:
         print(f"{config.relative(ckpt)}/{name} was incomplete (the run was killed while writing it): removed")
     if not any(ckpt.glob("checkpoint-*")):
@@ -525,16 +266,8 @@ def _check_resume(run_dir: Path, cfg: dict[str, Any]) -> dict[str, Any]:
     if not cfg["resume"]:
         shutil.rmtree(ckpt)
         return {}
-    summary = run_dir / "summary.json"
-    previous = read_json(summary) if summary.is_file() else {}
-    changed = runs.settings_diff(previous.get("config") or {}, cfg, config.free_keys(STAGE))
-    if changed:
-        keys = ", ".join(c.split(":", 1)[0] for c in changed)
-        raise ValueError(
-            f"{config.relative(run_dir)} holds checkpoints of a run with other settings (differs in: {keys}); "
-            "pass resume=False to start over, or delete the folder"
-        )
-    return previous
+    _, previous = lifecycle.decide(run_dir, cfg, config.free_keys(STAGE), "pass resume=False to start over, or delete the folder")
+    return previous or {}
 
 
 def _data_identity(paths: config.Paths, base_model: str) -> dict[str, Any]:
@@ -558,6 +291,7 @@ def setup(cfg: dict[str, Any], seed: int | None = None) -> Setup:
     started = time.time()
     train_records = select(dialogue.load(paths.dialogues, "train"), cfg["mix"], cfg["seed"])  # before the run folder too
     val_records = select(dialogue.load(paths.dialogues, "val"), cfg["mix"], cfg["seed"])[: cfg["eval_dialogues"]]
+    test_records = dialogue.load(paths.dialogues, "test")  # every source; qa_eval scores the first task_eval_per_source of each
     run_dir = runs.folder(name, cfg["seed"], paths)
     previous = _check_resume(run_dir, cfg)
     tracking.configure_env(run_dir)
@@ -576,9 +310,7 @@ def setup(cfg: dict[str, Any], seed: int | None = None) -> Setup:
             f"no dialogues left to train ({len(train_set)}) or evaluate ({len(val_set)}) after dropping those over "
             f"{max_length} tokens; raise max_length or check {config.relative(paths.dialogues)}"
         )
-    if v.lora:  # the markers' rows, end-of-text's (it now closes every answer), and the frequent answer tokens'
-        rows = [*token_ids, tok.convert_tokens_to_ids(EOT)]
-        model = wrap_lora(model, cfg, rows + frequent_answer_tokens(train_set, cfg["lora_answer_rows"], rows), v.mode)
+    model = v.method.prepare(model, cfg, tok, token_ids, train_set, v.mode)
     trainable, total = count_params(model)
     info = {
         "trainable_params": trainable, "total_params": total, "trainable_share": trainable / total,
@@ -586,8 +318,8 @@ def setup(cfg: dict[str, Any], seed: int | None = None) -> Setup:
         "train_dialogues": len(train_set), "eval_dialogues": len(val_set),
         "dropped_too_long": train_too_long + val_too_long, "special_token_ids": token_ids,
     }
-    lr = cfg["learning_rate"] or (cfg["lora_lr"] if v.lora else cfg["full_lr"])
-    s = Setup(cfg, v, name, cfg["seed"], run_dir, device, lr, tok, model, train_set, val_set, info,
+    lr = cfg["learning_rate"] or cfg[v.method.lr_key]
+    s = Setup(cfg, v, name, cfg["seed"], run_dir, device, lr, tok, model, train_set, val_set, test_records, info,
               {**_data_identity(paths, cfg["base_model"]), "train_dialogues": len(train_set),
                "eval_dialogues": len(val_set)}, previous, started)
     runs.write_summary(run_dir, _common(s, finished=False, reason=None, peak=None, train_seconds=None))
@@ -595,110 +327,17 @@ def setup(cfg: dict[str, Any], seed: int | None = None) -> Setup:
 
 
 def evaluate(s: Setup) -> dict[str, Any]:
-    """Loss, perplexity and bits per byte on assistant tokens of the validation dialogues, answers and stop rate."""
+    """Loss, perplexity and bits per byte on assistant tokens of the validation dialogues, answers and
+    stop rate; on the test split, ``by_source`` losses and ``tasks`` metrics (:func:`nblib.qa_eval.evaluate`)."""
+    from nblib import qa_eval  # here: qa_eval imports this module's Collator, encode and assistant_loss
+
     loss, bpb = s.evaluate_loss()
     answers = answer(s.model, s.tokenizer, s.cfg["questions"], s.cfg["max_new_tokens"])
-    return {"loss": loss, "ppl": math.exp(loss), "bpb": bpb,
-            "stop_rate": sum(a["stopped"] for a in answers) / len(answers), "answers": answers}
-
-
-def _callbacks(s: Setup) -> list[Any]:
-    """Progress (bar + pipeline status), the session's time budget, and W&B sample answers."""
-    from transformers import TrainerCallback
-
-    class Watch(TrainerCallback):
-        def __init__(self) -> None:
-            self.bar: Progress | None = None
-            self.t0 = time.perf_counter()
-            self.last = self.t0
-            self.step_s = 0.0
-            self.out_of_time = False
-
-        def on_train_begin(self, args, state, control, **kwargs):  # noqa: ANN001 (the Trainer's signature)
-            self.bar = Progress(f"{s.name} seed {s.seed}", state.max_steps, initial=state.global_step,
-                                disable=not state.is_world_process_zero)
-
-        def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001
-            now = time.perf_counter()
-            self.step_s = now - self.last if self.step_s == 0 else 0.8 * self.step_s + 0.2 * (now - self.last)
-            self.last = now
-            self.bar.update(1)
-            budget = s.cfg["time_budget_minutes"]
-            if budget is not None and state.global_step < state.max_steps:
-                short = torch.tensor([float(budget * 60 - (now - self.t0) < 3 * self.step_s + 5)], device=args.device)
-                if torch.distributed.is_initialized():  # under torchrun every process stops at the same step
-                    torch.distributed.all_reduce(short, op=torch.distributed.ReduceOp.MAX)
-                if short.item():  # no room for one more step and a save
-                    self.out_of_time = control.should_save = control.should_training_stop = True
-
-        def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ANN001
-            if self.bar is not None and logs:
-                self.bar.update(0, **{k: v for k, v in logs.items() if k in ("loss", "eval_loss")})
-
-        def on_train_end(self, args, state, control, **kwargs):  # noqa: ANN001
-            if self.bar is not None:
-                self.bar.close()
-
-    class SampleAnswers(TrainerCallback):
-        """At each evaluation, answer the fixed questions and log them as a W&B table."""
-
-        def on_evaluate(self, args, state, control, **kwargs):  # noqa: ANN001
-            import wandb
-
-            table = wandb.Table(columns=["step", "question", "answer", "stopped"])
-            for r in answer(s.model, s.tokenizer, s.cfg["questions"], s.cfg["max_new_tokens"]):
-                table.add_data(state.global_step, r["question"], r["answer"], r["stopped"])
-            wandb.log({"samples": table, "train/global_step": state.global_step})
-
-    return [Watch(), *([SampleAnswers()] if s.cfg["wandb"] else [])]
-
-
-def _trainer_class() -> type:
-    from transformers import Trainer
-
-    class AssistantLossTrainer(Trainer):
-        """A Trainer whose ``eval_loss`` is :func:`assistant_loss` (token-weighted over every eval
-        dialogue) rather than the mean of per-batch means, so the best checkpoint is chosen by the
-        number the summary reports."""
-
-        def __init__(self, *args: Any, setup: Setup, **kwargs: Any):
-            super().__init__(*args, **kwargs)
-            self.setup = setup
-
-        def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:  # noqa: ANN001
-            loss, bpb = self.setup.evaluate_loss(self.model)
-            metrics = {f"{metric_key_prefix}_loss": loss}
-            if bpb is not None:
-                metrics[f"{metric_key_prefix}_bpb"] = bpb
-            self.log(metrics)
-            self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
-            return metrics
-
-    return AssistantLossTrainer
-
-
-def training_arguments(s: Setup) -> Any:
-    """The Trainer's arguments: eval and save every ``eval_steps``, best model kept, mixed precision on GPUs."""
-    from transformers import TrainingArguments
-
-    cfg, cuda = s.cfg, s.device.type == "cuda"
-    half = machine.auto_dtype(s.device)
-    # transformers 5.0 (Kaggle's image) calls it gradient_checkpointing; later 5.x renamed it
-    # activation_checkpointing and warn on the old name.
-    ckpt = "activation_checkpointing" if "activation_checkpointing" in TrainingArguments.__dataclass_fields__ else "gradient_checkpointing"
-    return TrainingArguments(
-        output_dir=str(s.run_dir / "checkpoints"), max_steps=cfg["steps"],
-        per_device_train_batch_size=cfg["batch_size"], per_device_eval_batch_size=cfg["eval_batch_size"],
-        gradient_accumulation_steps=cfg["grad_accum"], learning_rate=s.learning_rate, lr_scheduler_type="cosine",
-        warmup_steps=cfg["warmup_steps"], weight_decay=cfg["weight_decay"],
-        eval_strategy="steps", eval_steps=cfg["eval_steps"], save_strategy="steps", save_steps=cfg["eval_steps"],
-        save_total_limit=2, load_best_model_at_end=True, metric_for_best_model="eval_loss", greater_is_better=False,
-        logging_steps=cfg["logging_steps"], report_to="wandb" if cfg["wandb"] else "none",
-        run_name=f"{s.name}-seed-{s.seed}", disable_tqdm=True,
-        **{ckpt: cfg["activation_checkpointing"], f"{ckpt}_kwargs": {"use_reentrant": False}},
-        bf16=cuda and half == torch.bfloat16, fp16=cuda and half == torch.float16, use_cpu=not cuda,
-        seed=s.seed, data_seed=s.seed, remove_unused_columns=False, dataloader_num_workers=0,
-    )
+    scored = qa_eval.evaluate(s.model, s.tokenizer, s.test_records, max_new_tokens=s.cfg["max_new_tokens"],
+                              batch_size=s.cfg["eval_batch_size"], limit_per_source=s.cfg["task_eval_per_source"],
+                              max_length=s.info["max_length"])
+    return {**lifecycle.loss_fields("", loss, bpb),
+            "stop_rate": sum(a["stopped"] for a in answers) / len(answers), "answers": answers, **scored}
 
 
 def train(s: Setup) -> dict[str, Any]:
@@ -714,9 +353,9 @@ def train(s: Setup) -> dict[str, Any]:
         return _restore_finished(s, Path(last))  # resuming there, the Trainer would take one step too many
     if cfg["wandb"] and machine.rank() == 0:
         tracking.init_wandb(s.run_dir, f"{s.name}-seed-{s.seed}", cfg)
-    callbacks = _callbacks(s)
-    trainer = _trainer_class()(
-        model=s.model, args=training_arguments(s), data_collator=Collator(s.tokenizer.pad_token_id),
+    callbacks = fttrainer.callbacks(s)
+    trainer = fttrainer.trainer_class()(
+        model=s.model, args=fttrainer.training_arguments(s), data_collator=Collator(s.tokenizer.pad_token_id),
         train_dataset=s.train_set, eval_dataset=s.val_set, processing_class=s.tokenizer, callbacks=callbacks,
         setup=s,
     )
@@ -751,27 +390,19 @@ def _restore_finished(s: Setup, last: Path) -> dict[str, Any]:
     the Trainer saves ``trainer_state.json`` before it logs its closing row (runtime, samples/s),
     so the checkpoints do not hold them.
     """
-    from safetensors.torch import load_file
     from transformers import TrainerState
 
     state = TrainerState.load_from_json(str(last / "trainer_state.json"))
-    best = last.parent / f"checkpoint-{state.best_global_step or state.global_step}"
-    name = "adapter_model.safetensors" if s.lora else "model.safetensors"
+    best, method = last.parent / f"checkpoint-{state.best_global_step or state.global_step}", s.variant.method
+    name = method.weights
     if not (best / name).is_file():  # pruned once finished: the saved output holds the best weights
-        best = s.run_dir / ("adapter" if s.lora else "merged")
+        best = s.run_dir / method.output
     if not (best / name).is_file():
         raise FileNotFoundError(
             f"{config.relative(best / name)} not found: the run finished, its checkpoints were pruned to what a rerun "
             "needs, and this output has gone since; pass resume=False to train it again"
         )
-    if s.lora:
-        from peft import set_peft_model_state_dict
-
-        set_peft_model_state_dict(s.model, load_file(best / name))
-    else:
-        result = s.model.load_state_dict(load_file(best / name), strict=False)
-        if result.unexpected_keys or set(result.missing_keys) - {"lm_head.weight"}:  # the tied head is not stored
-            raise ValueError(f"{config.relative(best)} does not match the model: {result}")
+    method.load(s.model, best)
     recorded = last.parent / TRAINED
     measured = read_json(recorded) if recorded.is_file() else s.previous
     return {
@@ -782,6 +413,23 @@ def _restore_finished(s: Setup, last: Path) -> dict[str, Any]:
         "resumed_from": config.relative(last),
         "log_history": state.log_history,
     }
+
+
+def scores(summary: dict[str, Any]) -> pd.DataFrame:
+    """A finished run's test-split scores, ``base`` and ``trained`` columns: per source the eval loss,
+    bits per byte and dialogues scored, then each task's metrics (``n``: examples scored)."""
+    import pandas as pd
+
+    rows: dict[str, dict[str, Any]] = {}
+    for column, by, tasks in (("base", "base_by_source", "base_tasks"), ("trained", "by_source", "tasks")):
+        for source, v in summary.get(by, {}).items():
+            for key in ("loss", "bpb", "n"):
+                rows.setdefault(f"{source} {key}", {})[column] = v[key]
+        for source, v in summary.get(tasks, {}).items():
+            for key, value in v.items():
+                if key not in ("task", "skipped"):
+                    rows.setdefault(f"{source} {v['task']} {key}", {})[column] = value
+    return pd.DataFrame(rows).T.rename_axis("test split")
 
 
 def metrics_rows(log_history: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -796,41 +444,16 @@ def metrics_rows(log_history: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _common(s: Setup, finished: bool, reason: str | None, peak: int | None, train_seconds: float | None) -> dict[str, Any]:
-    return {
-        "name": s.name, "stage": "finetune", "variant": s.variant.name, "label": s.variant.label,
-        "folder": config.relative(s.run_dir), "profile": s.cfg["profile"], "seed": s.seed, "config": s.cfg,
-        "machine": machine.info(s.device), "data": s.data, "compute_dtype": compute_dtype(s.mode, s.device),
-        "finished": finished, "stop_reason": reason, "wall_seconds": time.time() - s.started,
-        "train_seconds": train_seconds, "peak_memory_bytes": peak,
-    }
+    return lifecycle.summary_head(
+        name=s.name, stage="finetune", variant=s.variant.name, label=s.variant.label, folder=config.relative(s.run_dir),
+        cfg=s.cfg, seed=s.seed, device=s.device, data=s.data, compute_dtype=compute_dtype(s.mode, s.device),
+        finished=finished, reason=reason, wall_seconds=time.time() - s.started, train_seconds=train_seconds,
+        peak_memory_bytes=peak)
 
 
 def save_outputs(s: Setup) -> tuple[Path | None, Path | None, str | None]:
-    """Write ``adapter/`` (LoRA) and ``merged/`` (when ``merge``) atomically; returns them and what merged holds."""
-    adapter = merged = weights = None
-    if s.lora:
-        s.model.peft_config["default"].base_model_name_or_path = s.cfg["base_model"]
-
-        def save_adapter(d: Path) -> None:  # the trained token rows are in the adapter; the resized base is not needed
-            s.model.save_pretrained(d, save_embedding_layers=False)
-            s.tokenizer.save_pretrained(d)
-
-        adapter = replace_dir(s.run_dir / "adapter", save_adapter)
-        if s.cfg["merge"]:
-            merged = merge(adapter, s.run_dir / "merged", s.cfg["base_model"])
-            weights = "the adapter folded into a 32-bit copy of the base"
-            if s.mode != "32bit":
-                weights += f" (not into the {s.mode.replace('bit', '-bit')} base: merging into it would round)"
-    elif s.cfg["merge"]:
-        s.model.config.use_cache = True
-
-        def save_full(d: Path) -> None:
-            s.model.save_pretrained(d)
-            s.tokenizer.save_pretrained(d)
-
-        merged = replace_dir(s.run_dir / "merged", save_full)
-        weights = "the fully fine-tuned weights (32-bit)"
-    return adapter, merged, weights
+    """Write the method's outputs (``adapter/``, ``merged/`` when ``merge``); returns them and what merged holds."""
+    return s.variant.method.save(s.model, s.tokenizer, s.run_dir, s.cfg, s.mode)
 
 
 def finish(s: Setup, before: dict[str, Any], after: dict[str, Any], trained: dict[str, Any]) -> dict[str, Any]:
@@ -854,10 +477,12 @@ def finish(s: Setup, before: dict[str, Any], after: dict[str, Any], trained: dic
         "base_model": s.cfg["base_model"], "learning_rate": s.learning_rate,
         "trainable_params": s.info["trainable_params"], "total_params": s.info["total_params"],
         "footprint_bytes": s.info["footprint_bytes"], "embedding_params": s.info["embedding_params"],
-        "eval_loss": after["loss"], "eval_ppl": after["ppl"], "eval_bpb": after["bpb"],
-        "base_eval_loss": before["loss"], "base_eval_ppl": before["ppl"], "base_eval_bpb": before["bpb"],
+        **lifecycle.loss_fields("eval_", after["loss"], after["bpb"]),
+        **lifecycle.loss_fields("base_eval_", before["loss"], before["bpb"]),
         "merged_eval_loss": merged_loss, "merged_weights": weights,
         "stop_rate_before": before["stop_rate"], "stop_rate_after": after["stop_rate"],
+        "by_source": after["by_source"], "base_by_source": before["by_source"],
+        "tasks": after["tasks"], "base_tasks": before["tasks"],
         "train_samples_per_s": trained["train_samples_per_s"], "steps": trained["steps"], "best_step": trained["best_step"],
         "train_dialogues": s.info["train_dialogues"], "eval_dialogues": s.info["eval_dialogues"],
         "dropped_too_long": s.info["dropped_too_long"],
@@ -891,44 +516,6 @@ def run(cfg: dict[str, Any], seed: int | None = None) -> dict[str, Any]:
     before = evaluate(s)
     trained = train(s)
     return finish(s, before, evaluate(s), trained)
-
-
-# ---------------------------------------------------------------------------------------------
-# reloading: adapter + base, merged model
-
-
-def load_adapter(adapter_dir: str | os.PathLike, base_model: str | None = None, mode: str = "32bit") -> tuple[Any, Any]:
-    """``(PeftModel, tokenizer)`` from a saved adapter on its base (from ``adapter_config.json`` unless given)."""
-    from peft import PeftConfig, PeftModel
-    from transformers import AutoTokenizer
-
-    adapter_dir = Path(adapter_dir)
-    if not (adapter_dir / "adapter_config.json").is_file():
-        raise FileNotFoundError(
-            f"{config.relative(adapter_dir)} holds no adapter_config.json; run 05_finetune_lora_8bit with a LoRA variant"
-        )
-    peft_cfg = PeftConfig.from_pretrained(str(adapter_dir))
-    tok = AutoTokenizer.from_pretrained(str(adapter_dir))
-    model = load_base(base_model or peft_cfg.base_model_name_or_path, mode)
-    if model.get_input_embeddings().weight.shape[0] < len(tok):  # rows for the markers; the adapter fills them
-        model.resize_token_embeddings(len(tok), mean_resizing=False)
-    peft_cfg.fan_in_fan_out = _conv1d_targets(model, peft_cfg.target_modules)
-    with _peft_reads_deprecated_alias():
-        return PeftModel.from_pretrained(model, str(adapter_dir), config=peft_cfg), tok
-
-
-def merge(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike, base_model: str | None = None) -> Path:
-    """Fold a LoRA adapter into a 32-bit copy of its base and save a standalone model folder (with tokenizer)."""
-    model, tok = load_adapter(adapter_dir, base_model, "32bit")
-    merged = model.merge_and_unload()
-    merged.config.use_cache = True
-
-    def save(d: Path) -> None:
-        merged.save_pretrained(d)
-        tok.save_pretrained(d)
-
-    return replace_dir(Path(out_dir), save)
-
 
 # ---------------------------------------------------------------------------------------------
 # command line (what torchrun launches for DDP)

@@ -18,6 +18,7 @@ from typing import Any, Callable, Sequence
 import torch
 from transformers import StoppingCriteria
 
+from nblib.decode import DecodeStep
 from nblib.dialogue import ASSISTANT, EOT, USER, clean_text, render
 from nblib.sampling import sample_next
 
@@ -113,13 +114,16 @@ def context_length(model: torch.nn.Module) -> int:
     return cfg.context_length if hasattr(cfg, "context_length") else cfg.max_position_embeddings
 
 
-def _next_logits(model: torch.nn.Module, max_len: int) -> Callable[[torch.Tensor], torch.Tensor]:
+def _next_logits(model: torch.nn.Module, max_len: int, compile: bool | None) -> Callable[[torch.Tensor], torch.Tensor]:
     """``step(ids) -> logits`` of the last position after appending ``ids`` to the model's KV cache."""
     if hasattr(model, "new_cache"):  # nblib GPT
-        cache = model.new_cache(1, max_len)
+        one_token = DecodeStep.new(model, 1, max_len, compile)
+        cache = one_token.cache
 
         def step(ids: torch.Tensor) -> torch.Tensor:
-            logits, _ = model(ids, cache=cache, last_only=True)  # the LM head only where we sample
+            if ids.size(1) == 1 and cache.length:
+                return one_token(ids)
+            logits, _ = model(ids, cache=cache, last_only=True)  # the prompt; the LM head only where we sample
             return logits[:, -1, :]
 
         return step
@@ -168,6 +172,7 @@ def generate(
     seed: int | None = None,
     stops: Sequence[str] = (EOT,),
     stream: Stream | None = None,
+    compile: bool | None = None,
 ) -> Generation:
     """Continue ``prompt`` (text or token ids) until a stop string or ``max_new_tokens``.
 
@@ -176,6 +181,7 @@ def generate(
     ``temperature=0`` is greedy; ``seed`` makes sampling repeatable. The repetition penalty only
     sees generated tokens: the prompt's history ends each answer with end-of-text, and penalising
     that token would teach the model not to stop. ``stream`` receives text as it becomes final.
+    ``compile`` (nblib's GPT only): compile the one-token step; ``None``: the device's default (``nblib.decode.use_compile``).
     """
     ids = tokenizer.encode(prompt, add_special_tokens=False) if isinstance(prompt, str) else list(prompt)
     if not ids:
@@ -192,7 +198,7 @@ def generate(
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     scanner = StopScanner(hf_decoder(tokenizer), stops)
-    step = _next_logits(model, len(ids) + budget)
+    step = _next_logits(model, len(ids) + budget, compile)
 
     was_training = model.training
     model.eval()  # no dropout while generating

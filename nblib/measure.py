@@ -25,8 +25,9 @@ from typing import Any, Callable, Iterable, Sequence
 import pandas as pd
 import torch
 
-from nblib import machine, runs, tokenizer
-from nblib.model import GPT, GPTConfig, KVCache, load_checkpoint
+from nblib import attention, machine, runs, tokenizer
+from nblib.decode import DecodeStep
+from nblib.model import GPT, GPTConfig, KVCache, load_checkpoint, matched_d_mlp
 
 def interleaved(calls: dict[str, Callable[[], Any]], repeats: int, device: torch.device, warmup: int = 1) -> tuple[dict[str, list[float]], dict[str, Any]]:
     """Time each of ``calls`` ``repeats`` times, the order reversed every other round, after ``warmup`` untimed rounds.
@@ -82,13 +83,21 @@ def decode_step_bytes(model: GPT, batch: int, cache_len: float) -> float:
     return weight_bytes(model) + model.config.kv_cache_bytes(batch, 1, dtype) * cache_len
 
 
-def attention_variants(n_layer: int, n_head: int, d_model: int, kv_heads: dict[str, int], **config: Any) -> dict[str, GPTConfig]:
-    """One config per label of ``kv_heads`` (label -> ``n_kv_head``), all else equal, e.g.
-    ``attention_variants(8, 8, 512, {"MHA": 8, "GQA": 2, "MQA": 1})``."""
-    return {
-        label: GPTConfig(n_layer=n_layer, n_head=n_head, n_kv_head=n_kv, d_model=d_model, **{"dropout": 0.0, **config})
-        for label, n_kv in kv_heads.items()
-    }
+SWEPT = ("mha", "gqa", "mqa")  # the variants (nblib.attention keys) the cost section times at real shapes
+
+
+def attention_variants(n_layer: int, n_head: int, d_model: int, keys: Sequence[str] = SWEPT, **config: Any) -> dict[str, GPTConfig]:
+    """One config per variant of ``keys`` (``nblib.attention`` keys), by label, e.g.
+    ``attention_variants(8, 8, 512, ["mha", "gqa", "mqa"])``: the variant's K/V heads and, matched to
+    MHA in parameters, its widened MLP; all else equal. Converted variants are left out: they have the
+    shape of their scratch twin, and speed depends on the shape only."""
+    mha = GPTConfig(n_layer=n_layer, n_head=n_head, n_kv_head=n_head, d_model=d_model, **{"dropout": 0.0, **config})
+    out = {}
+    for v in map(attention.get, keys):
+        if not v.converted:
+            n_kv = v.kv_heads(n_head)
+            out[v.label] = replace(mha, n_kv_head=n_kv, d_mlp=matched_d_mlp(mha, n_kv) if v.match == "params" else mha.d_mlp)
+    return out
 
 
 def random_model(config: GPTConfig, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0) -> GPT:
@@ -104,18 +113,21 @@ def prefill(model: GPT, prompt: torch.Tensor, cache: KVCache) -> torch.Tensor:
     return logits[:, -1].argmax(-1, keepdim=True)
 
 
-def decode(model: GPT, cache: KVCache, token: torch.Tensor, steps: int) -> torch.Tensor:
-    """``steps`` greedy decode steps from ``token`` (``[B, 1]``), appending to ``cache``; returns the last token."""
+def decode(model: GPT, cache: KVCache, token: torch.Tensor, steps: int, compile: bool = False) -> torch.Tensor:
+    """``steps`` greedy decode steps from ``token`` (``[B, 1]``), appending to ``cache``; returns the last
+    token. ``compile``: through the compiled static step (``nblib.decode``), else ``GPT.forward``."""
+    step = DecodeStep(model, cache, compile)
     for _ in range(steps):
-        logits, _ = model(token, cache=cache, last_only=True)
-        token = logits[:, -1].argmax(-1, keepdim=True)
+        token = step(token).argmax(-1, keepdim=True)
     return token
 
 
 def _time_decode(models: dict[str, GPT], caches: dict[str, KVCache], prompt: torch.Tensor, new_tokens: int,
-                 repeats: int, prefill_repeats: int, prefill_cache: bool) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+                 repeats: int, prefill_repeats: int, prefill_cache: bool,
+                 compiled: Sequence[str] = ()) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
     """Seconds of the prefill (first ``prefill_repeats`` rounds) and of ``new_tokens`` decode steps
-    (every round, restarted at the end of the prompt), variants interleaved, order alternating."""
+    (every round, restarted at the end of the prompt), variants interleaved, order alternating.
+    Labels in ``compiled`` decode through the compiled step (compile it beforehand: it is timed)."""
     labels, device, prompt_len = list(models), prompt.device, prompt.size(1)
     first: dict[str, torch.Tensor] = {}
     prefill_s: dict[str, list[float]] = {label: [] for label in labels}
@@ -136,7 +148,7 @@ def _time_decode(models: dict[str, GPT], caches: dict[str, KVCache], prompt: tor
             cache.length = prompt_len
             machine.sync(device)
             t0 = time.perf_counter()
-            decode(model, cache, first[label], new_tokens)
+            decode(model, cache, first[label], new_tokens, label in compiled)
             machine.sync(device)
             decode_s[label].append(time.perf_counter() - t0)
     return prefill_s, decode_s
@@ -309,7 +321,8 @@ def training_steps(configs: dict[str, dict[str, Any]], steps: int = 3, repeats: 
     policies, setups = {}, {}
     for label, cfg in configs.items():
         torch.manual_seed(seed)
-        model = GPT(model_config(cfg)).to(dev.torch).train()
+        variant = next((v for v in attention.VARIANTS.values() if v.label == label), None)  # gqa-params: a wider MLP
+        model = GPT(model_config(cfg, variant)).to(dev.torch).train()
         policy = machine.policy(cfg["dtype"], False, dev)
         gen = torch.Generator().manual_seed(seed)
         x = torch.randint(0, model.config.vocab_size, (cfg["batch_size"], cfg["context_length"] + 1), generator=gen).to(dev.torch)
@@ -336,11 +349,12 @@ def training_steps(configs: dict[str, dict[str, Any]], steps: int = 3, repeats: 
 # fine-tuning cost at GPT-2 small's shape
 
 
-def finetune_cost(cfg: dict[str, Any], variants: Sequence[str], steps: int = 2, batch_size: int | None = None,
+def finetune_cost(cfg: dict[str, Any], variants: Sequence[str] | None, steps: int = 2, batch_size: int | None = None,
                   length: int | None = None, device: str = "auto") -> pd.DataFrame:
     """What each fine-tune variant costs on a GPT-2-small-shaped model (random init, built here,
     no download): the base's footprint as loaded, trainable and total parameters, and the peak
     memory of ``steps`` training steps of ``batch_size x length`` tokens (default: the settings').
+    ``variants=None`` costs those the pipeline runs (``nblib.ftmethods.PIPELINE``).
 
     One column per variant; rows ``footprint_mib``, ``trainable_params``, ``total_params``,
     ``peak_memory_mib``, ``step_seconds``.
@@ -350,19 +364,19 @@ def finetune_cost(cfg: dict[str, Any], variants: Sequence[str], steps: int = 2, 
     dev = machine.detect(device)
     batch_size, length = batch_size or cfg["batch_size"], length or cfg["max_length"]
     out: dict[str, dict[str, float]] = {}
+    x = torch.randint(0, 50257, (batch_size, length), generator=torch.Generator().manual_seed(0))
+    examples = [{"labels": row} for row in x.tolist()]  # the method's rows train as in a run (lora_answer_rows)
     with tempfile.TemporaryDirectory(prefix="nblib-gpt2-small-") as tmp:
         base = str(finetune.random_base(Path(tmp) / "gpt2-small"))
-        for name in variants:
+        for name in finetune.PIPELINE if variants is None else variants:
             v = finetune.variant(name)
             model = finetune.load_base(base, v.mode, dev)
             tok = finetune.load_tokenizer(base)
-            ids = finetune.add_special_tokens(model, tok)
-            if v.lora:
-                model = finetune.wrap_lora(model, cfg, [*ids, tok.eos_token_id], v.mode)
+            model = v.method.prepare(model, cfg, tok, finetune.add_special_tokens(model, tok), examples, v.mode)
             trainable, total = finetune.count_params(model)
             footprint = model.get_memory_footprint()
             out[v.label] = {"footprint_mib": footprint / 2**20, "trainable_params": trainable, "total_params": total,
-                            **_train_peak(model, dev, batch_size, length, steps)}
+                            **_train_peak(model, dev, x, steps)}
             del model
     table = pd.DataFrame(out)
     table.index.name = "metric"
@@ -371,10 +385,10 @@ def finetune_cost(cfg: dict[str, Any], variants: Sequence[str], steps: int = 2, 
     return table
 
 
-def _train_peak(model: Any, dev: machine.Device, batch_size: int, length: int, steps: int) -> dict[str, float]:
+def _train_peak(model: Any, dev: machine.Device, tokens: torch.Tensor, steps: int) -> dict[str, float]:
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5)
-    x = torch.randint(0, 50257, (batch_size, length), generator=torch.Generator().manual_seed(0)).to(dev.torch)
+    x = tokens.to(dev.torch)
     policy = machine.policy("auto", False, dev)
     model.train()
     machine.reset_peak_memory(dev)
@@ -393,9 +407,9 @@ SHAPES = {"full": (8, 8, 512), "gpt2-small": (12, 12, 768)}  # (n_layer, n_head,
 
 
 def cost_sweep(shapes: Sequence[str], contexts: Sequence[int], batch: int = 8, repeats: int = 3,
-               device: str = "auto", new_tokens: int = 8) -> pd.DataFrame:
-    """Decode tokens/s and KV-cache bytes against context for MHA, GQA (a quarter of the heads as
-    K/V heads) and MQA at each named shape of :data:`SHAPES`, random weights, on this machine.
+               device: str = "auto", new_tokens: int = 8, variants: Sequence[str] = SWEPT) -> pd.DataFrame:
+    """Decode tokens/s and KV-cache bytes against context for ``variants`` (``nblib.attention`` keys,
+    by :func:`attention_variants`) at each named shape of :data:`SHAPES`, random weights, on this machine.
 
     The caches are filled with random values rather than prefilled (decode speed does not depend
     on them), so a CPU can take GPT-2 small's shape to 4k context. One row per shape x variant x
@@ -407,7 +421,7 @@ def cost_sweep(shapes: Sequence[str], contexts: Sequence[int], batch: int = 8, r
         if shape not in SHAPES:
             raise ValueError(f"unknown shape {shape!r}; known: {', '.join(SHAPES)}")
         n_layer, n_head, d_model = SHAPES[shape]
-        variants = attention_variants(n_layer, n_head, d_model, {"MHA": n_head, "GQA": n_head // 4, "MQA": 1})
-        sweep = decode_sweep(variants, [batch], list(contexts), new_tokens, repeats, 1, dev, prefill_cache=False)
+        configs = attention_variants(n_layer, n_head, d_model, variants)
+        sweep = decode_sweep(configs, [batch], list(contexts), new_tokens, repeats, 1, dev, prefill_cache=False)
         parts.append(sweep.assign(shape=f"{shape} ({n_layer}x{n_head}x{d_model})"))
     return pd.concat(parts, ignore_index=True)

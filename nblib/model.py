@@ -23,7 +23,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from nblib.decode import DecodeStep
 from nblib.files import atomic_write_bytes, replace_dir
+from nblib.loss import lm_head_loss
 from nblib.sampling import sample_next
 
 CHECKPOINT_FORMAT = 1
@@ -42,10 +44,13 @@ class GPTConfig:
     dropout: float = 0.0
     bias: bool = True
     tie_embeddings: bool = True
+    d_mlp: int | None = None  # MLP hidden width; None: GPT-2's 4 * d_model (see matched_d_mlp)
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "context_length", "n_layer", "n_head", "n_kv_head", "d_model"):
+        for name in ("vocab_size", "context_length", "n_layer", "n_head", "n_kv_head", "d_model", "d_mlp"):
             value = getattr(self, name)
+            if name == "d_mlp" and value is None:
+                continue
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"GPTConfig.{name} must be a positive integer, got {value!r}")
         if self.d_model % self.n_head:
@@ -67,6 +72,10 @@ class GPTConfig:
         return self.d_model // self.n_head
 
     @property
+    def mlp_width(self) -> int:
+        return 4 * self.d_model if self.d_mlp is None else self.d_mlp
+
+    @property
     def variant(self) -> str:
         """``mha``, ``gqa`` or ``mqa``."""
         if self.n_kv_head == self.n_head:
@@ -76,6 +85,19 @@ class GPTConfig:
     def kv_cache_bytes(self, batch: int, seq_len: int, dtype: torch.dtype = torch.float32) -> int:
         """Bytes of K and V for ``batch`` sequences of ``seq_len`` tokens over all layers."""
         return 2 * self.n_layer * batch * self.n_kv_head * seq_len * self.head_dim * dtype.itemsize
+
+
+def matched_d_mlp(config: GPTConfig, n_kv_head: int) -> int:
+    """The MLP width that gives ``config`` with ``n_kv_head`` K/V heads as many parameters as ``config``.
+
+    The Llama 2 paper's GQA ablation widens the MLP to make up for the smaller K/V projections. Per
+    layer ``c_attn`` loses ``2 (n_kv - n_kv_head) head_dim`` rows of ``d_model`` weights (+ a bias), and
+    each MLP unit adds ``2 d_model`` weights (+ a bias): rounding leaves under one unit per layer unmatched.
+    """
+    GPTConfig(**{**asdict(config), "n_kv_head": n_kv_head})  # refuse heads that do not divide n_head
+    b = int(config.bias)
+    removed = 2 * (config.n_kv_head - n_kv_head) * config.head_dim * (config.d_model + b)
+    return config.mlp_width + round(removed / (2 * config.d_model + b))
 
 
 class KVCache:
@@ -273,9 +295,9 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.c_fc = nn.Linear(config.d_model, 4 * config.d_model, bias=config.bias)
+        self.c_fc = nn.Linear(config.d_model, config.mlp_width, bias=config.bias)
         self.gelu = nn.GELU(approximate="tanh")  # GPT-2's GELU ("gelu_new" in HF)
-        self.c_proj = nn.Linear(4 * config.d_model, config.d_model, bias=config.bias)
+        self.c_proj = nn.Linear(config.mlp_width, config.d_model, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -334,6 +356,7 @@ class GPT(nn.Module):
         """``(logits, loss)`` for token ids ``idx`` (``[B, T]``).
 
         - ``targets`` given: logits at every position and the mean cross-entropy (``-1`` targets are ignored);
+          training with gradients (eager) returns ``(None, loss)``: the loss comes from ``nblib.loss`` in chunks;
         - no targets, no cache: logits of the last position only, ``[B, 1, vocab]``;
         - ``cache``: the new positions are appended to it; logits cover all of them, ``[B, T, vocab]``,
           or with ``last_only`` just the last one (what sampling needs: the LM head is the largest matmul).
@@ -358,6 +381,9 @@ class GPT(nn.Module):
         if cache is not None:
             cache.length += T
         if targets is not None:
+            if self.training and torch.is_grad_enabled() and not torch.compiler.is_compiling():
+                # training: no [B*T, vocab] logits at all, see nblib.loss (torch.compile fuses its own)
+                return None, lm_head_loss(x, self.lm_head.weight, targets)
             logits = self.lm_head(x)
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
             return logits, loss
@@ -428,10 +454,12 @@ class GPT(nn.Module):
         top_k: int | None = None,
         use_cache: bool = True,
         generator: torch.Generator | None = None,
+        compile: bool | None = None,
     ) -> torch.Tensor:
         """``idx`` (``[B, T]``) followed by ``max_new_tokens`` new tokens; ``temperature=0`` is greedy.
 
-        With ``use_cache`` each step feeds one token through a KV cache; without it every step
+        With ``use_cache`` each step feeds one token through a KV cache (``nblib.decode.DecodeStep``;
+        ``compile``: compile that step, ``None``: the device's default, ``decode.use_compile``); without it every step
         recomputes the last ``context_length`` tokens. Both give the same tokens while the
         sequence fits the context. Past it, recomputation slides the window by one token per step,
         whereas the cache (positions are absolute) restarts from the last half window.
@@ -442,7 +470,8 @@ class GPT(nn.Module):
         L = self.config.context_length
         out = idx.new_empty(B, T + max_new_tokens)  # filled in place: no per-token reallocation
         out[:, :T] = idx
-        cache = self.new_cache(B, min(L, T + max_new_tokens)) if use_cache else None
+        step = DecodeStep.new(self, B, min(L, T + max_new_tokens), compile) if use_cache else None
+        cache = step.cache if use_cache else None
         logits, _ = self(idx[:, -L:], cache=cache, last_only=True)
         for n in range(T, T + max_new_tokens):  # n: the position being sampled
             out[:, n : n + 1] = sample_next(logits[:, -1, :], temperature=temperature, top_k=top_k, generator=generator)
@@ -451,7 +480,7 @@ class GPT(nn.Module):
             if cache is None:
                 logits, _ = self(out[:, max(0, n + 1 - L) : n + 1])
             elif cache.length < cache.max_len:
-                logits, _ = self(out[:, n : n + 1], cache=cache, last_only=True)
+                logits = step(out[:, n : n + 1])[:, None]
             else:
                 cache.reset()
                 logits, _ = self(out[:, n + 1 - L // 2 : n + 1], cache=cache, last_only=True)
@@ -506,6 +535,7 @@ def export_hf(model: GPT, out_dir: str | os.PathLike) -> Path:
         n_embd=c.d_model,
         n_layer=c.n_layer,
         n_head=c.n_head,
+        n_inner=c.d_mlp,  # None: 4 * n_embd, as ours
         activation_function="gelu_new",
         resid_pdrop=c.dropout,
         embd_pdrop=c.dropout,
@@ -535,68 +565,3 @@ def export_hf(model: GPT, out_dir: str | os.PathLike) -> Path:
         hf_tokenizer().save_pretrained(folder)
 
     return replace_dir(out_dir, write)
-
-
-KV_CONVERSIONS = ("mean", "first", "random")
-
-
-def convert_kv_heads(model: GPT, n_kv_head: int, method: str = "mean", seed: int | None = None) -> GPT:
-    """A copy of ``model`` with its K/V heads merged down to ``n_kv_head`` (MHA -> GQA/MQA, or GQA -> fewer).
-
-    Ainslie et al. 2023, "GQA: Training Generalized Multi-Query Transformer Models from Multi-Head
-    Checkpoints" (arXiv 2305.13245): build each new K/V head from its group of ``n_kv_src / n_kv_head``
-    contiguous source heads, then uptrain. ``method``: ``mean`` (their choice: mean-pool the group),
-    ``first`` (keep the group's first head) or ``random`` (fresh K/V as ``GPT._init_weights`` draws them;
-    ``seed`` fixes the draw, ``None`` uses torch's global RNG; the other methods ignore ``seed``).
-    The fused ``c_attn`` rows are ``[q: n_head | k: n_kv_head | v: n_kv_head]`` heads of ``head_dim``,
-    query head ``h`` reading K/V head ``h // (n_head // n_kv_head)``, so merging contiguous groups keeps
-    every query head on the K/V head its group came from. All other weights are copied bit-equal;
-    the copy keeps the source's dtype, device and train/eval mode, and shares no storage with it.
-    """
-    if not isinstance(model, GPT):
-        raise ValueError(f"convert_kv_heads needs an nblib.model.GPT, got {type(model).__name__}")
-    c = model.config
-    n_src = c.n_kv_head
-    divisors = [d for d in range(1, n_src + 1) if n_src % d == 0]
-    if not isinstance(n_kv_head, int) or isinstance(n_kv_head, bool) or n_kv_head < 1:
-        raise ValueError(f"convert_kv_heads: n_kv_head must be a positive integer, got {n_kv_head!r}; accepted: {divisors}")
-    if n_kv_head > n_src or n_src % n_kv_head:
-        raise ValueError(
-            f"convert_kv_heads: n_kv_head={n_kv_head} must divide the source's n_kv_head={n_src} (heads are only "
-            f"merged, never split); accepted: {divisors}"
-        )
-    if method not in KV_CONVERSIONS:
-        raise ValueError(f"convert_kv_heads: unknown method {method!r}; accepted: {', '.join(KV_CONVERSIONS)}")
-    config = GPTConfig(**{**asdict(c), "n_kv_head": n_kv_head})
-    group, hd = n_src // n_kv_head, c.head_dim
-
-    def merge(heads: torch.Tensor) -> torch.Tensor:
-        """``[n_src, hd, ...]`` source heads -> ``[n_kv_head, hd, ...]``, one per contiguous group."""
-        heads = heads.view(n_kv_head, group, *heads.shape[1:])
-        # fp32 mean: summing bf16/fp16 heads in their own dtype would round at every step.
-        return heads[:, 0] if method == "first" else heads.float().mean(1).to(heads.dtype)
-
-    state = {k: v.clone() for k, v in model.state_dict().items()}  # clone: the new model must not alias the source
-    with torch.random.fork_rng(devices=[], enabled=seed is not None):  # a seed leaves the global RNG as it was
-        if seed is not None:
-            torch.manual_seed(seed)
-        for i in range(c.n_layer):
-            if method == "random":  # drawn on the CPU, so a seed gives the same heads on any device
-                fresh = nn.Linear(c.d_model, 2 * n_kv_head * hd, bias=c.bias)
-                GPT._init_weights(fresh)
-            for name in ("weight", "bias") if c.bias else ("weight",):
-                key = f"transformer.h.{i}.attn.c_attn.{name}"
-                w = state[key]
-                heads = w.view(c.n_head + 2 * n_src, hd, *w.shape[1:])  # weight: [heads, hd, d_model]; bias: [heads, hd]
-                q, k, v = heads.split([c.n_head, n_src, n_src])
-                if method == "random":
-                    kv = getattr(fresh, name).detach().to(w.device, w.dtype).view(2 * n_kv_head, hd, *w.shape[1:])
-                else:
-                    kv = torch.cat([merge(k), merge(v)])
-                state[key] = torch.cat([q, kv]).flatten(0, 1)
-    with torch.device("meta"):  # no init work: every tensor comes from ``state``
-        new = GPT(config)
-    new.load_state_dict(state, assign=True)  # assign: keep each tensor's dtype and device
-    if config.tie_embeddings:
-        new.lm_head.weight = new.transformer.wte.weight  # assign replaced the two tied parameters separately
-    return new.train(model.training)

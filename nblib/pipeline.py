@@ -32,7 +32,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, TextIO
 
-from nblib import attention, config, lock, progress
+from nblib import attention, config, ftmethods, lock, progress
 from nblib.files import make_new_dir, write_json
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
@@ -47,13 +47,20 @@ class Stage:
     params: dict[str, Any] = field(default_factory=dict)
 
 
-FINETUNE_VARIANTS = ("lora-8bit", "lora-32bit", "full")  # the fine-tune variants the pipeline runs and compares
+FINETUNE_VARIANTS = ftmethods.PIPELINE  # the fine-tune variants the pipeline runs and compares (the table's)
+
+
+def finetune_stage(variant: str) -> Stage:
+    """Notebook 05 fine-tuning ``variant``."""
+    return Stage(f"05_finetune_{variant.replace('-', '_')}", "05_finetune_lora_8bit.ipynb", {"variant": variant})
+
+
 STAGES = (
     Stage("01_ingest", "01_ingest.ipynb"),
     Stage("02_clean", "02_clean.ipynb"),
     Stage("03_train_mha", "03_train_mha.ipynb"),
     Stage("04_train_gqa", "04_train_gqa.ipynb"),
-    *(Stage(f"05_finetune_{v.replace('-', '_')}", "05_finetune_lora_8bit.ipynb", {"variant": v}) for v in FINETUNE_VARIANTS),
+    *(finetune_stage(v) for v in FINETUNE_VARIANTS),
     Stage("06_compare", "06_compare.ipynb"),
     Stage("07_chat_demo", "07_chat_demo.ipynb"),
 )
@@ -358,7 +365,7 @@ def dry_run_stages() -> tuple[Stage, ...]:
         *(by_name[n] for n in ("01_ingest", "02_clean", "03_train_mha")),
         Stage("03_train_gpt2_small", "03_train_mha.ipynb", {"preset": "gpt2-small", "name": "pretrain-gpt2-small"}),
         by_name["04_train_gqa"],
-        *(Stage(f"05_finetune_{v.replace('-', '_')}", "05_finetune_lora_8bit.ipynb", {"variant": v}) for v in variants),
+        *(finetune_stage(v) for v in variants),
         Stage("06_compare", "06_compare.ipynb", {"runs": [*pretrain_runs(config.DRY_RUN), *(f"finetune-{v}" for v in variants)]}),
         Stage("07_chat_demo", "07_chat_demo.ipynb", {"model": f"runs/finetune-{variants[0]}/seed-{seed}/merged"}),
     )

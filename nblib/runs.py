@@ -34,7 +34,7 @@ COMMON: dict[str, tuple[tuple[type, ...] | type, str]] = {
     "schema": (int, "version of this schema"),
     "name": (str, "the run's variant folder under runs/, e.g. pretrain-gqa"),
     "stage": (str, "pretrain | finetune"),
-    "variant": (str, "an attention variant (nblib.attention: mha, gqa, ...) or a fine-tune variant such as lora-8bit"),
+    "variant": (str, "an attention variant (nblib.attention: mha, gqa, ...) or a fine-tune variant (nblib.ftmethods: lora-8bit, ...)"),
     "label": (str, "how reports name the variant: MHA, LoRA + 8-bit, ..."),
     "folder": (str, "this run's folder, relative to the working root"),
     "profile": (str, "smoke | full | dry-run"),
@@ -80,18 +80,28 @@ PRETRAIN: dict[str, tuple[tuple[type, ...] | type, str]] = {
 PRETRAIN_OPTIONAL: dict[str, tuple[tuple[type, ...] | type, str]] = {
     "init": (str, "scratch | convert (K/V heads pooled from a finished run, then uptrained)"),
     "source_run": (OPTIONAL_TEXT, "the run folder converted from, relative to the working root, or null"),
-    "conversion_method": (OPTIONAL_TEXT, "mean | first | random (nblib.model.convert_kv_heads), or null"),
+    "conversion_method": (OPTIONAL_TEXT, "mean | first | random (nblib.convert.convert_kv_heads), or null"),
     "uptrain_fraction": (OPTIONAL_NUMBER, "alpha: uptraining steps as a fraction of the source's, or null"),
     "converted_val_loss": (OPTIONAL_NUMBER, "val loss right after conversion (alpha = 0), or null"),
     "uptrained_val_loss": (OPTIONAL_NUMBER, "val loss at the end of uptraining, or null"),
     "source_steps": (int, "optimizer steps of the source run (0 from scratch)"),
     "total_steps": (int, "source_steps + steps: the optimizer steps behind these weights"),
     "total_tokens": (int, "training tokens behind these weights, the source's included"),
+    "d_mlp": (int, "MLP hidden width (4 x d_model unless widened to match MHA's parameters)"),
+    "matched": (str, "what the variant keeps equal to MHA: equal width | equal parameters (nblib.attention)"),
 }
-OPTIONAL = {"pretrain": PRETRAIN_OPTIONAL, "finetune": {}}
+# Added within schema 2 (issue 19): a fine-tune summary written before them lacks them.
+FINETUNE_OPTIONAL: dict[str, tuple[tuple[type, ...] | type, str]] = {
+    "by_source": (dict, "test split per source (nblib.qa_eval): {source: {loss, bpb, n, tokens}}, trained model"),
+    "base_by_source": (dict, "the same of the base model, before training"),
+    "tasks": (dict, "task metrics per source (nblib.qa_eval): {source: {task, accuracy | exact_match, f1 | rouge_l, "
+                    "n, skipped, ...}}, trained model"),
+    "base_tasks": (dict, "the same of the base model, before training"),
+}
+OPTIONAL = {"pretrain": PRETRAIN_OPTIONAL, "finetune": FINETUNE_OPTIONAL}
 FINETUNE: dict[str, tuple[tuple[type, ...] | type, str]] = {
     "mode": (str, "precision of the base weights: 8bit | 4bit | 16bit | 32bit"),
-    "lora": (bool, "LoRA adapter (true) or every weight trained (false)"),
+    "lora": (bool, "the method trains an adapter on a frozen base (LoRA: true) or every weight (false)"),
     "baselines": (list, "variants this one is compared against in the report"),
     "base_model": (str, "hub name or folder (relative to the working root) of the base"),
     "learning_rate": (NUMBER, "peak learning rate used"),

@@ -2,14 +2,16 @@
 
 Which runs there are is ``nblib.attention``'s table: :func:`plan` turns a profile's ``variants``
 into run names and settings. A variant converted from another (``init`` ``convert``) starts from
-the finished source run of the same seed, pools its K/V heads (``nblib.model.convert_kv_heads``)
+the finished source run of the same seed, pools its K/V heads (``nblib.convert.convert_kv_heads``)
 and uptrains for ``uptrain_fraction`` of the source's steps (:func:`load_source`, :func:`build`).
 
 The loop reads top to bottom like nanoGPT's ``train.py``: :func:`prepare` checks the run folder
 (resume, refuse, or start afresh), :func:`build` makes the model, optimizer and data, :func:`restore`
 loads a checkpoint, then each :func:`train_step` is followed by :func:`evaluate` every
 ``eval_interval`` steps and :func:`checkpoint` every ``ckpt_interval`` steps, and :func:`finish`
-writes the summary (and the Hugging Face export of an MHA model).
+writes the summary (and the Hugging Face export of an MHA model). The run folder's files are
+``nblib.pretrain_files``'; what both trainers share (resume or refuse, time budget, summary
+fields, bits per byte) is ``nblib.lifecycle``; ``torchrun`` from a notebook is ``nblib.multigpu``.
 
 AdamW (decay on matrices only), linear warmup + cosine decay, gradient accumulation and
 clipping, the precision policy of ``nblib.machine`` (fp32 on CPU, bf16 or fp16 + grad scaler on
@@ -22,21 +24,14 @@ session stops (``stop_at``, ``time_budget_minutes``) never changes which steps a
 """
 from __future__ import annotations
 
-import io
-import json
 import math
 import os
-import re
 import shutil
 import signal
-import subprocess
 import sys
-import threading
 import time
-from collections import deque
-from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, field
+from contextlib import nullcontext
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -46,24 +41,30 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from nblib import attention, config, data, lock, machine, runs, tokenizer, tracking
-from nblib.files import TEMP_SUFFIX, remove_orphans
-from nblib.model import GPT, GPTConfig, convert_kv_heads, export_hf, load_checkpoint, save_checkpoint
+from nblib import attention, config, data, lifecycle, lock, machine, runs, tokenizer, tracking
+from nblib.lifecycle import DONE
+from nblib.convert import convert_kv_heads
+from nblib.model import GPT, GPTConfig, export_hf, load_checkpoint, matched_d_mlp
+from nblib.pretrain_files import BEST, CKPT, PREV, checkpoint, load_source, prepare, restore, save_best, stop_requests
+from nblib.multigpu import RANK_ERROR, launch, outcome, stream, torchrun_command, world_size  # noqa: F401 (train.launch: notebooks)
 from nblib.progress import Progress
 
 STAGE = "train"
 MODEL_KEYS = ("context_length", "n_layer", "n_head", "n_kv_head", "d_model", "dropout", "bias", "tie_embeddings")
-CKPT, PREV, BEST = "ckpt.pt", "ckpt.prev.pt", "best.pt"
-LN2 = math.log(2)
 
 
 # ---------------------------------------------------------------------------------------------
 # settings and schedules
 
 
-def model_config(cfg: Mapping[str, Any]) -> GPTConfig:
-    """The :class:`GPTConfig` a settings dict describes (vocabulary: GPT-2's 50257)."""
-    return GPTConfig(**{k: cfg[k] for k in MODEL_KEYS})
+def model_config(cfg: Mapping[str, Any], variant: attention.Variant | None = None) -> GPTConfig:
+    """The :class:`GPTConfig` a settings dict describes (vocabulary: GPT-2's 50257). A ``variant`` matched to
+    MHA in parameters gets the MLP width that makes up for its smaller K/V projections (the width follows
+    from the variant, not a setting, so its settings stay those of the same heads at equal width)."""
+    c = GPTConfig(**{k: cfg[k] for k in MODEL_KEYS})
+    if variant is not None and variant.match == "params":
+        c = replace(c, d_mlp=matched_d_mlp(replace(c, n_kv_head=c.n_head), c.n_kv_head))
+    return c
 
 
 def default_name(cfg: Mapping[str, Any]) -> str:
@@ -158,17 +159,15 @@ def evaluate_loss(model: torch.nn.Module, batches: list[tuple[torch.Tensor, torc
     """``(loss, bits per byte)`` over fixed batches in eval mode: the mean cross-entropy per token,
     and the nats of tokens that stand for text (special tokens excluded) / ln 2 / their UTF-8 bytes."""
     model.eval()
-    total, nats, nbytes = 0.0, 0.0, 0
+    total, text = 0.0, lifecycle.LossSum(token_bytes)
     for x, y in batches:
         with policy.autocast_context():
             logits, _ = model(x, y)
         per_token = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none")
-        b = token_bytes[y.flatten()]
-        total += per_token.mean().item()
-        nats += per_token[b > 0].sum().item()
-        nbytes += int(b.sum())
+        total += per_token.mean().item()  # the mean of batch means: every window counts alike
+        text.add(per_token, y.flatten())
     model.train()
-    return total / len(batches), nats / LN2 / max(nbytes, 1)
+    return total / len(batches), text.bpb
 
 
 def fixed_batches(tokens: np.ndarray, cfg: Mapping[str, Any], seed: int, salt: int,
@@ -230,8 +229,11 @@ class Session:
     started: float = field(default_factory=time.perf_counter)
     wall_before: float = 0.0
     window: list[float] = field(default_factory=lambda: [0, 0.0])  # tokens, seconds since the last eval
-    step_seconds: float = 0.0  # running mean, for the time budget
     ckpt_seconds: float = 1.0
+    budget: lifecycle.Budget = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.budget = lifecycle.Budget(self.cfg["time_budget_minutes"], self.started)
 
     @property
     def device(self) -> torch.device:
@@ -285,7 +287,7 @@ def run(
         if mine:
             os.replace(run_dir, aside)
         try:
-            decision, ckpt = prepare(run_dir, cfg, ddp, overwrite)
+            decision, ckpt = prepare(run_dir, cfg, ddp, overwrite, variant_of(name, cfg).converted)
             if decision == DONE:
                 return runs.read_summary(run_dir)
             s = build(cfg, name, seed, run_dir, paths, ddp)
@@ -302,82 +304,6 @@ def run(
         return train_loop(s, stop_at, progress)
     finally:
         ddp.close()
-
-
-def _load(path: Path) -> dict[str, Any]:
-    """A checkpoint, or a clear error naming the file when it cannot be read."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a truncated zip, a bad pickle, a short read: all mean the file is damaged
-        raise ValueError(f"{config.relative(path)} cannot be read ({type(e).__name__}: {str(e)[:120]})") from e
-
-
-def _resumable(run_dir: Path) -> tuple[dict[str, Any] | None, str | None]:
-    """The checkpoint to resume from (``ckpt.pt``, else ``ckpt.prev.pt``) and a warning when the
-    newer one was unreadable; ``(None, None)`` when there is none."""
-    newest, prev = run_dir / CKPT, run_dir / PREV
-    if not newest.is_file() and not prev.is_file():
-        return None, None
-    try:
-        return _load(newest if newest.is_file() else prev), None
-    except ValueError as broken:
-        if newest.is_file() and prev.is_file():
-            try:
-                older = _load(prev)
-            except ValueError:
-                pass
-            else:
-                return older, f"{broken}; resuming from {config.relative(prev)} (step {older['step']}) instead"
-        raise ValueError(
-            f"{broken}, and no earlier good checkpoint is kept. Start afresh with {runs.afresh(run_dir.parent.name)}, "
-            "or restore the file from a backup"
-        ) from None
-
-
-FRESH, RESUME, DONE, REFUSE = range(4)
-
-
-def prepare(run_dir: Path, cfg: dict[str, Any], ddp: machine.Dist, overwrite: bool) -> tuple[int, dict[str, Any] | None]:
-    """Rank 0 checks the run folder and decides for every process: ``RESUME`` (with the
-    checkpoint), ``DONE`` (a finished run of the same settings), ``FRESH`` (the folder is emptied),
-    or an error when the folder holds a run of other settings or an unreadable checkpoint."""
-    decision, problem, ckpt = FRESH, "", None
-    if ddp.master:
-        for note in remove_orphans(run_dir):
-            print(f"{config.relative(run_dir)}: {note}")
-        try:
-            decision, ckpt = (FRESH, None) if overwrite else _decide(run_dir, cfg)
-        except (ValueError, OSError) as e:
-            decision, problem = REFUSE, str(e)
-        if decision == FRESH and run_dir.exists():
-            shutil.rmtree(run_dir)
-    decision = ddp.agree(decision, torch.device("cuda", ddp.local_rank) if torch.cuda.is_available() else torch.device("cpu"))
-    if decision == REFUSE:
-        raise ValueError(problem or f"rank 0 refused {config.relative(run_dir)}: see its message")
-    ddp.barrier()
-    if decision == RESUME and ckpt is None:
-        ckpt, _ = _resumable(run_dir)
-    return decision, ckpt if decision == RESUME else None
-
-
-def _decide(run_dir: Path, cfg: dict[str, Any]) -> tuple[int, dict[str, Any] | None]:
-    ckpt, warning = _resumable(run_dir)
-    if warning:
-        print(f"warning: {warning}")
-    summary_path = run_dir / "summary.json"
-    summary = runs.read_summary(run_dir) if summary_path.is_file() else None
-    saved = ckpt["settings"] if ckpt is not None else (summary or {}).get("config")
-    # a run from scratch does not read uptrain_fraction (and runs older than it lack it)
-    free = config.free_keys(STAGE) | (set() if variant_of(run_dir.parent.name, cfg).converted else {"uptrain_fraction"})
-    diff = runs.settings_diff(saved, cfg, free) if saved is not None else []
-    if diff:
-        raise ValueError(
-            f"{config.relative(run_dir)} holds a run of different settings ({'; '.join(diff)}); use the same "
-            f"settings to resume, another run name, or {runs.afresh(run_dir.parent.name)} to start afresh"
-        )
-    if summary is not None and summary["finished"]:
-        return DONE, None
-    return (RESUME, ckpt) if ckpt is not None else (FRESH, None)
 
 
 def check_context(cfg: Mapping[str, Any], tokens: Mapping[str, int]) -> None:
@@ -429,7 +355,7 @@ def build(cfg: dict[str, Any], name: str, seed: int, run_dir: Path, paths: confi
         max_steps = max(1, math.ceil(round(cfg["uptrain_fraction"] * source["steps"], 9)))
         warmup = min(max_steps, max(int(warmup > 0), round(warmup * max_steps / source["max_steps"])))
     else:
-        model = GPT(model_config(cfg)).to(device)
+        model = GPT(model_config(cfg, variant)).to(device)
     optimizer = configure_optimizer(model, cfg, device)
     min_ratio = cfg["min_lr"] / cfg["learning_rate"]
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup, max_steps, min_ratio))
@@ -444,75 +370,6 @@ def build(cfg: dict[str, Any], name: str, seed: int, run_dir: Path, paths: confi
         token_bytes=torch.from_numpy(tokenizer.token_bytes()).to(device),
         data=info, variant=variant, source=source,
     )
-
-
-def load_source(variant: attention.Variant, cfg: Mapping[str, Any], seed: int, paths: config.Paths,
-                info: Mapping[str, Any]) -> tuple[GPT, dict[str, Any]]:
-    """The best weights and summary of the finished run a converted variant starts from (same seed),
-    refused when absent, unfinished, or trained with other settings (K/V heads and the free keys
-    aside) or on other data."""
-    src = attention.get(variant.source)
-    run_dir = runs.folder(src.folder, seed, paths)
-    where = config.relative(run_dir, paths.home)
-    summary = runs.read_summary(run_dir) if (run_dir / "summary.json").is_file() else None
-    if summary is None or not summary["finished"]:
-        raise runs.RunError(
-            f"{variant.folder} is converted from {where}/best.pt, which is "
-            f"{'missing' if summary is None else 'not finished'}: run notebook {src.notebook} (seed {seed}) to its end "
-            "first, with the same settings"
-        )
-    diff = runs.settings_diff(summary["config"], dict(cfg), config.free_keys(STAGE) | {"n_kv_head", "uptrain_fraction"})
-    if summary["data"] != info:
-        diff.append("data (the corpus token files differ)")
-    if diff:
-        raise config.SettingsError(f"{variant.folder} cannot be converted from {where}, trained with other settings "
-                                   f"({'; '.join(diff)}): use that run's settings, or re-run notebook {src.notebook}")
-    model, _ = load_checkpoint(paths.home / summary["checkpoint"])
-    return model, summary
-
-
-def restore(s: Session, ckpt: dict[str, Any]) -> None:
-    """Load a checkpoint into the session; put ``best.pt`` and ``metrics.jsonl`` back in step with it."""
-    s.model.load_state_dict(ckpt["model"])
-    s.optimizer.load_state_dict(ckpt["optimizer"])
-    s.scheduler.load_state_dict(ckpt["scheduler"])
-    s.scaler.load_state_dict(ckpt["scaler"])
-    torch.set_rng_state(ckpt["rng"]["torch"])
-    if s.device.type == "cuda" and ckpt["rng"]["cuda"] is not None:
-        torch.cuda.set_rng_state(ckpt["rng"]["cuda"], s.device)
-    s.state = State(**ckpt["state"])
-    s.best = ckpt.get("best")
-    s.wall_before = s.state.wall_seconds
-    if s.ddp.master:
-        runs.truncate_metrics(s.run_dir, s.state.step)  # rows after the checkpoint are logged again
-        best_path = s.run_dir / BEST
-        on_disk = torch.load(best_path, map_location="cpu", weights_only=True)["step"] if best_path.is_file() else None
-        if s.best is not None and on_disk != s.state.best_step:  # best.pt came from an evaluation now undone
-            _save_best(s)
-
-
-@contextmanager
-def stop_requests(active: bool) -> Iterator[list[int]]:
-    """While active, SIGINT and SIGTERM (Ctrl-C, the pipeline interrupting its kernel, a Kaggle session
-    ending) only ask for a stop: the list they fill is read between steps, where a checkpoint is
-    exact (one in the middle of a step would not be). A second signal stops at once. Needs the main
-    thread (signal handlers) and one process (DDP ranks would have to agree on the step)."""
-    asked: list[int] = []
-    if not active or threading.current_thread() is not threading.main_thread():
-        yield asked
-        return
-
-    def ask(signum: int, frame: object) -> None:
-        if asked:
-            raise KeyboardInterrupt
-        asked.append(signum)
-
-    previous = {sig: signal.signal(sig, ask) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield asked
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
 
 
 def train_loop(s: Session, stop_at: int | None, progress: bool) -> dict[str, Any]:
@@ -569,11 +426,9 @@ def train_loop(s: Session, stop_at: int | None, progress: bool) -> dict[str, Any
 
 def out_of_time(s: Session) -> bool:
     """True when the time budget cannot fit another step and a checkpoint (rank 0 decides)."""
-    budget = s.cfg["time_budget_minutes"]
-    if budget is None:
+    if s.budget.minutes is None:
         return False
-    left = budget * 60 - (time.perf_counter() - s.started)
-    return bool(s.ddp.agree(int(left < 2 * s.step_seconds + 2 * s.ckpt_seconds), s.device))
+    return bool(s.ddp.agree(int(s.budget.short(2 * s.budget.step_seconds + 2 * s.ckpt_seconds)), s.device))
 
 
 def train_step(s: Session) -> float:
@@ -624,7 +479,7 @@ def train_step(s: Session) -> float:
     s.state.train_seconds += dt
     s.window[0] += s.tokens_per_step
     s.window[1] += dt
-    s.step_seconds = dt if s.step_seconds == 0 else 0.8 * s.step_seconds + 0.2 * dt
+    s.budget.step(dt)
     return loss_value
 
 
@@ -646,8 +501,7 @@ def evaluate(s: Session) -> dict[str, Any]:
     s.window = [0, 0.0]
     return {
         "kind": "eval", "step": s.state.step, "tokens": s.state.tokens_seen, "wall": round(s.wall(), 3),
-        "train_loss": train_loss, "train_ppl": math.exp(train_loss), "train_bpb": train_bpb,
-        "val_loss": val_loss, "val_ppl": math.exp(val_loss), "val_bpb": val_bpb,
+        **lifecycle.loss_fields("train_", train_loss, train_bpb), **lifecycle.loss_fields("val_", val_loss, val_bpb),
         "lr": s.scheduler.get_last_lr()[0], "tokens_per_s": tokens_per_s,
         "mfu": s.policy.mfu(s.model.flops_per_token(), tokens_per_s, s.ddp.world_size),
         "peak_memory_bytes": machine.peak_memory(s.device),
@@ -665,36 +519,10 @@ def record_eval(s: Session, row: dict[str, Any]) -> bool:
     if st.best_val_loss is None or row["val_loss"] < st.best_val_loss:
         st.best_val_loss, st.best_val_bpb, st.best_step, st.evals_since_best = row["val_loss"], row["val_bpb"], row["step"], 0
         s.best = {k: v.detach().to("cpu", copy=True) for k, v in s.model.state_dict().items()}
-        _save_best(s)
+        save_best(s)
     else:
         st.evals_since_best += 1
     return s.cfg["patience"] is not None and st.evals_since_best >= s.cfg["patience"]
-
-
-def _save_best(s: Session) -> None:
-    best = GPT(s.model.config)
-    best.load_state_dict(s.best)
-    save_checkpoint(s.run_dir / BEST, best, settings=s.cfg, step=s.state.best_step, val_loss=s.state.best_val_loss)
-
-
-def checkpoint(s: Session) -> None:
-    """Write ``ckpt.pt`` atomically, keeping the one before as ``ckpt.prev.pt``, and the summary."""
-    t0 = time.perf_counter()
-    s.state.wall_seconds = s.wall()
-    ckpt = s.run_dir / CKPT
-    cuda_rng = torch.cuda.get_rng_state(s.device) if s.device.type == "cuda" else None
-    new = s.run_dir / f".{CKPT}.next{TEMP_SUFFIX}"  # a kill before the renames leaves only a temp file
-    save_checkpoint(
-        new, s.model, settings=s.cfg, optimizer=s.optimizer.state_dict(),
-        scheduler=s.scheduler.state_dict(), scaler=s.scaler.state_dict(),
-        rng={"torch": torch.get_rng_state(), "cuda": cuda_rng}, state=asdict(s.state), best=s.best,
-        step=s.state.step,
-    )
-    if ckpt.is_file():
-        os.replace(ckpt, s.run_dir / PREV)
-    os.replace(new, ckpt)
-    runs.write_summary(s.run_dir, summary(s, False, None, None))
-    s.ckpt_seconds = max(s.ckpt_seconds, time.perf_counter() - t0)
 
 
 def finish(s: Session, reason: str) -> dict[str, Any]:
@@ -719,21 +547,18 @@ def summary(s: Session, finished: bool, reason: str | None, hf_dir: Path | None)
     best, last = st.best_val_loss, st.last_val_loss
     source_steps, source_tokens = (src["steps"], src["tokens_seen"]) if src else (0, 0)
     return {
-        "name": s.name, "stage": "pretrain", "variant": v.key, "label": v.label,
-        "folder": config.relative(s.run_dir, s.paths.home), "profile": s.cfg["profile"], "seed": s.seed,
-        "config": s.cfg, "machine": machine.info(s.policy.device), "data": s.data,
-        "compute_dtype": s.policy.dtype_name, "finished": finished, "stop_reason": reason,
-        "wall_seconds": round(s.wall(), 3), "train_seconds": round(st.train_seconds, 3),
-        "peak_memory_bytes": machine.peak_memory(s.device),
+        **lifecycle.summary_head(
+            name=s.name, stage="pretrain", variant=v.key, label=v.label, folder=config.relative(s.run_dir, s.paths.home),
+            cfg=s.cfg, seed=s.seed, device=s.policy.device, data=s.data, compute_dtype=s.policy.dtype_name,
+            finished=finished, reason=reason, wall_seconds=round(s.wall(), 3),
+            train_seconds=round(st.train_seconds, 3), peak_memory_bytes=machine.peak_memory(s.device)),
         "params": m.num_params(), "params_embedding": m.num_params("embedding"), "params_blocks": m.num_params("blocks"),
         "n_layer": c.n_layer, "n_head": c.n_head, "n_kv_head": c.n_kv_head, "d_model": c.d_model,
-        "context_length": c.context_length,
+        "d_mlp": c.mlp_width, "matched": v.matched, "context_length": c.context_length,
         "kv_cache_bytes_per_token": {"float32": m.kv_cache_bytes(1, 1, torch.float32),
                                      s.policy.dtype_name: m.kv_cache_bytes(1, 1, s.policy.dtype)},
-        "best_val_loss": best, "best_val_ppl": math.exp(best) if best is not None else None,
-        "best_val_bpb": st.best_val_bpb, "best_step": st.best_step,
-        "final_val_loss": last, "final_val_ppl": math.exp(last) if last is not None else None,
-        "final_val_bpb": st.last_val_bpb,
+        **lifecycle.loss_fields("best_val_", best, st.best_val_bpb), "best_step": st.best_step,
+        **lifecycle.loss_fields("final_val_", last, st.last_val_bpb),
         "train_tokens_per_s": st.tokens_seen / st.train_seconds if st.train_seconds else None,
         "tokens_seen": st.tokens_seen, "steps": st.step, "max_steps": s.max_steps, "skipped_steps": st.skipped_steps,
         "init": v.init, "source_run": src["folder"] if src else None, "conversion_method": v.method,
@@ -744,117 +569,6 @@ def summary(s: Session, finished: bool, reason: str | None, hf_dir: Path | None)
         "checkpoint": config.relative(s.run_dir / BEST, s.paths.home),
         "hf_export": config.relative(hf_dir, s.paths.home) if hf_dir is not None else None,
     }
-
-
-# ---------------------------------------------------------------------------------------------
-# every visible GPU: torchrun from a notebook
-
-
-def world_size(cfg: Mapping[str, Any], processes: int | None = None) -> int:
-    """DDP processes for a run: ``processes`` when given (2 on a CPU runs gloo), else one per visible
-    GPU (``nblib.machine``), as many as divide ``grad_accum_steps`` (each takes an equal share)."""
-    device, accum = machine.detect(), cfg["grad_accum_steps"]
-    gpus = device.count if device.type == "cuda" else 1
-    if processes is None:
-        return max(n for n in range(1, gpus + 1) if accum % n == 0)
-    if processes < 1 or (device.type == "cuda" and processes > gpus):
-        raise config.SettingsError(f"processes={processes}: this machine has {gpus} {device.name} GPU(s) to train on")
-    if accum % processes:
-        raise config.SettingsError(f"processes={processes} must divide grad_accum_steps={accum} (each process takes "
-                                   "an equal share of the micro-batches)")
-    return processes
-
-
-def torchrun_command(cfg: Mapping[str, Any], processes: int, seed: int, name: str, overwrite: bool = False) -> list[str]:
-    """``torchrun --standalone --nproc_per_node=N -m nblib.train`` for these settings: the profile,
-    the preset and, as ``-p``, every setting that differs from them."""
-    profile, preset = cfg["profile"], cfg.get("preset")
-    defaults = config.settings(STAGE, profile, preset)
-    changed = {k: v for k, v in cfg.items() if k not in ("profile", "preset", "seed") and v != defaults[k]}
-    if config.settings(STAGE, profile, preset, **changed) != {k: v for k, v in cfg.items() if k != "seed"}:
-        unsent = sorted(k for k, v in changed.items() if v is None)
-        raise config.SettingsError(f"settings {', '.join(unsent)} are null where the profile sets them; torchrun "
-                                   "cannot be given null (-p ignores it): set a value")
-    return [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
-        "-m", "nblib.train", "--profile", profile, *(["--preset", preset] if preset else []),
-        "--seed", str(seed), "--name", name, *(["--overwrite"] if overwrite else []),
-        *(arg for k, v in changed.items() for arg in ("-p", f"{k}={json.dumps(v)}")),
-    ]
-
-
-def launch(
-    cfg: Mapping[str, Any],
-    seed: int | None = None,
-    name: str | None = None,
-    paths: config.Paths | None = None,
-    *,
-    overwrite: bool = False,
-    processes: int | None = None,
-) -> dict[str, Any]:
-    """Pretrain one seed on every visible GPU; returns its ``summary.json`` like :func:`run`, but a
-    session the time budget stopped raises (:func:`outcome` says where; the next call resumes).
-
-    One process (one GPU, a CPU, or already inside torchrun) trains here with :func:`run`; more
-    (:func:`world_size`) run :func:`torchrun_command` as a child whose output is streamed here.
-    A child that fails raises with each process's exception (:func:`stream`); Ctrl-C stops it (the run resumes from its last
-    checkpoint next time).
-    """
-    n = 1 if "WORLD_SIZE" in os.environ else world_size(cfg, processes)
-    if n == 1:
-        return _finished(run(cfg, seed, name, paths, overwrite=overwrite))
-    paths = paths or config.paths()
-    seed, name = identity(cfg, seed, name)
-    command = torchrun_command(cfg, n, seed, name, overwrite)
-    print(f"{name} seed {seed}: {n} DDP processes (torchrun)", flush=True)
-    stream(command, {**os.environ, "NBLIB_HOME": str(paths.home)})
-    return _finished(runs.read_summary(runs.folder(name, seed, paths)))
-
-
-def outcome(summary: Mapping[str, Any]) -> str:
-    """One line on a run: its steps and best val loss once finished, else where it stopped and that
-    running it again resumes it."""
-    head = f"{summary['name']} seed {summary['seed']}"
-    if summary["finished"]:
-        return f"{head}: {summary['steps']} steps, best val loss {summary['best_val_loss']:.4f}, finished"
-    why = {"time_budget": "time budget", "stop_at": "stop_at"}.get(summary["stop_reason"], summary["stop_reason"])
-    return (f"{head} stopped at step {summary['steps']} of {summary['max_steps']} ({why}): run again with the same "
-            f"settings to resume from {summary['folder']}/{CKPT}")
-
-
-def _finished(summary: dict[str, Any]) -> dict[str, Any]:
-    """``summary`` of a finished run; a stopped one raises, so a notebook (and the pipeline) does not end as if done."""
-    if not summary["finished"]:
-        raise RuntimeError(outcome(summary))
-    return summary
-
-
-def stream(command: list[str], env: Mapping[str, str]) -> None:
-    """Run ``command``, passing its output through as it comes (``\r`` progress updates included);
-    a failure raises with each process's exception (torchrun prefixes lines ``[rankN]:``), rank 0's
-    first, then the last lines."""
-    tail: deque[str] = deque(maxlen=12)
-    errors: dict[int, str] = {}
-    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=dict(env)) as child:
-        try:
-            for line in io.TextIOWrapper(child.stdout, encoding="utf-8", errors="replace", newline=""):
-                print(line, end="", flush=True)
-                if line.startswith("[rank"):
-                    tail.append(line.rstrip())
-                    error = RANK_ERROR.match(line)
-                    if error:
-                        errors[int(error["rank"])] = line.rstrip()
-        except KeyboardInterrupt:
-            child.send_signal(signal.SIGINT)  # torchrun passes it to every process
-            child.wait()
-            raise
-    if child.returncode:
-        raised = "\n".join(errors[rank] for rank in sorted(errors)) or "(no exception line)"
-        raise RuntimeError(f"torchrun exited with status {child.returncode} (its output is above):\n{raised}\n"
-                           "the processes' last lines:\n" + "\n".join(tail))
-
-
-RANK_ERROR = re.compile(r"\[rank(?P<rank>\d+)\]: [A-Za-z_][\w.]*(Error|Exception|Interrupt)\b")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_pretrain.py"
 INFERENCE = SCRIPT.with_name("bench_inference.py")
 
@@ -26,12 +28,32 @@ def test_bench_pretrain_quick_prints_ratios(mirror):
     assert rows["GQA (4q/2kv)"][-1] == "0.500" and rows["MQA (4q/1kv)"][-1] == "0.250"
 
 
+def test_bench_pretrain_against_nanogpt(mirror, tmp_path):
+    """Section 7 says why it skips without nanoGPT's model.py; with one (``$NBLIB_NANOGPT``: never vendored
+    here) it times both models on the same weights and ends with a JSON line of ratios."""
+    env = {**os.environ, "NBLIB_MIRROR": str(mirror)}
+    missing = tmp_path / "model.py"
+    out = subprocess.run([sys.executable, str(SCRIPT), "--only", "7", "--nanogpt", str(missing)],
+                         capture_output=True, text=True, timeout=600, env=env, check=True).stdout
+    assert f"## 7. nblib vs nanoGPT: skipped (--nanogpt {missing}: no such file" in out
+    nanogpt = os.environ.get("NBLIB_NANOGPT")
+    if not nanogpt:
+        pytest.skip("set NBLIB_NANOGPT to nanoGPT's model.py (git clone https://github.com/karpathy/nanoGPT) to time it")
+    out = subprocess.run([sys.executable, str(SCRIPT), "--only", "7", "--reps", "2"],
+                         capture_output=True, text=True, timeout=600, env=env, check=True).stdout
+    assert "## 7. Training step (fwd + bwd + clip + AdamW) vs nanoGPT's model.py" in out and "load average" in out
+    result = json.loads(out.strip().splitlines()[-1])
+    assert set(result["ms_per_step"]) == {"nanoGPT", "nblib plain loss", "nblib (chunks of 128)"}
+    assert result["max_logit_diff"] < 1e-3 and all(r > 0 for r in result["speedup_vs_nanogpt"].values())
+
+
 def test_bench_inference_quick_prints_tables_and_a_json_line(mirror):
     out = subprocess.run(
         [sys.executable, str(INFERENCE), "--quick"],
         capture_output=True, text=True, timeout=600, env={**os.environ, "NBLIB_MIRROR": str(mirror)}, check=True,
     ).stdout
-    for section in ("## 1. Decode sweep", "## 2. Greedy generation, nblib", "## 3. Greedy generation of", "## Ratios"):
+    for section in ("## 1. Decode sweep", "## 2. Greedy generation, nblib", "## 3. Greedy generation of",
+                    "## 4. Eager vs compiled decode", "## Ratios"):
         assert section in out
     assert "random weights" in out and "load average" in out
     result = json.loads(out.strip().splitlines()[-1])
@@ -42,6 +64,10 @@ def test_bench_inference_quick_prints_tables_and_a_json_line(mirror):
     rows = result["rows"]
     assert len(rows) == 3 * 2 * 2 and {r["variant"] for r in rows} == {"MHA", "GQA", "MQA"}
     assert {"prefill_s", "decode_tokens_per_s", "ms_per_token", "kv_cache_bytes", "bytes_per_step", "mbu"} <= set(rows[0])
+    compiled = {r["variant"]: r for r in result["compiled_rows"]}
+    assert set(compiled) == {"MHA", "GQA", "MQA"} and all(r["eager_mbu"] > 0 and r["compiled_mbu"] > 0 for r in compiled.values())
+    assert compiled["MHA"]["predicted_vs_mha"] == 1 < compiled["GQA"]["predicted_vs_mha"] < compiled["MQA"]["predicted_vs_mha"]
+    assert ratios["gqa_vs_mha_predicted"] < ratios["mqa_vs_mha_predicted"]
 
 
 GPU_EVIDENCE = SCRIPT.with_name("gpu_evidence.py")
@@ -74,6 +100,7 @@ def test_gpu_evidence_dry_run(mirror, tmp_path):
     assert ev["math_check"]["passed"] is True and ev["math_check"]["failures"] == []
     assert {r["compile"] for r in ev["training_step"]} == {False, True}
     assert {r["variant"] for r in ev["decode"]} == {"MHA", "GQA", "MQA"} and all(r["mbu"] > 0 for r in ev["decode"])
+    assert [(r["variant"], r["identical_tokens"]) for r in ev["compiled_decode"]] == [("MHA", True)]
     assert "skipped" in ev["finetune_lora_8bit"] or ev["finetune_lora_8bit"]["steps"] == 2
     assert "MHA vs GQA" in (out / "compare.html").read_text()
     assert json.loads(proc.stdout.strip().splitlines()[-1])["math_check_passed"] is True

@@ -1,4 +1,4 @@
-"""nblib.model.convert_kv_heads: MHA -> GQA/MQA checkpoint conversion (Ainslie et al. 2023)."""
+"""nblib.convert.convert_kv_heads: MHA -> GQA/MQA checkpoint conversion (Ainslie et al. 2023)."""
 from __future__ import annotations
 
 import dataclasses
@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from nblib.model import GPT, GPTConfig, convert_kv_heads, load_checkpoint, save_checkpoint
+from nblib.convert import convert_kv_heads, kv_head_weights
+from nblib.model import GPT, GPTConfig, load_checkpoint, save_checkpoint
 
 VOCAB = 97
 
@@ -229,3 +230,28 @@ def test_converted_model_trains_and_round_trips_a_checkpoint(method, tmp_path: P
     assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in new.state_dict().items())
     idx = tokens(2, 12, seed=3)
     assert torch.equal(logits(loaded.eval(), idx), logits(new, idx))
+
+
+def test_a_widened_mlp_is_kept_and_kv_head_weights_are_the_pooled_heads():
+    src = tiny(n_head=8, d_model=64, d_mlp=300)
+    new = convert_kv_heads(src, 2)
+    assert new.config.d_mlp == 300 and new.transformer.h[0].mlp.c_fc.out_features == 300
+    for part, index in (("k", 1), ("v", 2)):
+        before, after = kv_head_weights(src, part), kv_head_weights(new, part)
+        assert len(before) == len(after) == 2 and before[0].shape == (8, 8 * 64) and after[1].shape == (2, 8 * 64)
+        assert torch.equal(after[1], heads(new, 1)[index].flatten(1))  # the rows c_attn really uses
+        torch.testing.assert_close(after[1], before[1].view(2, 4, -1).mean(1))  # each group's mean
+    with pytest.raises(ValueError, match="part must be 'k' or 'v'"):
+        kv_head_weights(src, "q")
+
+
+def test_kv_head_similarity_draws_a_row_per_layer():
+    from nblib import plots
+
+    src = tiny(n_head=8, d_model=64)
+    pooled = {"mean-pooled": kv_head_weights(convert_kv_heads(src, 2)), "first": kv_head_weights(convert_kv_heads(src, 2, "first"))}
+    fig = plots.kv_head_similarity(kv_head_weights(src), pooled)
+    images = [ax.images[0].get_array() for ax in fig.axes if ax.images]
+    assert [im.shape for im in images] == [(8, 8), (8, 2), (8, 2)] * 2  # 2 layers x (source, 2 pooled models)
+    assert all(abs(float(im[0, 0]) - 1) < 1e-6 for im in images[::3])  # a head is itself
+    assert float(images[2][0, 0]) == pytest.approx(1.0)  # "first" keeps head 0 as pooled head 0

@@ -205,3 +205,14 @@ def test_too_few_records_for_the_splits_is_named_as_such(tmp_path, alpaca):
     write_jsonl(qa / "alpaca.jsonl", alpaca[:10])  # 10 x 0.1 rounds to 1: every split gets one
     splits = dialogue.prepare(qa, tmp_path / "out", settings)["splits"]
     assert [splits[n]["dialogues"] for n in ("train", "val", "test")] == [8, 1, 1]
+
+
+def test_a_small_source_keeps_an_eval_dialogue_in_each_split():
+    """Six records at 5 % round to none; from three records on, val and test get one each (a
+    source is always evaluated); under three nothing changes."""
+    parts = dialogue.split(list(range(6)), 0.05, 0.05, seed=1)
+    assert [len(parts[n]) for n in ("train", "val", "test")] == [4, 1, 1]
+    assert sorted(sum(parts.values(), [])) == list(range(6))
+    assert [len(dialogue.split(list(range(2)), 0.05, 0.05, 1)[n]) for n in ("train", "val", "test")] == [2, 0, 0]
+    large = dialogue.split(list(range(400)), 0.05, 0.1, 1)  # rounded shares as before
+    assert [len(large[n]) for n in ("train", "val", "test")] == [340, 20, 40]

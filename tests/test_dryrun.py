@@ -44,7 +44,7 @@ def test_dry_run_stages_and_refusals(monkeypatch, tmp_path):
     variants = [s.params["variant"] for s in stages.values() if s.notebook.startswith("05_")]
     assert variants == list(finetune.VARIANTS)  # a CPU runs every variant, 8-bit included
     pretrain = pipeline.pretrain_runs(config.DRY_RUN)  # every variant 03 and 04 train
-    assert pretrain[0] == "pretrain-mha" and "pretrain-gqa-uptrained" in pretrain
+    assert pretrain[0] == "pretrain-mha" and {"pretrain-gqa-uptrained", "pretrain-gqa-params"} <= set(pretrain)
     assert stages["06_compare"].params["runs"] == [*pretrain, *(f"finetune-{v}" for v in variants)]
     assert stages["07_chat_demo"].params["model"] == "runs/finetune-lora-8bit/seed-1234/merged"
     with pytest.raises(ValueError, match="use --profile full --dry-run"):
@@ -78,7 +78,8 @@ def test_dry_run_records_its_settings(dry):
 def test_dry_run_pretrains_full_size_shapes(dry):
     home, _ = dry
     shapes = {"pretrain-mha": (8, 8, 512, 256, 4)} | ({"pretrain-gpt2-small": (12, 12, 768, 1024, 16),
-                                                       "pretrain-gqa": (8, 2, 512, 256, 4)} if ALL else {})
+                                                       "pretrain-gqa": (8, 2, 512, 256, 4),
+                                                       "pretrain-gqa-params": (8, 2, 512, 256, 4)} if ALL else {})
     for name, (n_layer, n_kv_head, d_model, context, accum) in shapes.items():
         s = read_json(home / "runs" / name / "seed-1337" / "summary.json")
         assert (s["n_layer"], s["n_kv_head"], s["d_model"], s["context_length"]) == (n_layer, n_kv_head, d_model, context)
@@ -89,6 +90,10 @@ def test_dry_run_pretrains_full_size_shapes(dry):
             assert (home / s["hf_export"] / "config.json").is_file()
     mha = read_json(home / "runs" / "pretrain-mha" / "seed-1337" / "summary.json")
     assert 50e6 < mha["params"] < 52e6
+    if ALL:  # GQA at equal parameters: the MLP widened to MHA's count
+        matched = read_json(home / "runs" / "pretrain-gqa-params" / "seed-1337" / "summary.json")
+        assert matched["matched"] == "equal parameters" and matched["d_mlp"] > 4 * 512
+        assert abs(matched["params"] - mha["params"]) / mha["params"] < 0.005
 
 
 def test_dry_run_finetunes_gpt2_small(dry):

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
-from nblib import config, dialogue, finetune, plots, runs
+from nblib import config, dialogue, finetune, ftmethods, plots, runs
 from nblib.files import read_json, read_jsonl, write_jsonl
 from nblib.tokenizer import EOT, EOT_ID, hf_tokenizer
 
@@ -175,7 +175,7 @@ def test_lora_8bit_trains_int8_base_and_beats_it(lora8):
     assert SUMMARY_KEYS <= set(summary)
     assert summary["finished"] and summary["stage"] == "finetune" and summary["mode"] == "8bit" and summary["lora"]
     assert summary["folder"] == "runs/finetune-lora-8bit/seed-1234" and summary["label"] == "LoRA + 8-bit"
-    assert summary["baselines"] == ["full", "lora-32bit"] and summary["learning_rate"] == 1e-2
+    assert summary["baselines"] == ["full", "lora-16bit", "lora-32bit"] and summary["learning_rate"] == 1e-2
     assert summary["compute_dtype"] == "int8 matmul, float16 inputs"
     assert summary["eval_loss"] < summary["base_eval_loss"]
     assert 0 < summary["eval_bpb"] and summary["base_eval_bpb"] > summary["eval_bpb"]
@@ -189,6 +189,18 @@ def test_lora_8bit_trains_int8_base_and_beats_it(lora8):
     assert [x["question"] for x in summary["samples"]] == QUESTIONS
     assert summary["steps"] == 8 and summary["best_step"] in (4, 8)
     assert summary["peak_memory_bytes"] > 0 and summary["train_samples_per_s"] > 0
+    # the test split (Alpaca only here) scored by source and by task, base and trained, on the same dialogues
+    test = dialogue.load(config.paths().dialogues, "test")
+    fits = len(finetune.encode(test, s.tokenizer, s.info["max_length"])[0])
+    assert 0 < fits <= len(test) <= s.cfg["task_eval_per_source"]
+    for by, tasks in ((summary["base_by_source"], summary["base_tasks"]), (summary["by_source"], summary["tasks"])):
+        assert list(by) == ["alpaca"] and by["alpaca"]["n"] == fits and by["alpaca"]["bpb"] > 0
+        assert tasks["alpaca"]["task"] == "free_form" and 0 <= tasks["alpaca"]["rouge_l"] <= 1
+        assert tasks["alpaca"]["n"] + tasks["alpaca"]["skipped"] == len(test)
+    assert summary["by_source"]["alpaca"]["loss"] < summary["base_by_source"]["alpaca"]["loss"]
+    shown = finetune.scores(summary)  # what notebook 05 shows
+    assert list(shown.index) == ["alpaca loss", "alpaca bpb", "alpaca n", "alpaca free_form rouge_l", "alpaca free_form n"]
+    assert shown.loc["alpaca free_form rouge_l", "trained"] == summary["tasks"]["alpaca"]["rouge_l"]
     assert read_json(s.run_dir / "summary.json") == json.loads(json.dumps(summary)) == runs.read_summary(s.run_dir)
 
 
@@ -261,7 +273,7 @@ def test_finished_run_is_restored_from_its_pruned_checkpoints(lora8):
     for key in ("train_samples_per_s", "train_seconds", "peak_memory_bytes"):
         assert trained[key] == summary[key], key
     assert finetune.evaluate(s)["loss"] == pytest.approx(summary["eval_loss"], abs=1e-4)
-    with pytest.raises(ValueError, match="differs in: lora_r"):
+    with pytest.raises(ValueError, match=r"different settings \(lora_r: \d+ -> 4\); .* pass resume=False to start over"):
         finetune.setup({**cfg, "lora_r": 4})
 
 
@@ -289,8 +301,8 @@ def test_kill_mid_training_resumes_and_a_kill_while_saving_finishes_on_rerun(roo
             raise KeyboardInterrupt  # kill -9 leaves the temp folder; replace_dir would have removed it
         return replace_dir(d, write)
 
-    replace_dir = finetune.replace_dir
-    monkeypatch.setattr(finetune, "replace_dir", killed_while_merging)
+    replace_dir = ftmethods.replace_dir  # the method writes its outputs
+    monkeypatch.setattr(ftmethods, "replace_dir", killed_while_merging)
     with pytest.raises(KeyboardInterrupt):
         finetune.finish(s, before, finetune.evaluate(s), trained)
     monkeypatch.undo()
@@ -403,3 +415,55 @@ def test_a_mix_that_selects_nothing_is_refused_as_such():
     assert len(finetune.select(records, {"alpaca": 0, "sciq": None}, 1)) == 1
     with pytest.raises(config.SettingsError, match=r"mix=\{'alpaca': 0\} selects no dialogue"):
         finetune.select(records, {"alpaca": 0}, 1)
+
+
+# --- the methods table ---------------------------------------------------------------------------
+
+
+def test_every_variant_list_is_the_methods_table():
+    from nblib import pipeline
+
+    schema = config.profile_table("finetune")["schema"]["variant"]
+    assert [v.strip() for v in schema.removeprefix("one of ").split(",")] == list(finetune.VARIANTS)
+    assert pipeline.FINETUNE_VARIANTS == ftmethods.PIPELINE == ("lora-8bit", "lora-16bit", "lora-32bit", "full")
+    assert [s.params["variant"] for s in pipeline.STAGES if "variant" in s.params] == list(ftmethods.PIPELINE)
+    assert config.settings("compare", "full")["cost_variants"] is None  # measure.finetune_cost: the pipeline's
+    for v in finetune.VARIANTS.values():
+        assert v.method in ftmethods.METHODS.values() and set(v.baselines) <= set(finetune.VARIANTS)
+        assert v.lora == (v.method.name == "lora")
+
+
+def test_each_method_wraps_saves_and_loads_its_own_weights(root, tmp_path):
+    """Full: every weight trains and ``merged/`` holds them; LoRA: the adapter and its rows, in ``adapter/``."""
+    cfg, examples = {**small(), "lora_answer_rows": 1, "merge": True}, [{"labels": [5, 5, 7, -100]}]
+
+    def prepared(method: ftmethods.Method) -> tuple:
+        model, tok = finetune.load_base(BASE, "32bit"), finetune.load_tokenizer(BASE)
+        return method.prepare(model, cfg, tok, finetune.add_special_tokens(model, tok), examples, "32bit"), tok
+
+    for method in ftmethods.METHODS.values():
+        model, tok = prepared(method)
+        trainable, total = finetune.count_params(model)
+        assert (trainable == total) == (method.name == "full")
+        changed = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        with torch.no_grad():
+            for p in changed.values():
+                p.add_(0.25)
+        adapter, merged, weights = method.save(model, tok, tmp_path / method.name, cfg, "32bit")
+        assert (adapter is not None) == method.lora and merged == tmp_path / method.name / "merged" and weights
+        fresh, _ = prepared(method)
+        method.load(fresh, tmp_path / method.name / method.output)
+        restored = dict(fresh.named_parameters())
+        assert all(torch.equal(restored[n], p) for n, p in changed.items()), method.name
+
+
+def test_finetune_cost_trains_the_rows_a_run_trains():
+    """``measure.finetune_cost`` builds each variant through its method: ``lora_answer_rows`` count too."""
+    from nblib import measure
+
+    cfg = config.settings("finetune", "full")
+    plain = measure.finetune_cost(cfg, ["lora-32bit"], steps=1, batch_size=1, length=16, device="cpu")
+    rows = measure.finetune_cost({**cfg, "lora_answer_rows": 4}, ["lora-32bit"], steps=1, batch_size=1, length=16, device="cpu")
+    d_model = 768  # GPT-2 small
+    assert rows.loc["trainable_params"].iloc[0] - plain.loc["trainable_params"].iloc[0] == 4 * d_model
+    assert list(plain.columns) == ["LoRA + 32-bit"]

@@ -9,7 +9,19 @@ from nblib.model import GPT, GPTConfig
 
 
 def tiny_variants() -> dict[str, GPTConfig]:
-    return measure.attention_variants(2, 4, 32, {"MHA": 4, "GQA": 2, "MQA": 1}, vocab_size=97, context_length=64)
+    return measure.attention_variants(2, 4, 32, ["mha", "gqa", "mqa"], vocab_size=97, context_length=64)
+
+
+def test_variants_come_from_the_attention_registry():
+    from nblib import attention
+    from nblib.model import matched_d_mlp
+
+    v = measure.attention_variants(8, 8, 512, ["mha", "gqa-params", "gqa-uptrained", "mqa"])
+    assert list(v) == ["MHA", "GQA (equal params)", "MQA"]  # a converted variant has its scratch twin's shape
+    assert v["GQA (equal params)"].n_kv_head == attention.VARIANTS["gqa-params"].n_kv_head
+    assert v["GQA (equal params)"].d_mlp == matched_d_mlp(v["MHA"], 2) > 4 * 512 and v["MQA"].d_mlp is None
+    with pytest.raises(ValueError, match="did you mean 'gqa'"):
+        measure.attention_variants(8, 8, 512, ["mha", "gqa2"])
 
 
 def test_variants_differ_only_in_kv_heads():

@@ -1,6 +1,7 @@
 """nblib.model: GPT with MHA/GQA/MQA, KV cache, checkpoints and the Hugging Face export."""
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ from torch.utils._pytree import tree_leaves
 
 import nblib.model
 from nblib import tokenizer
-from nblib.model import GPT, GPTConfig, KVCache, attend, export_hf, load_checkpoint, save_checkpoint
+from nblib.model import GPT, GPTConfig, KVCache, attend, export_hf, load_checkpoint, matched_d_mlp, save_checkpoint
 
 VOCAB = 97
 
@@ -37,6 +38,7 @@ def tokens(batch: int, length: int, vocab: int = VOCAB, seed: int = 1) -> torch.
         (dict(n_head=5, d_model=32), "not divisible by n_head"),
         (dict(n_kv_head=0), "positive integer"),
         (dict(dropout=1.0), "dropout"),
+        (dict(d_mlp=0), "GPTConfig.d_mlp must be a positive integer"),
     ],
 )
 def test_invalid_head_combinations_fail_at_config_time(kw, message):
@@ -197,19 +199,64 @@ def test_gqa_checkpoint_round_trip(tmp_path: Path):
         load_checkpoint(tmp_path / "other.pt")
 
 
-@pytest.mark.parametrize("bias, tie", [(True, True), (False, False)])
-def test_export_hf_logits_match(tmp_path: Path, mirror: Path, bias: bool, tie: bool):
+def test_checkpoint_without_d_mlp_loads_at_gpt2_width(tmp_path: Path):
+    """Checkpoints written before ``GPTConfig.d_mlp`` existed have no such key: they load as 4 x d_model."""
+    model = tiny(2)
+    path = save_checkpoint(tmp_path / "ckpt.pt", model)
+    ckpt = torch.load(path, weights_only=True)
+    del ckpt["model_config"]["d_mlp"]
+    torch.save(ckpt, path)
+    loaded, _ = load_checkpoint(path)
+    assert loaded.config.d_mlp is None and loaded.transformer.h[0].mlp.c_fc.out_features == 4 * 32
+    idx = tokens(2, 20)
+    torch.testing.assert_close(loaded(idx)[0], model(idx)[0])
+    wide = tiny(2, d_mlp=80)  # and a widened MLP survives the round trip
+    loaded, _ = load_checkpoint(save_checkpoint(tmp_path / "wide.pt", wide))
+    assert loaded.config.d_mlp == 80 and loaded.transformer.h[1].mlp.c_proj.in_features == 80
+
+
+# (n_layer, n_head, d_model, bias): the smoke and full profiles' shapes, GPT-2 small's, and one without bias
+SHAPES = [(2, 4, 64, True), (8, 8, 512, True), (12, 12, 768, True), (4, 8, 256, False)]
+
+
+@pytest.mark.parametrize("n_layer, n_head, d_model, bias", SHAPES)
+def test_matched_d_mlp_gives_gqa_the_parameters_of_mha(n_layer, n_head, d_model, bias):
+    def count(c: GPTConfig) -> tuple[int, int]:
+        with torch.device("meta"):  # real modules, no memory
+            m = GPT(c)
+        return m.num_params(), m.num_params("blocks")
+
+    mha = GPTConfig(n_layer=n_layer, n_head=n_head, n_kv_head=n_head, d_model=d_model, bias=bias)
+    total, blocks = count(mha)
+    assert matched_d_mlp(mha, n_head) == 4 * d_model  # nothing to make up
+    for n_kv in [k for k in range(1, n_head) if n_head % k == 0]:
+        narrow = dataclasses.replace(mha, n_kv_head=n_kv)
+        matched = dataclasses.replace(narrow, d_mlp=matched_d_mlp(mha, n_kv))
+        assert matched.d_mlp > 4 * d_model
+        assert count(narrow)[1] < blocks * 0.995  # at equal width GQA's blocks are more than 0.5% smaller
+        t, b = count(matched)
+        assert abs(t - total) / total < 0.005 and abs(b - blocks) / blocks < 0.005, (n_kv, t, total, b, blocks)
+        assert abs(b - blocks) <= n_layer * (2 * d_model + bias)  # under one MLP unit per layer
+        if not bias:  # no biases: every removed K/V row is exactly one MLP unit of weights
+            assert b == blocks
+    with pytest.raises(ValueError, match="must divide n_head"):
+        matched_d_mlp(mha, 3 if n_head % 3 else 5)
+
+
+@pytest.mark.parametrize("bias, tie, d_mlp", [(True, True, None), (False, False, 80)])
+def test_export_hf_logits_match(tmp_path: Path, mirror: Path, bias: bool, tie: bool, d_mlp: int | None):
     from transformers import AutoTokenizer, GPT2LMHeadModel
 
     torch.manual_seed(0)
-    model = GPT(GPTConfig(context_length=48, n_layer=2, n_head=4, n_kv_head=4, d_model=32, bias=bias, tie_embeddings=tie)).eval()
+    model = GPT(GPTConfig(context_length=48, n_layer=2, n_head=4, n_kv_head=4, d_model=32, bias=bias, tie_embeddings=tie,
+                          d_mlp=d_mlp)).eval()
     with torch.no_grad():  # non-trivial norms and biases, so a wrong mapping would show
         for name, p in model.named_parameters():
             if "ln" in name or name.endswith("bias"):
                 p.add_(0.1 * torch.randn_like(p))
     out = export_hf(model, tmp_path / "hf")
     hf = GPT2LMHeadModel.from_pretrained(out).eval()
-    assert hf.config.n_positions == 48 and hf.config.tie_word_embeddings == tie
+    assert hf.config.n_positions == 48 and hf.config.tie_word_embeddings == tie and hf.config.n_inner == d_mlp
     idx = tokens(2, 48, vocab=50257)
     with torch.no_grad():
         ours, _ = model(idx, idx)
@@ -517,3 +564,47 @@ def test_inference_head_is_the_lm_head(batch, T):
         got = model.head(x)
     assert got.shape == (batch, T, VOCAB) and got.is_contiguous()
     torch.testing.assert_close(got, model.lm_head(x).detach(), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("n_kv_head", [4, 1])
+def test_training_loss_path_matches_the_plain_logits_loss(n_kv_head):
+    """Training (nblib.loss, chunked, no logits) against eval mode's plain logits + F.cross_entropy, same
+    seed, three optimizer steps with ignored targets: losses and gradients (by norm) within 1e-5 relative."""
+    fused, plain = tiny(n_kv_head).train(), tiny(n_kv_head)
+    # SGD: AdamW's first steps are about lr * sign(grad), which fp32 rounding flips on near-zero gradients
+    opts = [torch.optim.SGD(m.parameters(), lr=0.5) for m in (fused, plain)]
+    for step in range(3):
+        idx, targets = tokens(4, 32, seed=step), tokens(4, 32, seed=10 + step)
+        targets[:, :5] = -1
+        logits, loss = fused(idx, targets)
+        ref_logits, ref = plain(idx, targets)
+        assert logits is None and ref_logits.shape == (4, 32, VOCAB)
+        assert abs(loss.item() - ref.item()) <= 1e-5 * ref.item()
+        loss.backward()
+        ref.backward()
+        for (name, p), q in zip(fused.named_parameters(), plain.parameters()):
+            assert (p.grad - q.grad).norm() <= 1e-5 * q.grad.norm(), name  # fp32 rounding only
+        for opt in opts:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+
+def test_lm_head_loss_in_chunks_scales_backward_and_follows_autocast():
+    from nblib.loss import lm_head_loss
+
+    gen = torch.Generator().manual_seed(0)
+    x, w = torch.randn(2, 37, 16, generator=gen, requires_grad=True), torch.randn(VOCAB, 16, generator=gen, requires_grad=True)
+    targets = torch.randint(0, VOCAB, (2, 37), generator=gen)
+    ref = F.cross_entropy((x @ w.t()).flatten(0, 1), targets.flatten())
+    gx, gw = torch.autograd.grad(3 * ref, (x, w))
+    for chunk_rows in (1, 10, 74, 500):  # one row, a ragged last chunk, one exact chunk, fewer rows than a chunk
+        loss = lm_head_loss(x, w, targets, chunk_rows)
+        torch.testing.assert_close(loss, ref, rtol=1e-5, atol=0)
+        torch.testing.assert_close(torch.autograd.grad(3 * loss, (x, w)), (gx, gw), rtol=1e-5, atol=1e-6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = lm_head_loss(x, w, targets, 10)
+        ref16 = F.cross_entropy((x @ w.t()).float().flatten(0, 1), targets.flatten())
+    got, want = torch.autograd.grad(loss, (x, w)), torch.autograd.grad(ref16, (x, w))
+    assert loss.dtype == torch.float32 and got[0].dtype == got[1].dtype == torch.float32
+    torch.testing.assert_close(loss, ref16, rtol=1e-3, atol=0)
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-3)

@@ -48,7 +48,7 @@ def tiny(tmp_path, monkeypatch, home):
 def test_select_by_name_prefix_and_from():
     names = lambda stages: [s.name for s in stages]  # noqa: E731
     assert names(pipeline.select("03,04")) == ["03_train_mha", "04_train_gqa"]
-    assert names(pipeline.select("05")) == ["05_finetune_lora_8bit", "05_finetune_lora_32bit", "05_finetune_full"]
+    assert names(pipeline.select("05")) == ["05_finetune_lora_8bit", "05_finetune_lora_16bit", "05_finetune_lora_32bit", "05_finetune_full"]
     assert names(pipeline.select("ingest")) == ["01_ingest"]
     assert names(pipeline.select(start="06")) == ["06_compare", "07_chat_demo"]
     assert len(pipeline.select()) == len(pipeline.STAGES)
@@ -253,12 +253,15 @@ def test_output_sync_refuses_machine_paths_and_leaves_the_notebook(leak, tmp_pat
 
 
 def test_pretraining_notebooks_differ_only_in_parameters():
-    """03 and 04 are one stage run twice (MHA and GQA): their code may not drift apart."""
+    """03 and 04 are one stage run twice (MHA and GQA): their code may not drift apart. 04 adds only
+    cells that teach GQA (the grouped attention, the conversion, the uptraining curve) and train nothing."""
     def code(name: str) -> list[str]:
         cells = nbformat.read(pipeline.NOTEBOOKS / name, as_version=4).cells
         return [c.source for c in cells if c.cell_type == "code" and "parameters" not in c.metadata.get("tags", [])]
 
-    assert code("03_train_mha.ipynb") == code("04_train_gqa.ipynb")
+    mha, gqa = code("03_train_mha.ipynb"), code("04_train_gqa.ipynb")
+    assert [c for c in gqa if c in mha] == mha
+    assert not [c for c in gqa if c not in mha and ("train.launch" in c or "train.run" in c or "NBVAL_CHECK_OUTPUT" in c)]
 
 
 def test_disk_record_and_full_profile_estimate(tiny, tmp_path):
@@ -282,7 +285,7 @@ def test_disk_record_and_full_profile_estimate(tiny, tmp_path):
     assert estimate["full_profile_counts"] == {"finetune-full/seed-1234": 3, "pretrain-gpt2-small/seed-1337": 1,
                                                "pretrain-mha/seed-1337": 3}
     assert estimate["full_profile_estimate_bytes"] == 3 * 2000 + 500 + 3 * 3000 + 1000 + 10 + 10 + disk["clone"]
-    missing = sorted({"finetune-lora-32bit", "finetune-lora-8bit", *pipeline.pretrain_runs("full")} - {"pretrain-mha"})
+    missing = sorted({"finetune-lora-16bit", "finetune-lora-32bit", "finetune-lora-8bit", *pipeline.pretrain_runs("full")} - {"pretrain-mha"})
     assert "pretrain-gqa-uptrained" in missing  # every variant of the full profile's `variants`
     assert f"not counted: {', '.join(missing)}" in estimate["full_profile_estimate_assumes"]
 

@@ -120,3 +120,26 @@ def test_multi_turn_lists():
         qa.get("turns").convert({"dialogue": [{"role": "narrator", "content": "x"}]})
 
 
+
+
+def test_eval_fields_keep_what_the_task_metrics_need():
+    """SciQ keeps its options (correct one last, its index) and NQ every short answer over the
+    annotators, cleaned like the turns; free-form sources keep nothing beside the dialogue."""
+    assert [s.name for s in qa.sources().values() if s.task] == ["alpaca", "dolly", "natural_questions", "sciq"]
+    assert {s.task for s in qa.sources().values()} <= {*qa.TASKS, None}
+    sciq = read_jsonl(qa.get("sciq").sample_file)
+    kept, _ = dialogue.convert(sciq, "sciq")
+    assert [r["options"] for r in kept] == [
+        [s["distractor1"], s["distractor2"], s["distractor3"], s["correct_answer"]] for s in sciq]
+    assert all(r["options"][r["correct"]] == s["correct_answer"] for r, s in zip(kept, sciq))
+    two = {"question": "who wrote it", "annotations": {
+        "id": ["a", "b", "c"], "yes_no_answer": [-1, -1, -1],
+        "short_answers": [{"text": ["Machado  de Assis"]}, {"text": []}, {"text": ["<b>Machado</b>", "Machado de Assis"]}]}}
+    (rec,), _ = dialogue.convert([two], "natural_questions")
+    assert rec["answers"] == ["Machado de Assis", "Machado", "Machado de Assis"]  # cleaned, in annotator order
+    assert rec["dialogue"][1]["content"] == "Machado de Assis"  # the trained answer is still the first one
+    yes_no = {"question": "is it",
+              "annotations": {"short_answers": [{"text": []}, {"text": []}], "yes_no_answer": [1, 0]}}
+    assert qa.get("natural_questions").eval_fields(yes_no) == {"answers": ["Yes.", "No."]}
+    alpaca = {"instruction": "Say hi.", "input": "", "output": "Hi."}
+    assert dialogue.convert([alpaca], "alpaca")[0] == [{"dialogue": qa.pair("Say hi.", "Hi."), "source": "alpaca"}]

@@ -16,12 +16,13 @@ import tempfile
 from html.parser import HTMLParser
 from pathlib import Path
 
+import pandas as pd
 import papermill
 import pytest
 import torch
 from PIL import Image
 
-from nblib import config, machine, measure, report, runs
+from nblib import attention, config, machine, measure, report, runs
 from nblib.files import write_jsonl
 from nblib.model import GPT, GPTConfig, save_checkpoint
 from nblib.report.__main__ import publish_example
@@ -104,6 +105,18 @@ def make_finetune_run(root: Path, variant: str, trainable: int, footprint_mib: f
         })
 
 
+def make_uptrained_run(root: Path, variant: str = "gqa-uptrained", seeds=(1337,), method: str = "mean",
+                       val_offset: float = 0.02) -> None:
+    """A GQA run converted from MHA by ``method`` and uptrained for 0.2 of its 30 steps (summary fields as train.py writes them)."""
+    make_pretrain_run(root, variant, 2, seeds, val_offset=val_offset, cfg_extra={"uptrain_fraction": 0.2})
+    for seed in seeds:
+        run = root / "runs" / f"pretrain-{variant}" / f"seed-{seed}"
+        runs.write_summary(run, {**runs.read_summary(run), "label": attention.get(variant).label, "steps": 3, "max_steps": 3,
+                                 "tokens_seen": 1536, "init": "convert", "source_run": f"runs/pretrain-mha/seed-{seed}",
+                                 "conversion_method": method, "uptrain_fraction": 0.2, "converted_val_loss": 7.0,
+                                 "uptrained_val_loss": 6.52, "source_steps": 30, "total_steps": 33, "total_tokens": 16896})
+
+
 def make_all_runs(root: Path, seeds=(1337,), ft_seeds=(1234,)) -> None:
     make_pretrain_run(root, "mha", 4, seeds)
     make_pretrain_run(root, "gqa", 2, seeds, val_offset=0.05, speed=1.1)
@@ -166,12 +179,7 @@ def test_an_uptrained_variant_is_matched_ordered_and_tabled(home):
 
     make_pretrain_run(home, "mha", 4)
     make_pretrain_run(home, "gqa", 2, val_offset=0.05)
-    make_pretrain_run(home, "gqa-uptrained", 2, val_offset=0.02, cfg_extra={"uptrain_fraction": 0.2})
-    run = home / "runs" / "pretrain-gqa-uptrained" / "seed-1337"
-    runs.write_summary(run, {**runs.read_summary(run), "label": "GQA uptrained", "steps": 3, "max_steps": 3,
-                             "tokens_seen": 1536, "init": "convert", "source_run": "runs/pretrain-mha/seed-1337",
-                             "conversion_method": "mean", "uptrain_fraction": 0.2, "converted_val_loss": 7.0,
-                             "uptrained_val_loss": 6.52, "source_steps": 30, "total_steps": 33, "total_tokens": 16896})
+    make_uptrained_run(home)
     comparison = report.load()
     assert list(comparison.pretrain) == ["MHA", "GQA", "GQA uptrained"] and not comparison.mismatches
     col = tables.conversion_table(comparison)["GQA uptrained"]
@@ -180,7 +188,7 @@ def test_an_uptrained_variant_is_matched_ordered_and_tabled(home):
     assert col["scratch_val_loss"] == pytest.approx(6.55) and (col["total_steps"], col["scratch_steps"]) == (33, 30)
     assert tables.conversion_table(report.load(["pretrain-mha", "pretrain-gqa"])) is None
     line = figures.val_loss(comparison).axes[0].lines[-1]  # the uptrained run starts after MHA's tokens
-    assert line.get_xdata()[0] == 15360
+    assert line.get_xdata()[0] == 15360 and line.get_color() == attention.get("gqa-uptrained").colour  # the registry's colour
     with pytest.raises(report.MismatchError, match=r"differ in learning_rate \(only n_kv_head, uptrain_fraction may differ\)"):
         make_pretrain_run(home, "mqa", 1, cfg_extra={"learning_rate": 1e-2})
         report.load()
@@ -225,7 +233,7 @@ def test_pretrain_table_states_each_figure_as_a_ratio_to_mha(home):
     assert t.loc["best_val_loss", "GQA"] == pytest.approx(6.55)
     shown = report.format_table(t)
     assert "Best val loss (nats/token)" in shown.index and "KV cache at 4k context (MiB per sequence, fp32)" in shown.index
-    glance = report.at_a_glance(comparison, t, None)
+    glance = report.glance.details(comparison, t, None)
     assert any("KV cache 0.50× the size of MHA's" in line for line in glance)
     assert any("+0.050 with one seed: no difference can be called" in line for line in glance)
 
@@ -266,7 +274,7 @@ def test_measured_rows_carry_the_repeat_range(home):
     cell = full.loc["gen_tokens_per_s_b8", "MHA"]
     assert isinstance(cell, report.Stat) and cell.n == 3 and cell.center == "median"
     assert full.loc["gen_cache_mib_b1", "GQA ÷ MHA"] == 0.5 and "train_tokens_per_s" in full.index
-    glance = report.at_a_glance(comparison, full, None)
+    glance = report.glance.details(comparison, full, None)
     assert any(re.search(r"generation batch 8 [\d.]+× \([\d.]+–[\d.]+×\); training [\d.]+×", line) for line in glance)
     with pytest.raises(ValueError, match=r"gen_new_tokens=80 does not fit MHA's context"):
         measure.generation(models, "Uma noite destas,", new_tokens=80, repeats=1)
@@ -297,7 +305,7 @@ def test_finetune_table_and_glance(home):
     assert t.loc["trainable_share", "LoRA + 8-bit"] == 1.0
     assert t.loc["footprint_mib", "LoRA + 8-bit"] == pytest.approx(0.6, rel=1e-6)
     assert t.loc["merged_eval_loss", "Full fine-tune"] == pytest.approx(3.001) and t.loc["compute_dtype", "Full fine-tune"] == "float32"
-    glance = report.at_a_glance(comparison, None, t)
+    glance = report.glance.details(comparison, None, t)
     assert any(line.startswith("**LoRA + 8-bit** against Full fine-tune: 0.37× the footprint") for line in glance)
     assert any("8-bit** against LoRA + 32-bit" in line and "eval loss +0.100 with one seed" in line for line in glance)
     assert not any(line.startswith("**Full fine-tune** against") for line in glance)
@@ -333,6 +341,104 @@ def test_cost_at_real_scale_rows(home):
     assert table.loc[kv_row, "GQA ÷ MHA"] == 0.25
     lines = report.glance.cost_lines(sweep, 128)
     assert any("**GQA** decodes" in line and "KV cache 0.25× the size" in line for line in lines)
+
+
+def _generation(tokens_per_s: dict[str, list[float]], batch: int = 8) -> pd.DataFrame:
+    """Rows as ``measure.generation`` returns them, with known tokens/s per repeat."""
+    return pd.DataFrame([{"variant": v, "batch": batch, "repeat": i, "tokens_per_s": t, "cache_tokens": 40,
+                          "cache_bytes": 1024} for v, ts in tokens_per_s.items() for i, t in enumerate(ts)])
+
+
+def _sweep() -> pd.DataFrame:
+    """Rows as ``measure.cost_sweep`` returns them at two shapes, one repeat each."""
+    rows = []
+    for shape, n_head, speeds in (("full (8x8x512)", 8, (100, 150, 160)), ("gpt2-small (12x12x768)", 12, (50, 60, 80))):
+        for v, kv, tps in zip(("MHA", "GQA", "MQA"), (n_head, n_head // 4, 1), speeds):
+            rows.append({"shape": shape, "variant": v, "n_head": n_head, "n_kv_head": kv, "context": 2048, "batch": 8,
+                         "decode_tokens_per_s": float(tps), "decode_repeats": [float(tps)], "kv_cache_bytes": kv * 2**20})
+    return pd.DataFrame(rows)
+
+
+def _three_variants(home: Path, seeds=(1, 2)) -> report.Comparison:
+    make_pretrain_run(home, "mha", 4, seeds)
+    make_pretrain_run(home, "gqa", 2, seeds, val_offset=0.05)
+    make_uptrained_run(home, seeds=seeds)
+    return report.load()
+
+
+def test_paper_table_from_a_known_comparison(home):
+    """Table 1 of Ainslie et al. laid out for our variants: time per sample = new tokens / tokens/s per
+    repeat (median), quality over seeds, KV bytes, compute counting the source run, equal width or parameters."""
+    comparison = _three_variants(home)
+    comparison.pretrain["GQA"].runs[0].summary["matched"] = "equal parameters"  # as train.py records an MLP-widened GQA
+    measured = report.measured_rows(_generation({"MHA": [100, 200, 400], "GQA": [160, 320, 640], "GQA uptrained": [320]}))
+    t = report.paper_table(comparison, report.pretrain_table(comparison, measured), new_tokens=32)
+    time = "Time per sample (s to decode 32 tokens, batch 8)"
+    assert list(t.index) == ["MHA", "GQA", "GQA uptrained"] and list(t.columns) == [
+        "KV heads", "Starts from", "Compared at", "Parameters", time, "Val bits per byte",
+        "KV cache per token (bytes, fp32)", "Training tokens (a converted run's source included)"]
+    assert t.loc["MHA", time].mid == pytest.approx(32 / 200) and (t.loc["MHA", time].lo, t.loc["MHA", time].hi) == (0.08, 0.32)
+    assert t.loc["GQA", time].mid == pytest.approx(0.1) and t.loc["GQA uptrained", time] == pytest.approx(0.1)
+    bpb = t.loc["GQA", "Val bits per byte"]
+    assert bpb.n == 2 and bpb.mid == pytest.approx((6.55 + 6.56) / 6)
+    assert t.loc["MHA", "KV cache per token (bytes, fp32)"] == 2 * t.loc["GQA", "KV cache per token (bytes, fp32)"]
+    tokens = t["Training tokens (a converted run's source included)"]
+    assert (tokens["MHA"], tokens["GQA uptrained"]) == (15360, 16896)
+    assert list(t["Compared at"]) == ["equal width", "equal parameters", "equal width"]
+    assert list(t["Starts from"]) == ["scratch", "scratch", "MHA, mean-pooled K/V, alpha = 0.2"]
+    assert t.loc["GQA", "KV heads"] == "2 of 4"
+    assert time not in report.paper_table(comparison, None, 32).columns  # nothing measured: no time column
+
+
+def test_frontier_has_one_point_per_variant_scratch_and_uptrained_apart(home):
+    from nblib.report import figures
+
+    comparison = _three_variants(home)
+    measured = report.measured_rows(_generation({"MHA": [100, 110], "GQA": [120, 130], "GQA uptrained": [125, 126]}))
+    fig = figures.frontier(comparison, report.pretrain_table(comparison, measured), _sweep())
+    panels = [ax for ax in fig.axes if ax.axison]
+    assert len(panels) == 3  # KV bytes, decode at the run's shape, decode at real shape
+    for ax in panels:
+        points = [line for line in ax.lines if line.get_marker() in ("o", "^")]
+        assert sorted(line.get_marker() for line in points) == ["^", "o", "o"]
+        by_colour = {line.get_color(): line.get_marker() for line in points}
+        assert by_colour == {attention.get("mha").colour: "o", attention.get("gqa").colour: "o",
+                             attention.get("gqa-uptrained").colour: "^"}
+        assert [t.get_text() for t in ax.texts] == ["MHA", "GQA", "GQA uptrained"]
+    real = {line.get_color(): line.get_xdata()[0] for line in panels[2].lines if line.get_marker() in ("o", "^")}
+    assert real[attention.get("gqa-uptrained").colour] == real[attention.get("gqa").colour] == 60  # its twin's, largest shape
+    assert [t.get_text() for t in fig.legends[0].texts] == ["from scratch", "uptrained (converted from MHA)"]
+    assert len([ax for ax in figures.frontier(comparison).axes if ax.axison]) == 1  # nothing measured: KV bytes only
+
+
+def test_glance_answers_in_six_lines_with_details_below(home):
+    _three_variants(home, seeds=(1,))
+    make_finetune_run(home, "lora-8bit", 4_000, 0.6, 3.2, 10.0)
+    make_finetune_run(home, "full", 400_000, 1.6, 3.0, 12.0)
+    comparison = report.load(allow_mismatch=True)
+    comparison.mismatches = ["a made-up unmatched pair"]  # the warning line counts too
+    pre, ft, sweep = report.pretrain_table(comparison), report.finetune_table(comparison), _sweep()
+    glance = report.at_a_glance(comparison, pre, ft, sweep)
+    assert len(glance) <= 6 and glance[0].startswith("**Warning**")
+    assert [line.split("**")[1] for line in glance[1:]] == [
+        "What fewer KV heads save", "What it costs in quality", "Uptrained vs from scratch", "Fine-tuning trade-off",
+        "At real scale"]
+    assert "GQA (2 of 4 KV heads) 0.50× the KV cache" in glance[1] and "+0.017 (one seed: no difference can be called)" in glance[2]
+    real = glance[5]  # one line over both shapes, saying it is one timing each
+    assert "GQA (2 of 8, 3 of 12 KV heads) decodes 1.20–1.50× MHA's tokens/s" in real and "one timing per variant" in real
+    assert len(report.glance.details(comparison, pre, ft, sweep)) > len(glance)
+
+
+def test_verdicts_set_uptrained_against_mha_scratch_and_other_methods(home):
+    comparison = _three_variants(home, seeds=(1, 2, 3))
+    lines = report.glance.verdict_lines(comparison)
+    assert [line.split("**")[1] for line in lines] == ["GQA − MHA", "GQA uptrained − MHA", "GQA uptrained − GQA"]
+    assert "after 16,896 vs 15,360 training tokens" in lines[2] and lines[2].endswith("3 seeds): clearly better.")
+    make_uptrained_run(home, "gqa-uptrained-first", seeds=(1, 2, 3), method="first", val_offset=0.03)
+    lines = report.glance.verdict_lines(report.load())
+    assert "**GQA uptrained (first) − GQA uptrained** (K/V heads by first vs mean)" in lines[-1]
+    alone = report.glance.verdict_lines(report.load(["pretrain-mha", "pretrain-gqa", "pretrain-gqa-uptrained-first"]))
+    assert len(alone) == 3 and not any("K/V heads by" in line for line in alone)  # one method: nothing to set it against
 
 
 # --------------------------------------------------------------------------- the rendered report
@@ -414,7 +520,7 @@ def test_report_is_rendered_self_contained_with_spreads(rendered):
     cost = next(t for t in page.tables if any(r[0] == "footprint_mib" or r[0] == "Model footprint (MiB)" for r in t)
                 and not any(r[0] == "Base precision" for r in t))
     costrows = dict((r[0], r[1:]) for r in cost[1:])
-    assert costrows["Total parameters"][2] == "124,441,344"  # GPT-2 small plus the two role markers' rows (full)
+    assert costrows["Total parameters"][cost[0][1:].index("Full fine-tune")] == "124,441,344"  # GPT-2 small + the markers' rows
     ftrows = dict((r[0], r[1:]) for r in ft[1:])
     assert ftrows["Trainable parameters"] == ["4,000", "4,000", "400,000"]
     assert ftrows["Compute dtype"] == ["float32"] * 3 and "Eval loss of the merged model (what chat loads)" in ftrows
@@ -503,3 +609,95 @@ def test_figures_stay_legible_on_a_phone():
     css = (Path(nblib.report.__file__).parent / "style.css").read_text()
     phone = re.search(r"@media \(max-width:480px\)\{(.*)\}\s*$", css, re.S)
     assert phone and ".fig{overflow-x:auto}" in phone[1] and ".fig img{width:200%;max-width:none}" in phone[1]
+
+
+# --------------------------------------------------------------------------- fine-tuning by source and task
+
+
+def add_task_fields(root: Path, variant: str, rouge: float, sciq: bool = True) -> None:
+    """Give every seed of ``runs/finetune-<variant>`` the by-source and task fields nblib.finetune writes
+    (Alpaca, and SciQ unless not ``sciq``); seeds differ by 0.01."""
+    for i, run in enumerate(sorted((root / "runs" / f"finetune-{variant}").glob("seed-*"))):
+        s, w = runs.read_summary(run), 0.01 * i
+
+        def scored(bpb: float, r: float, acc: float) -> tuple[dict, dict]:
+            by = {"alpaca": {"loss": 3 * bpb, "bpb": bpb, "n": 40, "tokens": 900}}
+            tasks = {"alpaca": {"task": "free_form", "rouge_l": r, "n": 40, "skipped": 0}}
+            if sciq:
+                by["sciq"] = {"loss": 2 * bpb, "bpb": bpb - 0.5, "n": 30, "tokens": 300}
+                tasks["sciq"] = {"task": "choice", "accuracy": acc, "accuracy_norm": acc, "chance": 0.25, "n": 30, "skipped": 0}
+            return by, tasks
+
+        base_by, base_tasks = scored(2.0, 0.05, 0.3)
+        by, tasks = scored(1.5 + w, rouge + w, 0.5 + w)
+        runs.write_summary(run, {**s, "by_source": by, "base_by_source": base_by, "tasks": tasks, "base_tasks": base_tasks})
+
+
+def test_finetune_rows_by_source_and_task_with_the_seed_spread(home):
+    make_all_runs(home, ft_seeds=(1234, 1235))
+    old = report.finetune_table(report.load())  # runs written before the fields: no rows, a note saying why
+    assert not [k for k in old.index if ":" in k]
+    assert "written before the per-source and task evaluation" in report.tables.absent_tasks_note(report.load())
+    add_task_fields(home, "lora-8bit", 0.2)
+    add_task_fields(home, "full", 0.3)
+    add_task_fields(home, "lora-32bit", 0.25, sciq=False)  # a variant that lacks a source shows "–" there
+    comparison = report.load()
+    t = report.finetune_table(comparison)
+    new = [k for k in t.index if ":" in k]
+    assert new == ["loss:alpaca", "base_loss:alpaca", "bpb:alpaca", "base_bpb:alpaca", "n:alpaca",
+                   "loss:sciq", "base_loss:sciq", "bpb:sciq", "base_bpb:sciq", "n:sciq",
+                   "rouge_l:alpaca", "base_rouge_l:alpaca", "task_n:alpaca",
+                   "accuracy:sciq", "base_accuracy:sciq", "chance:sciq", "task_n:sciq"]
+    rouge = t.loc["rouge_l:alpaca", "LoRA + 8-bit"]
+    assert isinstance(rouge, report.Stat) and rouge.values == pytest.approx((0.2, 0.21))
+    assert t.loc["base_rouge_l:alpaca", "Full fine-tune"].values == (0.05, 0.05)
+    assert t.loc["n:alpaca", "Full fine-tune"] == 40 and t.loc["chance:sciq", "Full fine-tune"] == 0.25
+    assert report.format_value(t.loc["accuracy:sciq", "LoRA + 32-bit"]) == "–"
+    shown = report.format_table(t)
+    assert shown.loc["Alpaca: ROUGE-L F", "Full fine-tune"] == "0.305 (0.3–0.31, n=2)"
+    assert "SciQ: chance level (1 / options)" in shown.index
+    note = report.tables.absent_tasks_note(comparison)
+    assert note == ("No Dolly records in this profile's data: no Dolly rows. No Natural Questions records in this "
+                    "profile's data: no Natural Questions rows.")
+    lines = report.glance.details(comparison, None, t)
+    assert any(line.startswith("**Full fine-tune** on the test split: Alpaca: eval bits per byte, test split 1.5") and
+               "SciQ: multiple-choice accuracy 0.505 (base model 0.3); SciQ: chance level (1 / options) 0.25." in line
+               for line in lines)
+
+
+def test_finetune_figures_by_source_and_cost_against_quality(home):
+    from nblib.report import figures
+
+    make_all_runs(home, ft_seeds=(1234, 1235))
+    assert figures.finetune_by_source(report.load()) is None  # nothing scored by source
+    for variant, rouge in (("lora-8bit", 0.2), ("lora-32bit", 0.25), ("full", 0.3)):
+        add_task_fields(home, variant, rouge)
+    comparison = report.load()
+    fig = figures.finetune_by_source(comparison)
+    axes = [ax for ax in fig.axes if ax.axison]
+    assert [ax.get_title() for ax in axes] == ["Alpaca: eval bits per byte, test split", "SciQ: eval bits per byte, test split"]
+    heights = [round(p.get_height(), 3) for p in axes[0].patches]
+    assert heights == [2.0, 2.0, 2.0, 1.505, 1.505, 1.505]  # base bars, then the fine-tuned (mean of two seeds)
+    cost = pd.DataFrame({  # measure.finetune_cost's rows
+        "LoRA + 8-bit": {"footprint_mib": 300.0, "trainable_params": 1e6, "total_params": 1.2e8, "peak_memory_mib": 900.0,
+                         "step_seconds": 0.4},
+        "Full fine-tune": {"footprint_mib": 480.0, "trainable_params": 1.2e8, "total_params": 1.2e8,
+                           "peak_memory_mib": 2000.0, "step_seconds": 0.6}})
+    fig = figures.finetune_cost_quality(comparison, cost)
+    axes = [ax for ax in fig.axes if ax.axison]
+    assert len(axes) == 6  # eval loss, Alpaca ROUGE-L, SciQ accuracy x peak memory, step time
+    assert [ax.get_ylabel().replace("\n", " ") for ax in axes[::2]] == [
+        "eval loss (nats/assistant token, lower is better)", "Alpaca: ROUGE-L F (higher is better)",
+        "SciQ: multiple-choice accuracy (higher is better)"]
+    points = {(round(x, 3), round(y, 3)) for line in axes[2].get_lines() for x, y in line.get_xydata()}
+    # LoRA + 8-bit's run: 3 x 0.6 MiB peak at ROUGE-L 0.205; GPT-2 small's 900 MiB beside it; LoRA + 32-bit unmeasured
+    assert {(1.8, 0.205), (900.0, 0.205), (4.8, 0.255), (2000.0, 0.305)} <= points and (900.0, 0.255) not in points
+    assert [t.get_text() for t in fig.legends[0].texts] == ["the run (its model, its machine)",
+                                                            "GPT-2 small, same variant, timed here side by side"]
+    t = report.finetune_table(comparison)
+    rep = report.compose(comparison, {"profile": "smoke"}, report.pretrain_table(comparison),
+                         pd.DataFrame({"MHA": ["a"], "GQA": ["b"]}), t, finetune_cost=cost)
+    titles = [s.title for s in rep.sections]
+    assert titles.index("Fine-tuning variants") < titles.index("Fine-tuning by source: eval bits per byte") < titles.index(
+        "Fine-tuning: cost against quality")
+    assert len(rep.sections[titles.index("At a glance")].payload) <= 6

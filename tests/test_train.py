@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from nblib import config, runs, train
+from nblib import config, lifecycle, runs, train
 from nblib.files import read_json, read_jsonl
 from nblib.model import GPT, GPTConfig, load_checkpoint
 from helpers import write_corpus
@@ -366,7 +366,7 @@ def test_runs_table_and_metrics(corpus_home: Path):
 
 def test_uptraining_converts_the_finished_mha_run_of_the_same_seed(corpus_home: Path):
     from nblib import data, machine, tokenizer
-    from nblib.model import convert_kv_heads
+    from nblib.convert import convert_kv_heads
 
     cfg = tiny(uptrain_fraction=0.3)  # ceil(0.3 x 8) = 3 uptrain steps
     up_cfg = train.variant_settings(cfg, "gqa-uptrained")
@@ -402,6 +402,20 @@ def test_uptraining_converts_the_finished_mha_run_of_the_same_seed(corpus_home: 
     assert [r["step"] for r in evals] == [0, 3] and evals[0]["val_loss"] == up["converted_val_loss"]
     assert train.run(up_cfg, name="pretrain-gqa-uptrained", progress=False) == up  # finished: returned as is
     assert runs.read_summary(folder(corpus_home, "pretrain-mha"))["config"]["uptrain_fraction"] == 0.3
+
+
+def test_equal_parameter_gqa_widens_the_mlp_to_mha_parameters_and_says_so(corpus_home: Path):
+    cfg = tiny(max_steps=2, eval_interval=2)
+    mha = train.run(cfg, progress=False)
+    (name, params_cfg), = train.plan(cfg, ["gqa-params"])
+    gqa = train.run(params_cfg, name=name, progress=False)
+    assert name == "pretrain-gqa-params" and gqa["n_kv_head"] == 2 and gqa["label"] == "GQA (equal params)"
+    assert mha["matched"] == "equal width" and mha["d_mlp"] == 4 * 32 and gqa["matched"] == "equal parameters"
+    assert gqa["d_mlp"] > 4 * 32 and params_cfg == train.variant_settings(cfg, "gqa")  # the width is the variant's
+    assert abs(gqa["params_blocks"] - mha["params_blocks"]) / mha["params_blocks"] < 0.005
+    best, _ = load_checkpoint(corpus_home / gqa["checkpoint"])
+    assert best.transformer.h[0].mlp.c_fc.out_features == gqa["d_mlp"]
+    assert train.default_name({**cfg, "n_kv_head": 2}) == "pretrain-gqa"  # equal width is the plain GQA run
 
 
 def test_plan_orders_scratch_before_converted_variants():
@@ -471,3 +485,34 @@ def test_kill_9_at_any_moment_loses_nothing(corpus_home: Path):
     assert final["finished"] and final["steps"] == 40
     assert losses(read_jsonl(run / "metrics.jsonl")) == losses(read_jsonl(folder(corpus_home, "whole") / "metrics.jsonl"))
     assert final["best_val_loss"] == whole["best_val_loss"]
+
+
+# --- nblib.lifecycle: what both trainers share ---------------------------------------------------
+
+
+def test_loss_sum_counts_nats_per_token_and_bits_per_text_byte():
+    nll = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    targets = torch.tensor([0, 1, 2, -100])
+    counted = lifecycle.LossSum(torch.tensor([2, 0, 3]))  # token 1 is special: no bytes
+    counted.add(nll, targets, targets != -100)
+    assert counted.loss == pytest.approx((1 + 2 + 3) / 3)
+    assert counted.bpb == pytest.approx((1 + 3) / math.log(2) / (2 + 3))
+    assert lifecycle.LossSum(None).bpb is None
+
+
+def test_budget_keeps_a_running_mean_and_says_when_time_is_short():
+    budget = lifecycle.Budget(1.0)
+    budget.step(10.0)
+    budget.step(20.0)
+    assert budget.step_seconds == pytest.approx(0.8 * 10 + 0.2 * 20)
+    assert not budget.short(30.0) and budget.short(61.0)
+    assert not lifecycle.Budget(None).short(1e9)
+
+
+def test_decide_refuses_other_settings_and_resumes_nothing_unrecorded(home: Path):
+    run_dir = home / "runs" / "x" / "seed-1"
+    run_dir.mkdir(parents=True)
+    assert lifecycle.decide(run_dir, {"a": 1}, set(), "or start afresh", resumable=False) == (lifecycle.FRESH, None)
+    with pytest.raises(ValueError, match=r"different settings \(a: None -> 1\); use the same settings to resume, or go"):
+        lifecycle.decide(run_dir, {"a": 1}, set(), "or go")  # checkpoints, but no summary to say whose
+    assert lifecycle.decide(run_dir, {"a": 1, "b": 2}, {"b"}, "", saved={"a": 1, "b": 3}) == (lifecycle.RESUME, None)

@@ -33,7 +33,7 @@ def pretrain_flops(preset: str | None, key: str, train_tokens: int) -> tuple[flo
     evaluations. A converted variant runs ``uptrain_fraction`` of its source's steps (and is counted
     alone: its source run is a row of its own)."""
     cfg = train.variant_settings(config.settings("train", "full", preset), key)
-    per_token = GPT(train.model_config(cfg)).flops_per_token()
+    per_token = GPT(train.model_config(cfg, attention.get(key))).flops_per_token()  # gqa-params: its wider MLP
     steps = train.max_steps_for(cfg, train_tokens)
     if attention.get(key).converted:
         steps = max(1, math.ceil(round(cfg["uptrain_fraction"] * steps, 9)))

@@ -3,9 +3,10 @@
 Each module defines ``SOURCE``, a :class:`QASource`: the source id, where the data lives (hub
 name and split, an optional file under ``$NBLIB_MIRROR``), the fields every record must have, and
 ``convert``, which turns one record in the source's own schema into dialogue turns (or ``None``
-when the record has no answer). Adding a dataset is one new module here; ``ingest`` fetches it by
-name and ``dialogue`` converts it by name. ``samples/<name>.jsonl`` holds a few records in the
-hub's real schema, for tests and the offline dry run.
+when the record has no answer); ``task`` and ``eval_fields`` say how ``nblib.qa_eval`` scores the
+source (multiple choice, short answers, free-form) and what a record must keep for it. Adding a
+dataset is one new module here; ``ingest`` fetches it by name and ``dialogue`` converts it by name.
+``samples/<name>.jsonl`` holds a few records in the hub's real schema, for tests and the offline dry run.
 """
 from __future__ import annotations
 
@@ -33,12 +34,20 @@ class QASource:
     mirror_file: str | None = None  # path under $NBLIB_MIRROR
     streaming: bool = False  # stream instead of downloading the whole set
     keep: tuple[str, ...] | None = None  # fields written to data/raw (None: all)
+    task: str | None = None  # how nblib.qa_eval scores it: one of TASKS, or None (eval loss only)
+    # what a dialogue record keeps beside its turns for that task (SciQ's options, NQ's answers)
+    eval_fields: Callable[[dict[str, Any]], dict[str, Any]] | None = None
 
     @property
     def sample_file(self) -> Path | None:
         """A few records in the hub's schema (``samples/<name>.jsonl``), if shipped."""
         path = SAMPLES / f"{self.name}.jsonl"
         return path if path.is_file() else None
+
+
+TASKS = ("choice", "short_answer", "free_form")
+"""``choice``: options ranked by log-likelihood; ``short_answer``: exact match and token F1 of a
+greedy answer; ``free_form``: ROUGE-L of a greedy answer against the dialogue's own answer."""
 
 
 def pair(question: str, answer: str) -> Turns:

@@ -14,4 +14,5 @@ def convert(rec: dict[str, Any]) -> Turns:
     return pair(question, rec["response"])
 
 
-SOURCE = QASource("dolly", "databricks/databricks-dolly-15k", ("instruction", "context", "response", "category"), convert)
+SOURCE = QASource("dolly", "databricks/databricks-dolly-15k", ("instruction", "context", "response", "category"),
+                  convert, task="free_form")

@@ -36,17 +36,18 @@ def _short_texts(short: Any) -> list[str]:
     return texts
 
 
+def answers(annotations: Any) -> list[str]:
+    """Every non-empty short answer over the annotators, in order; without one, their yes/no answers."""
+    annotators = _annotators(annotations)
+    short = [t.strip() for a in annotators for t in _short_texts(a.get("short_answers")) if t.strip()]
+    yes_no = [YES_NO[a["yes_no_answer"]] for a in annotators if a.get("yes_no_answer") in YES_NO]
+    return short or yes_no
+
+
 def answer(annotations: Any) -> str | None:
     """The first non-empty short answer over the annotators, else the first yes/no answer, else ``None``."""
-    annotators = _annotators(annotations)
-    for a in annotators:
-        for text in _short_texts(a.get("short_answers")):
-            if text.strip():
-                return text.strip()
-    for a in annotators:
-        if a.get("yes_no_answer") in YES_NO:
-            return YES_NO[a["yes_no_answer"]]
-    return None
+    found = answers(annotations)
+    return found[0] if found else None
 
 
 def convert(rec: dict[str, Any]) -> Turns | None:
@@ -61,7 +62,13 @@ def convert(rec: dict[str, Any]) -> Turns | None:
     return pair(question[:1].upper() + question[1:], reply)
 
 
+def eval_fields(rec: dict[str, Any]) -> dict[str, Any]:
+    """All reference answers: a generated answer is scored against the best-matching one (SQuAD's rule)."""
+    return {"answers": answers(rec.get("annotations"))}
+
+
 SOURCE = QASource(
     "natural_questions", "google-research-datasets/natural_questions", ("question", "annotations"), convert,
-    config="default", streaming=True, keep=("id", "question", "annotations"),
+    config="default", streaming=True, keep=("id", "question", "annotations"), task="short_answer",
+    eval_fields=eval_fields,
 )

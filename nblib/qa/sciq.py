@@ -19,6 +19,14 @@ def convert(rec: dict[str, Any]) -> Turns:
     return pair(rec["question"], reply)
 
 
+def eval_fields(rec: dict[str, Any]) -> dict[str, Any]:
+    """The options, distractors first and the correct answer last (lm-evaluation-harness' ``sciq``
+    order; a tie then never counts as correct), and the correct one's index."""
+    options = [rec["distractor1"], rec["distractor2"], rec["distractor3"], rec["correct_answer"]]
+    return {"options": options, "correct": len(options) - 1}
+
+
 SOURCE = QASource(
-    "sciq", "allenai/sciq", ("question", "distractor1", "distractor2", "distractor3", "correct_answer", "support"), convert
+    "sciq", "allenai/sciq", ("question", "distractor1", "distractor2", "distractor3", "correct_answer", "support"),
+    convert, task="choice", eval_fields=eval_fields,
 )

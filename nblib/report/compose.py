@@ -8,10 +8,10 @@ import pandas as pd
 
 from nblib.plots import cost_at_scale
 from nblib.report import figures
-from nblib.report.glance import at_a_glance
+from nblib.report.glance import at_a_glance, details, verdict_lines
 from nblib.report.loading import Comparison, pairs
 from nblib.report.render import Report, new_report
-from nblib.report.tables import RATIO, conversion_table, finetune_samples
+from nblib.report.tables import RATIO, absent_tasks_note, conversion_table, finetune_samples, paper_table
 
 PRETRAIN_NOTE = (
     "Each ÷ MHA column divides the variant's figure by MHA's. Quality rows are over seeds: mean (min–max, n seeds). "
@@ -26,10 +26,45 @@ CONVERSION_NOTE = (
     "learning-rate schedule at its peak, so on a source whose own schedule has just decayed its first steps can raise the "
     "loss above the converted model's: read the two rows together (best val loss, in the table above, takes the lower)."
 )
+PAPER_NOTE = (
+    "Laid out like Table 1 of Ainslie et al. 2023 (arXiv 2305.13245: time per sample against quality). Time per "
+    "sample: seconds to decode one sample of the stated length at the run's shape, measured here with the variants "
+    "interleaved, amortised over the batch: median (min–max over repeats). Quality: best val bits per byte, mean "
+    "(min–max, n seeds). Training tokens count a converted variant's source run too. \"Compared at\": equal width "
+    "(same layers and d_model, so fewer K/V parameters) or equal parameters (MLP widened to match MHA's)."
+)
+VERDICT_NOTE = (
+    "Quality differences paired by seed (the variant minus the one it is set against, seed by seed), in best val bits "
+    "per byte: called only with at least two seeds, every seed's difference of one sign and the mean beyond twice its "
+    "standard error; one seed never makes an effect."
+)
+FRONTIER_NOTE = (
+    "Each pretraining variant as a point: quality (best val bits per byte, mean with the min–max over seeds) against "
+    "what it costs to decode. Circles were trained from scratch, triangles converted from MHA and uptrained. At real "
+    "shape (random weights) a converted variant sits at the sweep's variant of its from-scratch label, which has the "
+    "KV heads the axis names."
+)
 COST_NOTE = (
     "Random weights of real shapes, timed on the machine that rendered this report (speed does not depend on the "
     "weights' values). The trained smoke models are ~3M parameters, where the 50k-token embedding hides every "
     "attention saving; these rows show what GQA saves at the sizes it is meant for."
+)
+
+FINETUNE_NOTE = (
+    "Quality rows are over seeds: mean (min–max, n seeds). The eval loss picks the checkpoint on the val split; the rows "
+    "by source and by task score the test split (the first task_eval_per_source dialogues of each source, nblib.qa_eval), "
+    "each variant's base model (as that variant loads it) beside it: SciQ accuracy ranks the options by log-likelihood "
+    "(chance: 1 / options), Natural Questions exact match and token F1 use SQuAD's normalisation, ROUGE-L (rouge-score) "
+    "compares a greedy answer with the dialogue's own."
+)
+BY_SOURCE_NOTE = (
+    "Bits per byte of the assistant text of each source's test dialogues: hatched, the variant's base model before "
+    "fine-tuning; solid, after. Mean with the min–max over seeds."
+)
+COST_QUALITY_NOTE = (
+    "Each fine-tune variant as a point (mean, min–max over seeds): filled circles at the run's own peak training memory "
+    "and seconds per step (its model and machine: the smoke runs were not timed side by side); hollow squares at "
+    "GPT-2 small's, measured here with the variants side by side (the cost table above), at the run's quality."
 )
 
 
@@ -60,7 +95,8 @@ def compose(comparison: Comparison, settings: dict[str, Any], pretrain: pd.DataF
             cost: pd.DataFrame | None = None, finetune_cost: pd.DataFrame | None = None) -> Report:
     """The whole report from the comparison, its tables and the measurements made here."""
     rep = new_report(settings["profile"])
-    rep.add_text("At a glance", at_a_glance(comparison, pretrain, finetune, sweep, finetune_cost))
+    rep.add_text("At a glance", at_a_glance(comparison, pretrain, finetune, sweep, finetune_cost),
+                 note="Details and every verdict's evidence: the sections below the tables.")
     rep.add_warning("Unmatched pairs (compared anyway: allow_mismatch=True)", comparison.mismatches)
     flagged = tuple(f"{other.label}{RATIO}{base.label}" for base, other in pairs(comparison)
                     if any(f"runs/{other.name} " in m and f"runs/{base.name} " in m for m in comparison.mismatches))
@@ -68,6 +104,11 @@ def compose(comparison: Comparison, settings: dict[str, Any], pretrain: pd.DataF
     conversion = conversion_table(comparison)
     if conversion is not None:
         rep.add_table("GQA converted from MHA", conversion, note=CONVERSION_NOTE)
+    rep.add_table("Time per sample and quality", paper_table(comparison, pretrain, settings.get("gen_new_tokens")),
+                  note=PAPER_NOTE)
+    rep.add_text("Verdicts: quality with the seed spread", verdict_lines(comparison), note=VERDICT_NOTE)
+    rep.add_text("Details", details(comparison, pretrain, finetune, sweep, finetune_cost))
+    rep.add_figure("Quality vs cost: the frontier", figures.frontier(comparison, pretrain, sweep), note=FRONTIER_NOTE)
     rep.add_figure("Validation loss", figures.val_loss(comparison))
     rep.add_figure("KV-cache memory vs context length", figures.kv_cache(comparison))
     rep.add_figure("Throughput", figures.speed(pretrain))
@@ -80,9 +121,15 @@ def compose(comparison: Comparison, settings: dict[str, Any], pretrain: pd.DataF
         rep.add_table("Cost at real scale: fine-tuning GPT-2 small", finetune_cost,
                       note=finetune_cost.attrs.get("note", ""))
     if finetune is not None:
-        rep.add_table("Fine-tuning variants", finetune, note=_footprint_note(comparison))
+        rep.add_table("Fine-tuning variants", finetune,
+                      note=" ".join(n for n in (FINETUNE_NOTE, _footprint_note(comparison), absent_tasks_note(comparison)) if n))
         rep.add_figure("Fine-tuning losses", figures.finetune_losses(comparison))
         rep.add_figure("Fine-tuning memory and trainable parameters", figures.finetune_memory(finetune))
+        by_source = figures.finetune_by_source(comparison)
+        if by_source is not None:
+            rep.add_figure("Fine-tuning by source: eval bits per byte", by_source, note=BY_SOURCE_NOTE)
+        rep.add_figure("Fine-tuning: cost against quality", figures.finetune_cost_quality(comparison, finetune_cost),
+                       note=COST_QUALITY_NOTE)
         rep.add_table("Fine-tuned answers to the same questions", finetune_samples(comparison))
     rep.add_configs(comparison.groups, settings)
     return rep

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import statistics
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import pandas as pd
 
@@ -179,18 +179,23 @@ def pretrain_table(comparison: Comparison, measured: pd.DataFrame | None = None,
     return with_ratios(table)
 
 
+def scratch_twin(comparison: Comparison, g: Group) -> Group | None:
+    """The variant trained from scratch at equal width with ``g``'s KV heads (what a converted run is set against)."""
+    return next((t for t in comparison.pretrain.values()
+                 if t.summary.get("init", "scratch") == "scratch" and t.summary.get("matched", "equal width") == "equal width"
+                 and t.summary["n_kv_head"] == g.summary["n_kv_head"]), None)
+
+
 def conversion_table(comparison: Comparison) -> pd.DataFrame | None:
     """MHA -> GQA conversion (Ainslie et al. 2023): per variant converted from another run, its method,
     alpha, val loss right after conversion and after uptraining, against the variant of the same KV
     heads trained from scratch; losses over seeds. ``None`` when no run was converted."""
-    pre = comparison.pretrain
-    scratch = {g.summary["n_kv_head"]: g for g in pre.values() if g.summary.get("init", "scratch") == "scratch"}
     cols = {}
-    for lab, g in pre.items():
+    for lab, g in comparison.pretrain.items():
         s = g.summary
         if s.get("init") != "convert":
             continue
-        twin = scratch.get(s["n_kv_head"])
+        twin = scratch_twin(comparison, g)
         cols[lab] = {
             "source_run": s["source_run"].rsplit("/", 1)[0], "conversion_method": s["conversion_method"],
             "uptrain_fraction": s["uptrain_fraction"], "n_kv_head": s["n_kv_head"],
@@ -206,6 +211,48 @@ def conversion_table(comparison: Comparison) -> pd.DataFrame | None:
     table = pd.DataFrame(cols)
     table.index.name = "metric"
     return table
+
+
+def decode_key(table: pd.DataFrame | None) -> str | None:
+    """The generation tokens/s row of the largest batch measured here (``None`` when none was)."""
+    rows = [k for k in table.index if str(k).startswith("gen_tokens_per_s_b")] if table is not None else []
+    return max(rows, key=lambda k: int(k.removeprefix("gen_tokens_per_s_b")), default=None)
+
+
+def starts_from(summary: dict[str, Any]) -> str:
+    """How a variant's weights start: ``scratch`` or ``MHA, mean-pooled K/V, alpha = 0.05``."""
+    if summary.get("init") != "convert":
+        return "scratch"
+    source = summary["source_run"].rsplit("/", 1)[0].removeprefix("runs/pretrain-").upper()
+    return f"{source}, {summary['conversion_method']}-pooled K/V, alpha = {summary['uptrain_fraction']:g}"
+
+
+def paper_table(comparison: Comparison, table: pd.DataFrame | None = None, new_tokens: int | None = None) -> pd.DataFrame:
+    """Per variant, as in Table 1 of Ainslie et al. 2023: time per sample (``new_tokens`` decoded at
+    the largest batch of ``table``'s generation rows, so amortised over the batch: median with the
+    repeats' range), quality (val bits per byte over seeds), KV bytes per token, training compute
+    (tokens behind the weights, a converted variant's source run included) and whether it is
+    compared at equal width or equal parameters."""
+    key = decode_key(table) if new_tokens else None
+    time_col = (f"Time per sample (s to decode {new_tokens} tokens, batch {key.removeprefix('gen_tokens_per_s_b')})"
+                if key else None)
+    rows = {}
+    for lab, g in comparison.pretrain.items():
+        s = g.summary
+        row: dict[str, Any] = {"KV heads": f"{s['n_kv_head']} of {s['n_head']}", "Starts from": starts_from(s),
+                               "Compared at": s.get("matched", "equal width"), "Parameters": s["params"]}
+        if time_col:
+            tps = table.loc[key, lab] if lab in table.columns else math.nan
+            row[time_col] = (Stat.of((new_tokens / v for v in tps.values), "median") if isinstance(tps, Stat)
+                             else new_tokens / mid(tps) if mid(tps) else math.nan)
+        row["Val bits per byte"] = _seed_stat(g, "best_val_bpb")
+        row["KV cache per token (bytes, fp32)"] = kv_bytes_per_token(s)
+        tokens = [r.summary.get("total_tokens", r.summary["tokens_seen"]) for r in g.runs]
+        row["Training tokens (a converted run's source included)"] = tokens[0] if len(set(tokens)) == 1 else Stat.of(tokens)
+        rows[lab] = row
+    out = pd.DataFrame(rows).T
+    out.index.name = "variant"
+    return out
 
 
 def measured_rows(generation: pd.DataFrame | None = None, training: pd.DataFrame | None = None) -> pd.DataFrame:
@@ -243,10 +290,98 @@ def finetune_table(comparison: Comparison) -> pd.DataFrame | None:
             "run_samples_per_s": _seed_stat(g, "train_samples_per_s"),
             "wall_seconds": _seed_stat(g, "wall_seconds"),
             "merged_weights": s["merged_weights"] or "–",
+            **by_source_rows(g, eval_sources(comparison)), **task_rows(g, task_sources(comparison)),
         }
     table = pd.DataFrame(cols)
     table.index.name = "metric"
     return table
+
+
+# ---------------------------------------------------------------------------------------------
+# fine-tuning by source and by task (nblib.qa_eval, on the test split; summaries since issue 19)
+
+SOURCE_NAMES = {"sciq": "SciQ", "natural_questions": "Natural Questions", "alpaca": "Alpaca", "dolly": "Dolly"}
+# task -> (summary key, label) of each metric, the first the one the figures plot
+TASK_METRICS = {
+    "choice": (("accuracy", "multiple-choice accuracy"),),
+    "short_answer": (("exact_match", "exact match"), ("f1", "token F1")),
+    "free_form": (("rouge_l", "ROUGE-L F"),),
+}
+
+
+def source_name(source: str) -> str:
+    return SOURCE_NAMES.get(source, source)
+
+
+def eval_sources(comparison: Comparison) -> list[str]:
+    """The sources some fine-tune run scored by source, in the order the runs list them."""
+    return list(dict.fromkeys(src for g in comparison.finetune.values() for r in g.runs
+                              for src in r.summary.get("by_source", {})))
+
+
+def task_sources(comparison: Comparison) -> dict[str, str]:
+    """``source -> task`` of the sources some fine-tune run scored by task."""
+    return {src: v["task"] for g in comparison.finetune.values() for r in g.runs
+            for src, v in r.summary.get("tasks", {}).items()}
+
+
+def nested_stat(g: Group, field: str, source: str, key: str) -> Stat | float:
+    """Over seeds: ``summary[field][source][key]`` (a run without it counts as missing)."""
+    return Stat.of(r.summary.get(field, {}).get(source, {}).get(key) for r in g.runs)
+
+
+def _data_figure(g: Group, field: str, source: str, key: str = "n") -> Any:
+    """A figure of the data, not the model (examples scored, chance level): one number when the seeds agree."""
+    values = [r.summary.get(field, {}).get(source, {}).get(key) for r in g.runs]
+    return values[0] if len(set(values)) == 1 else Stat.of(values)
+
+
+def by_source_rows(g: Group, sources: Sequence[str]) -> dict[str, Any]:
+    """Per source: eval loss and bits per byte of the trained model, each beside the base's, and n."""
+    rows: dict[str, Any] = {}
+    for src in sources:
+        name = source_name(src)
+        for key, what in (("loss", "eval loss (nats/assistant token)"), ("bpb", "eval bits per byte")):
+            LABELS.setdefault(f"{key}:{src}", f"{name}: {what}, test split")
+            LABELS.setdefault(f"base_{key}:{src}", f"{name}: base model {what}")
+            rows[f"{key}:{src}"] = nested_stat(g, "by_source", src, key)
+            rows[f"base_{key}:{src}"] = nested_stat(g, "base_by_source", src, key)
+        LABELS.setdefault(f"n:{src}", f"{name}: test dialogues scored")
+        rows[f"n:{src}"] = _data_figure(g, "by_source", src)
+    return rows
+
+
+def task_rows(g: Group, sources: Mapping[str, str]) -> dict[str, Any]:
+    """Per source with a task: its metrics for the trained model, each beside the base's (SciQ with
+    chance level), and the examples scored."""
+    rows: dict[str, Any] = {}
+    for src, task in sources.items():
+        name = source_name(src)
+        for key, what in TASK_METRICS[task]:
+            LABELS.setdefault(f"{key}:{src}", f"{name}: {what}")
+            LABELS.setdefault(f"base_{key}:{src}", f"{name}: base model {what}")
+            rows[f"{key}:{src}"] = nested_stat(g, "tasks", src, key)
+            rows[f"base_{key}:{src}"] = nested_stat(g, "base_tasks", src, key)
+        if task == "choice":
+            LABELS.setdefault(f"chance:{src}", f"{name}: chance level (1 / options)")
+            rows[f"chance:{src}"] = _data_figure(g, "tasks", src, "chance")
+        LABELS.setdefault(f"task_n:{src}", f"{name}: examples scored by task")
+        rows[f"task_n:{src}"] = _data_figure(g, "tasks", src)
+    return rows
+
+
+def absent_tasks_note(comparison: Comparison) -> str:
+    """Which task metrics the fine-tune table lacks and why (none scored yet, or no such records in the data)."""
+    if not comparison.finetune:
+        return ""
+    if not eval_sources(comparison):
+        return ("These fine-tune runs were written before the per-source and task evaluation: re-run notebook "
+                "05_finetune_lora_8bit (resume=False) to add the test split's rows by source and by task.")
+    from nblib import qa
+
+    scored = task_sources(comparison)
+    absent = [source_name(name) for name, src in qa.sources().items() if src.task and name not in scored]
+    return " ".join(f"No {name} records in this profile's data: no {name} rows." for name in absent)
 
 
 def finetune_samples(comparison: Comparison) -> pd.DataFrame | None:

@@ -1,0 +1,114 @@
+"""The Hugging Face ``Trainer`` of a fine-tune (``nblib.finetune.train`` runs it): its arguments, an
+``eval_loss`` that is the run's one eval loss, and callbacks for progress, the time budget
+(``nblib.lifecycle.Budget``) and W&B sample answers."""
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from nblib import lifecycle, machine
+from nblib.progress import Progress
+
+if TYPE_CHECKING:
+    from nblib.finetune import Setup
+
+
+def callbacks(s: Setup) -> list[Any]:
+    """Progress (bar + pipeline status), the session's time budget, and W&B sample answers."""
+    from transformers import TrainerCallback
+
+    class Watch(TrainerCallback):
+        def __init__(self) -> None:
+            self.bar: Progress | None = None
+            self.budget = lifecycle.Budget(s.cfg["time_budget_minutes"])
+            self.last = self.budget.started
+            self.out_of_time = False
+
+        def on_train_begin(self, args, state, control, **kwargs):  # noqa: ANN001 (the Trainer's signature)
+            self.bar = Progress(f"{s.name} seed {s.seed}", state.max_steps, initial=state.global_step,
+                                disable=not state.is_world_process_zero)
+
+        def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001
+            now = time.perf_counter()
+            self.budget.step(now - self.last)  # the step and any evaluation or save after it
+            self.last = now
+            self.bar.update(1)
+            if self.budget.minutes is not None and state.global_step < state.max_steps:
+                short = torch.tensor([float(self.budget.short(3 * self.budget.step_seconds + 5))], device=args.device)
+                if torch.distributed.is_initialized():  # under torchrun every process stops at the same step
+                    torch.distributed.all_reduce(short, op=torch.distributed.ReduceOp.MAX)
+                if short.item():  # no room for one more step and a save
+                    self.out_of_time = control.should_save = control.should_training_stop = True
+
+        def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ANN001
+            if self.bar is not None and logs:
+                self.bar.update(0, **{k: v for k, v in logs.items() if k in ("loss", "eval_loss")})
+
+        def on_train_end(self, args, state, control, **kwargs):  # noqa: ANN001
+            if self.bar is not None:
+                self.bar.close()
+
+    class SampleAnswers(TrainerCallback):
+        """At each evaluation, answer the fixed questions and log them as a W&B table."""
+
+        def on_evaluate(self, args, state, control, **kwargs):  # noqa: ANN001
+            import wandb
+
+            from nblib.finetune import answer  # it imports this module
+
+            table = wandb.Table(columns=["step", "question", "answer", "stopped"])
+            for r in answer(s.model, s.tokenizer, s.cfg["questions"], s.cfg["max_new_tokens"]):
+                table.add_data(state.global_step, r["question"], r["answer"], r["stopped"])
+            wandb.log({"samples": table, "train/global_step": state.global_step})
+
+    return [Watch(), *([SampleAnswers()] if s.cfg["wandb"] else [])]
+
+
+def trainer_class() -> type:
+    from transformers import Trainer
+
+    class AssistantLossTrainer(Trainer):
+        """A Trainer whose ``eval_loss`` is :func:`assistant_loss` (token-weighted over every eval
+        dialogue) rather than the mean of per-batch means, so the best checkpoint is chosen by the
+        number the summary reports."""
+
+        def __init__(self, *args: Any, setup: Setup, **kwargs: Any):
+            super().__init__(*args, **kwargs)
+            self.setup = setup
+
+        def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:  # noqa: ANN001
+            loss, bpb = self.setup.evaluate_loss(self.model)
+            metrics = {f"{metric_key_prefix}_loss": loss}
+            if bpb is not None:
+                metrics[f"{metric_key_prefix}_bpb"] = bpb
+            self.log(metrics)
+            self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+            return metrics
+
+    return AssistantLossTrainer
+
+
+def training_arguments(s: Setup) -> Any:
+    """The Trainer's arguments: eval and save every ``eval_steps``, best model kept, mixed precision on GPUs."""
+    from transformers import TrainingArguments
+
+    cfg, cuda = s.cfg, s.device.type == "cuda"
+    half = machine.auto_dtype(s.device)
+    # transformers 5.0 (Kaggle's image) calls it gradient_checkpointing; later 5.x renamed it
+    # activation_checkpointing and warn on the old name.
+    ckpt = "activation_checkpointing" if "activation_checkpointing" in TrainingArguments.__dataclass_fields__ else "gradient_checkpointing"
+    return TrainingArguments(
+        output_dir=str(s.run_dir / "checkpoints"), max_steps=cfg["steps"],
+        per_device_train_batch_size=cfg["batch_size"], per_device_eval_batch_size=cfg["eval_batch_size"],
+        gradient_accumulation_steps=cfg["grad_accum"], learning_rate=s.learning_rate, lr_scheduler_type="cosine",
+        warmup_steps=cfg["warmup_steps"], weight_decay=cfg["weight_decay"],
+        eval_strategy="steps", eval_steps=cfg["eval_steps"], save_strategy="steps", save_steps=cfg["eval_steps"],
+        save_total_limit=2, load_best_model_at_end=True, metric_for_best_model="eval_loss", greater_is_better=False,
+        logging_steps=cfg["logging_steps"], report_to="wandb" if cfg["wandb"] else "none",
+        run_name=f"{s.name}-seed-{s.seed}", disable_tqdm=True,
+        **{ckpt: cfg["activation_checkpointing"], f"{ckpt}_kwargs": {"use_reentrant": False}},
+        bf16=cuda and half == torch.bfloat16, fp16=cuda and half == torch.float16, use_cpu=not cuda,
+        seed=s.seed, data_seed=s.seed, remove_unused_columns=False, dataloader_num_workers=0,
+    )

@@ -1,0 +1,255 @@
+"""A chat model scored by domain and by task, the way the evaluation field scores each QA source.
+
+By domain: eval loss (nats per assistant token) and bits per byte of each source's dialogues.
+By task, as the source's module says (``nblib.qa.TASKS``):
+
+- ``choice`` (SciQ): each option's summed log-likelihood given the question, prompted in the chat
+  format; the highest wins (lm-evaluation-harness' ``acc``; ``accuracy_norm`` divides by the
+  option's length in characters, its ``acc_norm``). Chance is 1 / number of options.
+- ``short_answer`` (Natural Questions): exact match and token F1 of the greedy answer after SQuAD's
+  normalisation, the best over the reference answers (SQuAD v1.1's evaluation script).
+- ``free_form`` (Alpaca, Dolly): ROUGE-L F-measure of the greedy answer against the dialogue's own
+  answer, from ``rouge_score`` with its defaults (no stemming).
+
+Greedy answers come from the model's ``generate`` in batches, ended by the chat's stop strings
+(``nblib.generate``). :func:`evaluate` is the one entry point.
+"""
+from __future__ import annotations
+
+import re
+import string
+from collections import Counter
+from functools import cache
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from nblib import config, finetune, qa
+from nblib.dialogue import Turns, render
+from nblib.generate import CHAT_STOPS, StopOnStrings, context_length, hf_decoder, trim
+from nblib.tokenizer import EOT
+
+# ---------------------------------------------------------------------------------------------
+# metrics of one answer
+
+
+_PUNCTUATION = set(string.punctuation)
+
+
+def normalize_answer(text: str) -> str:
+    """SQuAD's normalisation: lower case, no punctuation, no articles (a, an, the), single spaces."""
+    text = "".join(c for c in text.lower() if c not in _PUNCTUATION)
+    return " ".join(re.sub(r"\b(a|an|the)\b", " ", text).split())
+
+
+def exact_match(prediction: str, references: Sequence[str]) -> float:
+    """1.0 when the normalised prediction equals any normalised reference, else 0.0."""
+    return float(any(normalize_answer(prediction) == normalize_answer(r) for r in references))
+
+
+def token_f1(prediction: str, references: Sequence[str]) -> float:
+    """Best F1 over the references of the normalised tokens the prediction shares with each."""
+    def f1(pred: list[str], ref: list[str]) -> float:
+        common = sum((Counter(pred) & Counter(ref)).values())
+        if not common:
+            return float(pred == ref)  # both empty: a match
+        precision, recall = common / len(pred), common / len(ref)
+        return 2 * precision * recall / (precision + recall)
+
+    pred = normalize_answer(prediction).split()
+    return max(f1(pred, normalize_answer(r).split()) for r in references)
+
+
+@cache
+def _rouge() -> Any:
+    from rouge_score import rouge_scorer  # here: it imports nltk (0.6 s of a first rouge_l call, on the 2-core CPU)
+
+    return rouge_scorer.RougeScorer(["rougeL"])
+
+
+def rouge_l(prediction: str, reference: str) -> float:
+    """ROUGE-L F-measure (``rouge_score``: lower-cased alphanumeric tokens, longest common subsequence)."""
+    return _rouge().score(reference, prediction)["rougeL"].fmeasure
+
+
+# ---------------------------------------------------------------------------------------------
+# what the model does: option log-likelihoods, greedy answers, losses
+
+
+def prompt(turns: Turns) -> str:
+    """The dialogue up to its last answer, ending ``<|assistant|>``: what the model answers."""
+    return render(turns[:-1], generation_prompt=True)
+
+
+def option_text(option: str) -> str:
+    """An option as an answer starts in training: after a space, capitalised (``nblib.qa.sciq.convert``)."""
+    return f" {option[:1].upper()}{option[1:]}"
+
+
+@torch.no_grad()
+def option_logprobs(model: Any, tokenizer: Any, prompts: Sequence[str], options: Sequence[Sequence[str]],
+                    batch_size: int) -> list[list[float] | None]:
+    """Summed log-probability of each option's tokens after its prompt, per prompt (``None``: an
+    option longer than the context). A prompt too long for the context loses its first tokens, as
+    lm-evaluation-harness does; every (prompt, option) pair is one row of a padded batch."""
+    was_training = model.training
+    model.eval()
+    room = context_length(model)
+    rows, where = [], []  # {"input_ids", "labels"} per pair: labels only on the option's tokens
+    for i, (p, opts) in enumerate(zip(prompts, options)):
+        context = tokenizer.encode(p, add_special_tokens=False)
+        for j, option in enumerate(opts):
+            cont = tokenizer.encode(option_text(option), add_special_tokens=False)
+            if len(cont) < room:
+                ids = (context + cont)[-room:]
+                rows.append({"input_ids": ids, "labels": [-100] * (len(ids) - len(cont)) + cont})
+                where.append((i, j))
+    scores: list[list[float] | None] = [[0.0] * len(opts) for opts in options]
+    collate = finetune.Collator(tokenizer.convert_tokens_to_ids(EOT))  # any pad id: masked by position
+    order = sorted(range(len(rows)), key=lambda r: len(rows[r]["input_ids"]))  # similar lengths pad least
+    for k in range(0, len(order), batch_size):
+        chunk = order[k : k + batch_size]
+        batch = {n: t.to(model.device) for n, t in collate([rows[r] for r in chunk]).items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+        labels = batch["labels"][:, 1:]
+        # flattened as in finetune.assistant_loss: on a CPU, cross_entropy over a (batch, vocab, time)
+        # layout put a 4-token option of test_qa_eval's model 3e-3 nats off float64, this layout 2e-4
+        nll = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="none")
+        for r, total in zip(chunk, nll.view_as(labels).sum(dim=1).tolist()):
+            i, j = where[r]
+            scores[i][j] = -total
+    model.train(was_training)
+    counted = Counter(i for i, _ in where)
+    return [s if counted[i] == len(options[i]) else None for i, s in enumerate(scores)]
+
+
+@torch.no_grad()
+def greedy_answers(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int,
+                   batch_size: int) -> list[str | None]:
+    """Greedy answers to rendered prompts, batched (left-padded), each ended by the first chat stop
+    string (:data:`nblib.generate.CHAT_STOPS`) or, at the token budget, before its unfinished last
+    word (:func:`nblib.generate.trim`). ``None`` for a prompt that leaves no room in the context.
+    A batch's budget is ``max_new_tokens`` or the room its longest prompt leaves, whichever is less."""
+    was_training = model.training
+    model.eval()
+    room, decode, eot = context_length(model), hf_decoder(tokenizer), tokenizer.convert_tokens_to_ids(EOT)
+    ids = [tokenizer.encode(p, add_special_tokens=False) for p in prompts]
+    fits = sorted((i for i in range(len(ids)) if len(ids[i]) < room), key=lambda i: len(ids[i]))
+    out: list[str | None] = [None] * len(prompts)
+    for k in range(0, len(fits), batch_size):
+        chunk = fits[k : k + batch_size]
+        width = len(ids[chunk[-1]])
+        pads = [width - len(ids[i]) for i in chunk]
+        x = torch.tensor([[eot] * p + ids[i] for p, i in zip(pads, chunk)], device=model.device)
+        mask = torch.tensor([[0] * p + [1] * (width - p) for p in pads], device=model.device)
+        gen = model.generate(
+            input_ids=x, attention_mask=mask, max_new_tokens=min(max_new_tokens, room - width), do_sample=False,
+            eos_token_id=eot, pad_token_id=eot, stopping_criteria=[StopOnStrings(tokenizer, width)], use_cache=True,
+        )
+        for i, row in zip(chunk, gen[:, width:].tolist()):
+            out[i] = trim(decode(row), CHAT_STOPS)[0].strip()
+    model.train(was_training)
+    return out
+
+
+def source_losses(model: Any, tokenizer: Any, records: Sequence[dict], batch_size: int,
+                  max_length: int | None = None) -> dict[str, dict[str, Any]]:
+    """Per source: eval loss and bits per byte on assistant tokens (``finetune.assistant_loss``), the
+    dialogues kept (``n``) and their assistant tokens. Dialogues over ``max_length`` tokens (default:
+    the model's context) are dropped as in training (``finetune.encode``); give the run's
+    ``max_length`` and the token-weighted mean of the losses is the run's pooled eval loss. A source
+    with no dialogue that fits has ``n`` 0 and losses ``None``."""
+    nbytes = finetune.token_bytes(tokenizer)
+    out = {}
+    for source, group in _by_source(records).items():
+        examples, _ = finetune.encode(group, tokenizer, max_length or context_length(model))
+        if not examples:  # said, not left out: every source of the split shows in the table
+            out[source] = {"loss": None, "bpb": None, "n": 0, "tokens": 0}
+            continue
+        loss, bpb = finetune.assistant_loss(model, examples, tokenizer.convert_tokens_to_ids(EOT), batch_size, nbytes)
+        tokens = sum(sum(t != -100 for t in ex["labels"][1:]) for ex in examples)
+        out[source] = {"loss": loss, "bpb": bpb, "n": len(examples), "tokens": tokens}
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# the entry point
+
+
+def evaluate(model: Any, tokenizer: Any, records: Sequence[dict], *, max_new_tokens: int = 32, batch_size: int = 16,
+             limit_per_source: int | None = 200, max_length: int | None = None) -> dict[str, Any]:
+    """Score ``model`` on dialogue records (``nblib.dialogue``: an eval split) by source and by task.
+
+    ``tokenizer`` has the chat markers (``finetune.add_special_tokens``). The first
+    ``limit_per_source`` records of each source are used (``None``: all); ``max_length`` is the
+    losses' (:func:`source_losses`). Returns
+    ``{"by_source": {source: {"loss", "bpb", "n", "tokens"}}, "tasks": {source: {"task", metrics...,
+    "n", "skipped"}}}``; ``skipped`` counts records too long for the context. Sources without a task
+    (``nblib.qa``'s ``task`` is ``None``) have a loss only.
+    """
+    groups = {s: g[:limit_per_source] for s, g in _by_source(records).items()}
+    kept = [r for g in groups.values() for r in g]
+    tasks: dict[str, dict[str, Any]] = {}
+    for source, group in groups.items():
+        task = qa.get(source).task if source in qa.sources() else None
+        if task == "choice":
+            tasks[source] = _choice(model, tokenizer, source, group, batch_size)
+        elif task in ("short_answer", "free_form"):
+            tasks[source] = _answers(model, tokenizer, source, task, group, max_new_tokens, batch_size)
+    return {"by_source": source_losses(model, tokenizer, kept, batch_size, max_length), "tasks": tasks}
+
+
+def _choice(model: Any, tokenizer: Any, source: str, group: list[dict], batch_size: int) -> dict[str, Any]:
+    """Multiple-choice accuracy (summed and length-normalised log-likelihood) beside chance."""
+    _require(group, source, ("options", "correct"))
+    scores = option_logprobs(model, tokenizer, [prompt(r["dialogue"]) for r in group],
+                             [r["options"] for r in group], batch_size)
+    rows = [(r, s) for r, s in zip(group, scores) if s is not None]
+    norm = [[v / len(o) for v, o in zip(s, r["options"])] for r, s in rows]
+    return {
+        "task": "choice",
+        "accuracy": _mean([_argmax(s) == r["correct"] for r, s in rows]),
+        "accuracy_norm": _mean([_argmax(n) == r["correct"] for (r, _), n in zip(rows, norm)]),
+        "chance": _mean([1 / len(r["options"]) for r, _ in rows]),
+        "n": len(rows), "skipped": len(group) - len(rows),
+    }
+
+
+def _answers(model: Any, tokenizer: Any, source: str, task: str, group: list[dict], max_new_tokens: int,
+             batch_size: int) -> dict[str, Any]:
+    """Greedy answers scored against the short answers (EM, F1) or the dialogue's own answer (ROUGE-L)."""
+    if task == "short_answer":
+        _require(group, source, ("answers",))
+    answers = greedy_answers(model, tokenizer, [prompt(r["dialogue"]) for r in group], max_new_tokens, batch_size)
+    pairs = [(r, a) for r, a in zip(group, answers) if a is not None]
+    if task == "short_answer":
+        metrics = {"exact_match": _mean([exact_match(a, r["answers"]) for r, a in pairs]),
+                   "f1": _mean([token_f1(a, r["answers"]) for r, a in pairs])}
+    else:
+        metrics = {"rouge_l": _mean([rouge_l(a, r["dialogue"][-1]["content"]) for r, a in pairs])}
+    return {"task": task, **metrics, "n": len(pairs), "skipped": len(group) - len(pairs)}
+
+
+def _by_source(records: Sequence[dict]) -> dict[str, list[dict]]:
+    groups: dict[str, list[dict]] = {}
+    for r in records:
+        groups.setdefault(r["source"], []).append(r)
+    return groups
+
+
+def _require(group: Sequence[dict], source: str, keys: tuple[str, ...]) -> None:
+    """Refuse records written before the clean stage kept the evaluation fields, saying how to fix it."""
+    lacking = sum(any(k not in r for k in keys) for r in group)
+    if lacking:
+        raise config.MissingInput(f"{lacking} of {len(group)} {source} dialogue records lack {', '.join(keys)} "
+                                  "(the task metrics need them); re-run notebooks/02_clean.ipynb (the clean stage) to "
+                                  "rewrite the dialogue splits")
+
+
+def _argmax(values: Sequence[float]) -> int:
+    return max(range(len(values)), key=lambda i: values[i])
+
+
+def _mean(values: Sequence[float]) -> float | None:
+    return sum(values) / len(values) if values else None
