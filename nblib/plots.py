@@ -26,6 +26,18 @@ def _figure(width: float, height: float) -> Figure:
     return Figure(figsize=(width, height), layout="constrained")
 
 
+def _grid(n: int, width: float, height: float, extra: float = 0.0) -> tuple[Figure, list[Any]]:
+    """A figure of ``n`` panels, two a row (four in one row are unreadable on a phone), each
+    ``width`` x ``height`` inches (+ ``extra`` for the legend); the spare panel hidden."""
+    cols = min(n, 2)
+    rows = math.ceil(n / cols)
+    fig = _figure(width * cols, height * rows + extra)
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    for ax in axes[n:]:
+        ax.set_axis_off()
+    return fig, list(axes[:n])
+
+
 def _finish(ax: Any, legend: bool = True, below: bool = False) -> None:
     ax.grid(alpha=0.3)
     if legend and ax.get_legend_handles_labels()[0]:
@@ -173,12 +185,7 @@ def bars(panels: Mapping[str, Mapping[str, tuple[float, float, float]]], ylabel:
          log: Sequence[str] = (), colours: Mapping[str, str] | None = None) -> Figure:
     """One bar panel per measure: ``{title: {variant: (median, low, high)}}``, the error bar spanning
     low–high; ``ylabel`` one unit for every panel or ``{title: unit}``; colours by :func:`variant_colour`."""
-    cols = min(len(panels), 2)  # two panels a row: four in one row are unreadable on a phone
-    rows = math.ceil(len(panels) / cols)
-    fig = _figure(4.2 * cols, 3.2 * rows)
-    axes = fig.subplots(rows, cols, squeeze=False).ravel()
-    for ax in axes[len(panels):]:
-        ax.set_axis_off()
+    fig, axes = _grid(len(panels), 4.2, 3.2)
     for ax, (title, values) in zip(axes, panels.items()):
         names = list(values)
         mid = np.array([values[n][0] for n in names], float)
@@ -206,12 +213,7 @@ def frontier(points: Sequence[Mapping[str, Any]], axes: Mapping[str, str]) -> Fi
     or None}``; error bars span lo–hi, the marker tells from-scratch and uptrained variants apart and
     the label sits next to the point."""
     keys = [k for k in axes if any(p.get(k) is not None for p in points)]
-    cols = min(len(keys), 2)
-    rows = math.ceil(len(keys) / cols)
-    fig = _figure(5 * cols, 3.6 * rows + 0.4)
-    grid = fig.subplots(rows, cols, squeeze=False).ravel()
-    for ax in grid[len(keys):]:
-        ax.set_axis_off()
+    fig, grid = _grid(len(keys), 5, 3.6, 0.4)
     for ax, key in zip(grid, keys):
         for p in points:
             if p.get(key) is None:
@@ -305,12 +307,7 @@ Spread = tuple[float, float, float]  # (centre, low, high): the error bar spans 
 def before_after(panels: Mapping[str, Mapping[str, tuple[Spread, Spread]]], ylabel: str) -> Figure:
     """One panel per title, ``{title: {variant: (base, trained)}}``: per variant a pale hatched bar
     (its base model, as the variant loaded it) beside a solid one (after fine-tuning)."""
-    cols = min(len(panels), 2)
-    rows = math.ceil(len(panels) / cols)
-    fig = _figure(4.6 * cols, 3.2 * rows + 0.3)
-    axes = fig.subplots(rows, cols, squeeze=False).ravel()
-    for ax in axes[len(panels):]:
-        ax.set_axis_off()
+    fig, axes = _grid(len(panels), 4.6, 3.2, 0.3)
     width = 0.38
     for ax, (title, values) in zip(axes, panels.items()):
         x = np.arange(len(values))

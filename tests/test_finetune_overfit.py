@@ -31,12 +31,12 @@ MARKERS = (dialogue.USER, dialogue.ASSISTANT)
 
 @pytest.fixture
 def toy_root(home, mirror):
-    """``home`` with the 8 dialogues as train and val split and a tiny random GPT-2 at ``base/``."""
+    """``home`` with the 8 dialogues as train, val and test split and a tiny random GPT-2 at ``base/``."""
     records = [
         {"dialogue": [{"role": "user", "content": q}, {"role": "assistant", "content": a}], "source": "toy"}
         for q, a in QA
     ]
-    for split in ("train", "val"):
+    for split in ("train", "val", "test"):
         write_jsonl(home / "data/processed/dialogues" / f"{split}.jsonl", records)
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=2, n_positions=64, vocab_size=50257))
