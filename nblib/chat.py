@@ -16,6 +16,7 @@ import html
 import os
 import re
 import select
+import signal
 import sys
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
@@ -411,6 +412,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(f"model {cfg['model']} ({budget(chat)}); /help for commands", flush=True)
     terminal = Terminal.stdin()
+    # Started from a shell's background job (`cmd &`, nohup), a process inherits SIGINT ignored and Python
+    # then installs no KeyboardInterrupt: Ctrl-C must still stop an answer and leave at the prompt.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         converse(chat, terminal.lines(), answering=terminal.answering, interruptible=True)
     except KeyboardInterrupt:  # at the prompt
