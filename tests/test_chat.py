@@ -25,7 +25,7 @@ START = f"model {MERGED} (64-token context: 32 for your message and the history,
 SLOW_CLI = "import sys, time; from nblib import chat; show = chat._print; " \
            "chat._print = lambda text: (show(text), time.sleep(0.3)); sys.exit(chat.main())"
 # Ctrl-C must land while the answer streams: the first piece waits up to a minute (the Ctrl-C ends the
-# wait), however late a loaded machine lets the test read it; a second a piece still lost that race.
+# wait), however late a loaded machine lets the test read it.
 SLOWER_CLI = SLOW_CLI.replace("time.sleep(0.3)", "time.sleep(first.pop() if first else 0.3)").replace(
     "show = chat._print;", "show = chat._print; first = [60.0];")
 
