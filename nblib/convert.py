@@ -14,7 +14,7 @@ import torch.nn as nn
 from nblib.model import GPT, GPTConfig
 
 
-KV_CONVERSIONS = ("mean", "first", "random")
+KV_CONVERSIONS = ("mean", "first", "random")  # best first, as the GQA paper's ablation ranks them (the report compares to the first present)
 
 
 def convert_kv_heads(model: GPT, n_kv_head: int, method: str = "mean", seed: int | None = None) -> GPT:

@@ -31,18 +31,17 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.nn.functional as F
 
-from nblib import config, dialogue, fttrainer, lifecycle, lock, machine, runs, tokenizer, tracking
+from nblib import config, dialogue, fttrainer, lifecycle, lock, machine, qa_eval, runs, tracking
 from nblib.files import read_json, sha256_file, write_json
 from nblib.ftbase import (MODES, QUANTIZED_BITS, add_special_tokens, compute_dtype, count_params,  # noqa: F401 (notebook 05)
                           footprint, load_base, load_tokenizer, random_base, resolve_base)
 from nblib.ftmethods import (METHODS, PIPELINE, VARIANTS, Method, Variant, frequent_answer_tokens,  # noqa: F401
                              load_adapter, lora_config, merge, variant, wrap_lora)
-from nblib.tokenizer import EOT
+from nblib.ftscore import Collator, answer, assistant_loss, encode, token_bytes  # noqa: F401 (tests, notebooks)
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -70,99 +69,6 @@ def select(records: list[dict], mix: dict[str, int | None] | None, seed: int) ->
     if not out:  # else fine-tuning would blame max_length for the empty data
         raise config.SettingsError(f"mix={mix} selects no dialogue; give at least one source a count above 0 (or null: all)")
     random.Random(seed).shuffle(out)
-    return out
-
-
-def encode(records: list[dict], tokenizer: Any, max_length: int) -> tuple[list[dict], int]:
-    """Tokenize dialogues into ``{"input_ids", "labels"}``; those over ``max_length`` tokens are dropped (counted).
-
-    Dropping rather than truncating keeps every answer's closing ``<|endoftext|>``.
-    """
-    out, too_long = [], 0
-    for rec in records:
-        ids, labels = dialogue.tokenize(rec["dialogue"], tokenizer)
-        if len(ids) > max_length:
-            too_long += 1
-        else:
-            out.append({"input_ids": ids, "labels": labels})
-    return out, too_long
-
-
-@dataclass
-class Collator:
-    """Right-pads a batch; padding gets attention 0 and label -100 by position, whatever the pad id."""
-
-    pad_id: int
-
-    def __call__(self, batch: list[dict]) -> dict[str, torch.Tensor]:
-        width = max(len(b["input_ids"]) for b in batch)
-
-        def pad(seq: list[int], value: int) -> list[int]:
-            return seq + [value] * (width - len(seq))
-
-        return {
-            "input_ids": torch.tensor([pad(b["input_ids"], self.pad_id) for b in batch]),
-            "attention_mask": torch.tensor([pad([1] * len(b["input_ids"]), 0) for b in batch]),
-            "labels": torch.tensor([pad(b["labels"], -100) for b in batch]),
-        }
-
-
-def token_bytes(tok: Any) -> torch.Tensor:
-    """UTF-8 bytes per id of a GPT-2 tokenizer with added markers (special tokens count 0)."""
-    base = torch.from_numpy(tokenizer.token_bytes())
-    return torch.cat([base, torch.zeros(max(0, len(tok) - len(base)), dtype=base.dtype)])
-
-
-# ---------------------------------------------------------------------------------------------
-# evaluation: loss on assistant tokens, answers to fixed questions, stop rate
-
-
-@torch.no_grad()
-def assistant_loss(model: Any, examples: list[dict], pad_id: int, batch_size: int = 8,
-                   nbytes: torch.Tensor | None = None) -> tuple[float, float | None]:
-    """``(loss, bits per byte)``: cross-entropy per assistant token (labels != -100), summed over
-    every batch and divided by the token count; bits per byte over the tokens that stand for text."""
-    was_training = model.training
-    model.eval()
-    collate = Collator(pad_id)
-    counted = lifecycle.LossSum(nbytes)
-    for i in range(0, len(examples), batch_size):
-        batch = {k: v.to(model.device) for k, v in collate(examples[i : i + batch_size]).items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
-        targets = batch["labels"][:, 1:].flatten()
-        nll = F.cross_entropy(logits[:, :-1].flatten(0, 1), targets, ignore_index=-100, reduction="none")
-        counted.add(nll, targets, targets != -100)
-    model.train(was_training)
-    return counted.loss, counted.bpb
-
-
-@torch.no_grad()
-def answer(model: Any, tokenizer: Any, questions: Sequence[str], max_new_tokens: int) -> list[dict[str, Any]]:
-    """Greedy answers; ``stopped``: a non-empty answer closed by ``<|endoftext|>`` within ``max_new_tokens``.
-
-    The budget shrinks when the prompt plus ``max_new_tokens`` would not fit the model's context.
-    """
-    was_training = model.training
-    model.eval()
-    eot = tokenizer.convert_tokens_to_ids(EOT)
-    out = []
-    for q in questions:
-        prompt = dialogue.render([{"role": "user", "content": q}], generation_prompt=True)
-        ids = tokenizer(prompt, return_tensors="pt").input_ids.to(model.device)
-        gen = model.generate(
-            input_ids=ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=min(max_new_tokens, model.config.n_positions - ids.shape[1]),
-            do_sample=False,
-            eos_token_id=eot,
-            pad_token_id=eot,
-            use_cache=True,
-        )
-        new = gen[0, ids.shape[1] :].tolist()
-        end = new.index(eot) if eot in new else len(new)
-        text = tokenizer.decode(new[:end]).strip()
-        out.append({"question": q, "answer": text, "stopped": end < len(new) and bool(text)})
-    model.train(was_training)
     return out
 
 
@@ -329,8 +235,6 @@ def setup(cfg: dict[str, Any], seed: int | None = None) -> Setup:
 def evaluate(s: Setup) -> dict[str, Any]:
     """Loss, perplexity and bits per byte on assistant tokens of the validation dialogues, answers and
     stop rate; on the test split, ``by_source`` losses and ``tasks`` metrics (:func:`nblib.qa_eval.evaluate`)."""
-    from nblib import qa_eval  # here: qa_eval imports this module's Collator, encode and assistant_loss
-
     loss, bpb = s.evaluate_loss()
     answers = answer(s.model, s.tokenizer, s.cfg["questions"], s.cfg["max_new_tokens"])
     scored = qa_eval.evaluate(s.model, s.tokenizer, s.test_records, max_new_tokens=s.cfg["max_new_tokens"],

@@ -1,4 +1,5 @@
-"""The Hugging Face ``Trainer`` of a fine-tune (``nblib.finetune.train`` runs it): its arguments, an
+"""The Hugging Face ``Trainer`` of a fine-tune (``nblib.finetune.train`` runs it): its arguments, a
+training loss whose output layer runs on the assistant's tokens only (``nblib.ftscore.label_nll``), an
 ``eval_loss`` that is the run's one eval loss, and callbacks for progress, the time budget
 (``nblib.lifecycle.Budget``) and W&B sample answers."""
 from __future__ import annotations
@@ -8,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from nblib import lifecycle, machine
+from nblib import ftscore, lifecycle, machine
 from nblib.progress import Progress
 
 if TYPE_CHECKING:
@@ -56,10 +57,8 @@ def callbacks(s: Setup) -> list[Any]:
         def on_evaluate(self, args, state, control, **kwargs):  # noqa: ANN001
             import wandb
 
-            from nblib.finetune import answer  # it imports this module
-
             table = wandb.Table(columns=["step", "question", "answer", "stopped"])
-            for r in answer(s.model, s.tokenizer, s.cfg["questions"], s.cfg["max_new_tokens"]):
+            for r in ftscore.answer(s.model, s.tokenizer, s.cfg["questions"], s.cfg["max_new_tokens"]):
                 table.add_data(state.global_step, r["question"], r["answer"], r["stopped"])
             wandb.log({"samples": table, "train/global_step": state.global_step})
 
@@ -70,13 +69,29 @@ def trainer_class() -> type:
     from transformers import Trainer
 
     class AssistantLossTrainer(Trainer):
-        """A Trainer whose ``eval_loss`` is :func:`assistant_loss` (token-weighted over every eval
-        dialogue) rather than the mean of per-batch means, so the best checkpoint is chosen by the
-        number the summary reports."""
+        """A Trainer whose training loss runs the output layer on the labelled rows only, and whose
+        ``eval_loss`` is :func:`nblib.ftscore.assistant_loss` (token-weighted over every eval dialogue)
+        rather than the mean of per-batch means, so the best checkpoint is chosen by the number the
+        summary reports."""
 
         def __init__(self, *args: Any, setup: Setup, **kwargs: Any):
             super().__init__(*args, **kwargs)
             self.setup = setup
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: ANN001
+            """The model's own causal-LM loss, with Trainer's scaling kept (transformers 5.0 to 5.23): summed
+            over the labelled tokens and divided by ``num_items_in_batch`` (the accumulated batch's, all
+            processes') where the model takes loss kwargs, else the micro-batch's mean. ``n_gpu > 1``
+            (DataParallel: several GPUs without torchrun) keeps the Trainer's own loss."""
+            if return_outputs or self.args.n_gpu > 1:
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            nll, _ = ftscore.label_nll(model, inputs)
+            if self.model_accepts_loss_kwargs and num_items_in_batch is not None:
+                loss = nll.sum() / num_items_in_batch
+                if self.args.average_tokens_across_devices:  # DDP averages gradients over processes
+                    loss = loss * self.accelerator.num_processes
+                return loss
+            return nll.mean()
 
         def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:  # noqa: ANN001
             loss, bpb = self.setup.evaluate_loss(self.model)

@@ -23,9 +23,8 @@ from functools import cache
 from typing import Any, Sequence
 
 import torch
-import torch.nn.functional as F
 
-from nblib import config, finetune, qa
+from nblib import config, ftscore, qa
 from nblib.dialogue import Turns, render
 from nblib.generate import CHAT_STOPS, StopOnStrings, context_length, hf_decoder, trim
 from nblib.tokenizer import EOT
@@ -106,17 +105,14 @@ def option_logprobs(model: Any, tokenizer: Any, prompts: Sequence[str], options:
                 rows.append({"input_ids": ids, "labels": [-100] * (len(ids) - len(cont)) + cont})
                 where.append((i, j))
     scores: list[list[float] | None] = [[0.0] * len(opts) for opts in options]
-    collate = finetune.Collator(tokenizer.convert_tokens_to_ids(EOT))  # any pad id: masked by position
+    collate = ftscore.Collator(tokenizer.convert_tokens_to_ids(EOT))  # any pad id: masked by position
     order = sorted(range(len(rows)), key=lambda r: len(rows[r]["input_ids"]))  # similar lengths pad least
     for k in range(0, len(order), batch_size):
         chunk = order[k : k + batch_size]
         batch = {n: t.to(model.device) for n, t in collate([rows[r] for r in chunk]).items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
-        labels = batch["labels"][:, 1:]
-        # flattened as in finetune.assistant_loss: on a CPU, cross_entropy over a (batch, vocab, time)
-        # layout put a 4-token option of test_qa_eval's model 3e-3 nats off float64, this layout 2e-4
-        nll = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="none")
-        for r, total in zip(chunk, nll.view_as(labels).sum(dim=1).tolist()):
+        nll, keep = ftscore.label_nll(model, batch)
+        per_row = torch.zeros(len(chunk), dtype=nll.dtype, device=nll.device).index_add_(0, keep.nonzero()[:, 0], nll)
+        for r, total in zip(chunk, per_row.tolist()):
             i, j = where[r]
             scores[i][j] = -total
     model.train(was_training)
@@ -124,50 +120,32 @@ def option_logprobs(model: Any, tokenizer: Any, prompts: Sequence[str], options:
     return [s if counted[i] == len(options[i]) else None for i, s in enumerate(scores)]
 
 
-@torch.no_grad()
 def greedy_answers(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int,
                    batch_size: int) -> list[str | None]:
-    """Greedy answers to rendered prompts, batched (left-padded), each ended by the first chat stop
-    string (:data:`nblib.generate.CHAT_STOPS`) or, at the token budget, before its unfinished last
-    word (:func:`nblib.generate.trim`). ``None`` for a prompt that leaves no room in the context.
-    A batch's budget is ``max_new_tokens`` or the room its longest prompt leaves, whichever is less."""
-    was_training = model.training
-    model.eval()
-    room, decode, eot = context_length(model), hf_decoder(tokenizer), tokenizer.convert_tokens_to_ids(EOT)
-    ids = [tokenizer.encode(p, add_special_tokens=False) for p in prompts]
-    fits = sorted((i for i in range(len(ids)) if len(ids[i]) < room), key=lambda i: len(ids[i]))
-    out: list[str | None] = [None] * len(prompts)
-    for k in range(0, len(fits), batch_size):
-        chunk = fits[k : k + batch_size]
-        width = len(ids[chunk[-1]])
-        pads = [width - len(ids[i]) for i in chunk]
-        x = torch.tensor([[eot] * p + ids[i] for p, i in zip(pads, chunk)], device=model.device)
-        mask = torch.tensor([[0] * p + [1] * (width - p) for p in pads], device=model.device)
-        gen = model.generate(
-            input_ids=x, attention_mask=mask, max_new_tokens=min(max_new_tokens, room - width), do_sample=False,
-            eos_token_id=eot, pad_token_id=eot, stopping_criteria=[StopOnStrings(tokenizer, width)], use_cache=True,
-        )
-        for i, row in zip(chunk, gen[:, width:].tolist()):
-            out[i] = trim(decode(row), CHAT_STOPS)[0].strip()
-    model.train(was_training)
-    return out
+    """Greedy answers to rendered prompts (:func:`nblib.ftscore.greedy`, batched), each ended by the
+    first chat stop string (:data:`nblib.generate.CHAT_STOPS`) or, at the token budget, before its
+    unfinished last word (:func:`nblib.generate.trim`). ``None`` for a prompt that leaves no room."""
+    decode = hf_decoder(tokenizer)
+    rows = ftscore.greedy(model, tokenizer, prompts, max_new_tokens, batch_size,
+                          stopping=lambda width: StopOnStrings(tokenizer, width))
+    return [None if row is None else trim(decode(row), CHAT_STOPS)[0].strip() for row in rows]
 
 
 def source_losses(model: Any, tokenizer: Any, records: Sequence[dict], batch_size: int,
                   max_length: int | None = None) -> dict[str, dict[str, Any]]:
-    """Per source: eval loss and bits per byte on assistant tokens (``finetune.assistant_loss``), the
+    """Per source: eval loss and bits per byte on assistant tokens (``ftscore.assistant_loss``), the
     dialogues kept (``n``) and their assistant tokens. Dialogues over ``max_length`` tokens (default:
-    the model's context) are dropped as in training (``finetune.encode``); give the run's
+    the model's context) are dropped as in training (``ftscore.encode``); give the run's
     ``max_length`` and the token-weighted mean of the losses is the run's pooled eval loss. A source
     with no dialogue that fits has ``n`` 0 and losses ``None``."""
-    nbytes = finetune.token_bytes(tokenizer)
+    nbytes = ftscore.token_bytes(tokenizer)
     out = {}
     for source, group in _by_source(records).items():
-        examples, _ = finetune.encode(group, tokenizer, max_length or context_length(model))
+        examples, _ = ftscore.encode(group, tokenizer, max_length or context_length(model))
         if not examples:  # said, not left out: every source of the split shows in the table
             out[source] = {"loss": None, "bpb": None, "n": 0, "tokens": 0}
             continue
-        loss, bpb = finetune.assistant_loss(model, examples, tokenizer.convert_tokens_to_ids(EOT), batch_size, nbytes)
+        loss, bpb = ftscore.assistant_loss(model, examples, tokenizer.convert_tokens_to_ids(EOT), batch_size, nbytes)
         tokens = sum(sum(t != -100 for t in ex["labels"][1:]) for ex in examples)
         out[source] = {"loss": loss, "bpb": bpb, "n": len(examples), "tokens": tokens}
     return out

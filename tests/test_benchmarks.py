@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_pretrain.py"
 INFERENCE = SCRIPT.with_name("bench_inference.py")
@@ -79,6 +80,33 @@ def gpu_evidence():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def test_bench_finetune_times_both_losses_with_equal_gradients(home, mirror):
+    """The labelled-rows loss against the model's own on a tiny GPT-2: same gradients, both timed, a JSON line."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from nblib import dialogue
+    from nblib.files import write_jsonl
+    from nblib.tokenizer import hf_tokenizer
+
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=2, n_positions=128)).save_pretrained(home / "models/tiny")
+    hf_tokenizer().save_pretrained(home / "models/tiny")
+    alpaca = json.loads((mirror / "qa" / "alpaca_5000.json").read_text(encoding="utf-8"))
+    write_jsonl(home / "data/raw/qa/alpaca.jsonl", alpaca[:200])
+    dialogue.prepare(home / "data/raw/qa", home / "data/processed/dialogues",
+                     {"targets": {"alpaca": 60}, "val_fraction": 0.1, "test_fraction": 0.1, "max_chars": 200, "seed": 1})
+    out = subprocess.run([sys.executable, str(SCRIPT.with_name("bench_finetune.py")), "--variants", "lora-32bit,full",
+                          "--reps", "2", "--base-model", "models/tiny"],
+                         capture_output=True, text=True, timeout=600, env={**os.environ, "NBLIB_HOME": str(home)})
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert set(result["variants"]) == {"lora-32bit", "full"}
+    for v in result["variants"].values():
+        assert v["max_grad_rel_diff"] < 1e-4 and 0 < v["labelled"] < v["positions"]
+        assert v["ms_every_position"] > 0 and v["ms_labelled_rows"] > 0
+    assert "speed-up" in out.stdout
 
 
 def test_gpu_evidence_dry_run(mirror, tmp_path):

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
-from nblib import config, dialogue, finetune, ftmethods, plots, runs
+from nblib import config, dialogue, finetune, ftmethods, ftscore, plots, runs
 from nblib.files import read_json, read_jsonl, write_jsonl
 from nblib.tokenizer import EOT, EOT_ID, hf_tokenizer
 
@@ -377,6 +377,38 @@ def test_low_precision_trains_after_an_evaluation(root, variant):
     trained = finetune.train(s)
     assert trained["steps"] == 2
     assert math.isfinite(finetune.evaluate(s)["loss"]) and math.isfinite(before["loss"])
+
+
+@pytest.mark.parametrize("variant", ["lora-8bit", "full"])
+def test_the_loss_on_labelled_rows_is_the_models_own_loss_and_gradients(root, variant):
+    """ftscore.label_nll runs the output layer on labelled rows only; the Trainer's compute_loss uses it.
+    Both must give HF's own causal-LM loss and the same gradients (dropout off: model.eval())."""
+    from nblib import fttrainer
+
+    s = finetune.setup(small(variant=variant, seeds=[7], resume=False), 7)
+    batch = finetune.Collator(s.tokenizer.pad_token_id)(s.train_set[:4])
+    assert 0 < (batch["labels"] != -100).sum() < batch["labels"].numel()  # some rows are left out
+    s.model.eval()
+
+    def grads(loss):
+        s.model.zero_grad()
+        loss.backward()
+        return {n: p.grad.clone() for n, p in s.model.named_parameters() if p.grad is not None}
+
+    own = s.model(**batch).loss
+    reference = grads(own)
+    nll, keep = ftscore.label_nll(s.model, batch)
+    assert nll.shape == (int(keep.sum()),)
+    assert nll.mean().item() == pytest.approx(own.item(), rel=1e-6)
+    trainer = fttrainer.trainer_class()(model=s.model, args=fttrainer.training_arguments(s), eval_dataset=s.val_set, setup=s)
+    items = (batch["labels"][:, 1:] != -100).sum()
+    assert trainer.model_accepts_loss_kwargs  # so num_items_in_batch takes the summed, rescaled path
+    for loss in (nll.mean(), trainer.compute_loss(s.model, batch), trainer.compute_loss(s.model, batch, num_items_in_batch=items)):
+        got = grads(loss)
+        assert got.keys() == reference.keys()
+        for name, g in got.items():
+            assert torch.allclose(g, reference[name], rtol=1e-4, atol=1e-7), name
+    shutil.rmtree(s.run_dir)
 
 
 def test_stop_rate_counts_only_answers_closed_by_eos(root):

@@ -389,7 +389,8 @@ def test_ingest_interrupted_run_keeps_earlier_entries(mirror, tmp_path):
 def test_ingest_local_qa_file_relative_to_home(home):
     (home / "my").mkdir()
     (home / "my" / "alpaca.jsonl").write_text(json.dumps({"instruction": "q", "input": "", "output": "a"}) + "\n")
-    cfg = config.settings("ingest", "smoke", books=[], collection=False, qa_files={"alpaca": "my/alpaca.jsonl"})
+    cfg = config.settings("ingest", "smoke", books=[], collection=False, qa={"alpaca": None},
+                          qa_files={"alpaca": "my/alpaca.jsonl"})
     entry = ingest.ingest(cfg)["files"]["qa/alpaca.jsonl"]
     assert (entry["source"], entry["origin"], entry["records"]) == ("folder", "alpaca.jsonl", 1)
 

@@ -126,7 +126,7 @@ def test_records_without_the_eval_fields_are_refused_with_the_fix(tok, model):
 
 @pytest.mark.parametrize("first", ["nblib.qa_eval", "nblib.finetune"])
 def test_qa_eval_and_finetune_import_in_either_order(first):
-    """finetune.evaluate calls qa_eval, which uses finetune's collator and losses: no import cycle either way."""
+    """finetune imports qa_eval; both take the collator and losses from ftscore: no import cycle either way."""
     import subprocess
     import sys
 

@@ -657,8 +657,13 @@ def test_finetune_rows_by_source_and_task_with_the_seed_spread(home):
     assert shown.loc["Alpaca: ROUGE-L F", "Full fine-tune"] == "0.305 (0.3–0.31, n=2)"
     assert "SciQ: chance level (1 / options)" in shown.index
     note = report.tables.absent_tasks_note(comparison)
-    assert note == ("No Dolly records in this profile's data: no Dolly rows. No Natural Questions records in this "
-                    "profile's data: no Natural Questions rows.")
+    assert note == ("No Dolly dialogues in this profile's test split: no Dolly rows. No Natural Questions dialogues in "
+                    "this profile's test split: no Natural Questions rows.")
+    with pytest.MonkeyPatch.context() as mp:  # SciQ's 30 dialogues under the threshold: said to be a check only
+        mp.setattr(report.tables, "FEW_SCORED", 35)
+        assert report.tables.absent_tasks_note(comparison).endswith(
+            "Test dialogues scored by task: SciQ 30. Under 35, a source's rows show that its metrics run, not how well "
+            "the model does.")
     lines = report.glance.details(comparison, None, t)
     assert any(line.startswith("**Full fine-tune** on the test split: Alpaca: eval bits per byte, test split 1.5") and
                "SciQ: multiple-choice accuracy 0.505 (base model 0.3); SciQ: chance level (1 / options) 0.25." in line

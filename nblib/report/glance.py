@@ -17,6 +17,7 @@ from typing import Any
 
 import pandas as pd
 
+from nblib.convert import KV_CONVERSIONS
 from nblib.plots import context_label
 from nblib.report.loading import Comparison, Group
 from nblib.report.tables import (BASELINE, RATIO, TASK_METRICS, Stat, decode_key, kv_bytes_per_token, label, mid,
@@ -24,7 +25,6 @@ from nblib.report.tables import (BASELINE, RATIO, TASK_METRICS, Stat, decode_key
 
 MIB = 2**20
 QUALITY = "best_val_bpb"  # the quality figure of the frontier, Table 1 and the verdicts (bits per byte)
-METHODS = ("mean", "first", "random")  # conversion methods, best first in the GQA paper's ablation: the reference is the first present
 
 
 @dataclass(frozen=True)
@@ -275,7 +275,7 @@ def uptrained_line(comparison: Comparison) -> str:
     parts = []
     for g in _converted(comparison):
         twin, s = scratch_twin(comparison, g), g.summary
-        if twin is None or BASELINE not in pre or s["conversion_method"] != METHODS[0]:
+        if twin is None or BASELINE not in pre or s["conversion_method"] != KV_CONVERSIONS[0]:
             continue
         parts.append(f"{g.label} (converted from MHA, alpha = {s['uptrain_fraction']:g}) {brief(paired(twin, g, QUALITY))} "
                      f"against {twin.label} from scratch and {brief(paired(pre[BASELINE], g, QUALITY))} against MHA, "
@@ -371,7 +371,7 @@ def verdict_lines(comparison: Comparison) -> list[str]:
         s = g.summary
         families.setdefault((s["source_run"].rsplit("/", 1)[0], s["n_kv_head"], s["uptrain_fraction"]), []).append(g)
     for family in families.values():
-        ref, *others = sorted(family, key=lambda g: (METHODS + (g.summary["conversion_method"],)).index(g.summary["conversion_method"]))
+        ref, *others = sorted(family, key=lambda g: (KV_CONVERSIONS + (g.summary["conversion_method"],)).index(g.summary["conversion_method"]))
         lines.append(f"**{ref.label} − MHA** {unit}: {verdict(paired(pre[BASELINE], ref, QUALITY))}.")
         twin = scratch_twin(comparison, ref)
         if twin is not None:

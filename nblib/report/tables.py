@@ -370,8 +370,12 @@ def task_rows(g: Group, sources: Mapping[str, str]) -> dict[str, Any]:
     return rows
 
 
+FEW_SCORED = 20  # below this many test dialogues a source's rows are a check that its metrics run, not a measurement
+
+
 def absent_tasks_note(comparison: Comparison) -> str:
-    """Which task metrics the fine-tune table lacks and why (none scored yet, or no such records in the data)."""
+    """Which task metrics the fine-tune table lacks and why (none scored yet, or no such dialogues in the
+    test split), and which rest on too few dialogues to read as measurements."""
     if not comparison.finetune:
         return ""
     if not eval_sources(comparison):
@@ -381,7 +385,14 @@ def absent_tasks_note(comparison: Comparison) -> str:
 
     scored = task_sources(comparison)
     absent = [source_name(name) for name, src in qa.sources().items() if src.task and name not in scored]
-    return " ".join(f"No {name} records in this profile's data: no {name} rows." for name in absent)
+    notes = [f"No {name} dialogues in this profile's test split: no {name} rows." for name in absent]
+    counts = {src: max(r.summary["tasks"][src]["n"] for g in comparison.finetune.values() for r in g.runs
+                       if src in r.summary.get("tasks", {})) for src in scored}
+    few = [f"{source_name(src)} {n}" for src, n in counts.items() if n < FEW_SCORED]
+    if few:
+        notes.append(f"Test dialogues scored by task: {', '.join(few)}. Under {FEW_SCORED}, a source's rows show that "
+                     "its metrics run, not how well the model does.")
+    return " ".join(notes)
 
 
 def finetune_samples(comparison: Comparison) -> pd.DataFrame | None:
