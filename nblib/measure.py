@@ -104,8 +104,8 @@ def attention_variants(n_layer: int, n_head: int, d_model: int, keys: Sequence[s
 def random_model(config: GPTConfig, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0) -> GPT:
     """A GPT with GPT-2's random initialisation, in eval mode, on ``device`` in ``dtype``, each weight drawn
     once: built on the meta device, then filled in place (``GPT(config)`` draws every linear layer twice,
-    its own default and then GPT-2's, and copies to move; a GPT-2-small model took 1.8 s that way on the
-    2-core EPYC, 0.7 s this way)."""
+    its own default and then GPT-2's, and ``.to`` copies it again; the compare stage's real-scale sweep
+    builds a GPT-2-small-shaped model per variant, so on a CPU that set-up rivalled the timing itself)."""
     torch.manual_seed(seed)
     with torch.device("meta"):
         model = GPT(config)
