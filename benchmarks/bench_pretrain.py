@@ -40,7 +40,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nblib import config, loss, machine, train
+from nblib import config, loss, machine, optim, train
 from nblib.model import GPT, GPTConfig, KVCache
 
 
@@ -313,7 +313,7 @@ def bench_gpu(steps: int) -> None:
             for compiled in (False, True) if capability >= (7, 0) else (False,):  # Triton needs sm70+
                 torch.manual_seed(0)
                 model = GPT(train.model_config({**cfg, "dropout": 0.0})).to(device)
-                opt = train.configure_optimizer(model, cfg, device)
+                opt = optim.configure(model, cfg, device)
                 scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
                 fwd = torch.compile(model) if compiled else model
                 B, T = cfg["batch_size"], cfg["context_length"]
@@ -420,7 +420,7 @@ def bench_nanogpt(path: str | None, shape: str, context: int | None, batch_size:
                                              n_embd=c.d_model, dropout=0.0, bias=c.bias)).train()
         nano.load_state_dict(ours.state_dict())
         opt_nano = nano.configure_optimizers(cfg["weight_decay"], cfg["learning_rate"], (cfg["beta1"], cfg["beta2"]), "cpu")
-    opt_ours = train.configure_optimizer(ours, cfg, torch.device("cpu"))
+    opt_ours = optim.configure(ours, cfg, torch.device("cpu"))
     gen = torch.Generator().manual_seed(1)
     x = torch.randint(0, c.vocab_size, (B, T + 1), generator=gen)
     x, y = x[:, :-1].contiguous(), x[:, 1:].contiguous()  # as nanoGPT's get_batch (its loss views targets)

@@ -167,7 +167,7 @@ def math_check(k: dict[str, dict[str, Any]]) -> dict[str, Any]:
 def throughput(s: dict[str, Any]) -> list[dict[str, Any]]:
     """Training tokens/s, MFU and peak memory of one micro-batch step, eager and compiled, per variant."""
     import torch
-    from nblib import machine, train
+    from nblib import machine, optim, train
     from nblib.model import GPT
 
     dev, rows = machine.detect(), []
@@ -178,7 +178,7 @@ def throughput(s: dict[str, Any]) -> list[dict[str, Any]]:
             model = GPT(train.model_config(cfg)).to(dev.torch).train()
             policy = machine.policy(cfg["dtype"], compiled, dev)
             fwd = torch.compile(model, backend=s["backend"]) if policy.compile else model
-            opt, scaler = train.configure_optimizer(model, cfg, dev.torch), policy.grad_scaler()
+            opt, scaler = optim.configure(model, cfg, dev.torch), policy.grad_scaler()
             x = torch.randint(0, 50257, (cfg["batch_size"], cfg["context_length"] + 1), device=dev.torch)
 
             def step() -> None:

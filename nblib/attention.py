@@ -17,7 +17,6 @@ from dataclasses import dataclass
 
 from nblib.config import SettingsError
 
-INITS = ("scratch", "convert")
 MATCHES = {"width": "equal width", "params": "equal parameters"}  # match -> the report's wording
 
 
@@ -33,6 +32,7 @@ class Variant:
     source: str | None = None  # key of the variant converted from (init "convert")
     method: str | None = None  # nblib.convert.convert_kv_heads method: mean | first | random
     match: str = "width"  # a key of MATCHES: what is kept equal to MHA
+    alpha: float | None = None  # uptraining steps / the source's; None: the profile's uptrain_fraction
 
     @property
     def matched(self) -> str:
@@ -69,6 +69,9 @@ VARIANTS: dict[str, Variant] = {v.key: v for v in (
     Variant("mqa-uptrained", 1, "MQA uptrained", "#9467bd", "convert", "mha", "mean"),
     Variant("gqa-uptrained-first", 2, "GQA uptrained (first)", "#8c564b", "convert", "mha", "first"),
     Variant("gqa-uptrained-random", 2, "GQA uptrained (random)", "#7f7f7f", "convert", "mha", "random"),
+    # the GQA paper's Figure 5: quality against alpha (alpha = 0 is every converted run's step 0)
+    Variant("gqa-uptrained-alpha025", 2, "GQA uptrained (alpha 0.025)", "#ff9896", "convert", "mha", "mean", alpha=0.025),
+    Variant("gqa-uptrained-alpha10", 2, "GQA uptrained (alpha 0.1)", "#c49c94", "convert", "mha", "mean", alpha=0.1),
 )}
 
 

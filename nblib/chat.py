@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import html
+import io
 import os
 import re
 import select
@@ -61,13 +62,17 @@ def load(model_dir: str | os.PathLike, device: str | None = None) -> tuple[Any, 
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = resolve(model_dir)
+    from nblib.ftbase import refuse_code
+    from nblib.weights import check_weights, weight_files
+
+    path = refuse_code(resolve(model_dir))
+    check_weights(weight_files(path), f"run {PRODUCER} again or point --model/model at a complete folder")
     if (path / "adapter_config.json").is_file():
         model, tokenizer = _load_adapter(path)
     elif (path / "config.json").is_file():
         try:
-            model = AutoModelForCausalLM.from_pretrained(path)
-            tokenizer = AutoTokenizer.from_pretrained(path)
+            model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=False)
+            tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
         except (OSError, ValueError, SafetensorError) as e:  # a bad config.json, no or damaged weights
             raise ValueError(
                 f"{config.relative(path)} is not a loadable merged model: {str(e).strip().rstrip('.')}. A merged/ "
@@ -411,6 +416,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"chat: {e}", file=sys.stderr)
         return 2
     print(f"model {cfg['model']} ({budget(chat)}); /help for commands", flush=True)
+    if isinstance(sys.stdin, io.TextIOWrapper):  # a user's bytes: one that is not UTF-8 reads as U+FFFD, never fatal
+        sys.stdin.reconfigure(errors="replace")
     terminal = Terminal.stdin()
     # Started from a shell's background job (`cmd &`, nohup), a process inherits SIGINT ignored and Python
     # then installs no KeyboardInterrupt: Ctrl-C must still stop an answer and leave at the prompt.

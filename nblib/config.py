@@ -9,7 +9,7 @@ nanoGPT's ``config/*.py`` override files), a ``schema`` that says what every set
 optionally named ``presets`` of sizes. :func:`settings` merges base, profile, preset and the
 caller's overrides, and validates the result against the schema before any work starts.
 
-Schema specs, one per setting: ``bool``, ``text``, ``mapping``, ``list of int``, ``list of text``
+Schema specs, one per setting: ``bool``, ``text``, ``mapping``, ``list of <spec>`` (``list of float > 0``: each item checked), ``list of text``
 (``nonempty list of ...`` refuses ``[]``), ``any``, ``int``, ``float`` (optionally ``>= 1``, ``> 0``, ``in [0, 1)``), ``one of a, b, c``; a trailing
 ``or null`` also admits ``None``.
 """
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import errno
 import functools
 import math
 import os
@@ -47,6 +48,16 @@ class MissingInput(FileNotFoundError):
     (re)writes it. A user's step to take, so :func:`cli` prints it without a traceback."""
 
 
+class UserError(Exception):
+    """A state of the user's files or machine that the user resolves, not a fault of the code: :func:`cli`
+    prints its message in one line (exit 2) with no traceback."""
+
+
+class Refused(UserError, ValueError):
+    """A file or run folder a command will not read, resume or overwrite as it is (damaged, written with
+    other settings, without its summary); the message names it and the way out."""
+
+
 def resolve_profile(profile: str = "auto") -> str:
     """Return ``smoke``, ``full`` or ``dry-run``; ``auto`` picks ``full`` when a CUDA GPU is present."""
     if profile == "auto":
@@ -54,7 +65,7 @@ def resolve_profile(profile: str = "auto") -> str:
 
         return "full" if torch.cuda.is_available() else "smoke"
     if profile not in PROFILES:
-        raise ValueError(f"unknown profile {profile!r}: choose one of {', '.join(PROFILES)} or 'auto'")
+        raise SettingsError(f"unknown profile {profile!r}: choose one of {', '.join(PROFILES)} or 'auto'")
     return profile
 
 
@@ -124,6 +135,7 @@ def settings(stage: str, profile: str = "auto", preset: str | None = None, **ove
 
 _NUMBER = re.compile(r"^(int|float)(?:\s*(>=|>|<=|<)\s*(\S+)|\s+in\s+([\[(])\s*(\S+),\s*(\S+)\s*([\])]))?$")
 _MAPPING_OF = re.compile(r"^mapping of \((.+)\)$")  # mapping of (int >= 0 or null): each value checked
+_LIST_OF = re.compile(r"^(nonempty )?list of (.+)$")  # list of float > 0: each item checked
 
 
 def describe(spec: str) -> str:
@@ -135,6 +147,8 @@ def describe(spec: str) -> str:
              "nonempty list of text": "a non-empty list of texts", "any": "anything"}.get(core)
     if words is None and (m := _MAPPING_OF.match(core)):
         words = f"a mapping whose values are each {describe(m.group(1))}"
+    if words is None and (m := _LIST_OF.match(core)):
+        words = f"a {'non-empty ' if m.group(1) else ''}list whose items are each {describe(m.group(2))}"
     if words is None and core.startswith("one of "):
         words = "one of " + ", ".join(repr(c.strip()) for c in core[7:].split(","))
     if words is None:
@@ -187,14 +201,13 @@ def check_value(spec: str, value: Any) -> tuple[bool, Any]:
             return False, value
         checked = {k: check_value(m.group(1), v) for k, v in value.items()}
         return all(ok for ok, _ in checked.values()), {k: v for k, (_, v) in checked.items()}
-    if core.startswith(("list of ", "nonempty list of ")):
-        item = "int" if core.endswith(" int") else "text"
-        if not isinstance(value, (list, tuple)) or (core.startswith("nonempty") and not value):
+    if m := _LIST_OF.match(core):
+        if not isinstance(value, (list, tuple)) or (m.group(1) and not value):
             return False, value
-        if item == "int":
-            items = [_number(v, "int") for v in value]
-            return all(i is not None for i in items), items
-        return all(isinstance(v, str) for v in value), list(value)
+        if m.group(2) == "text":
+            return all(isinstance(v, str) for v in value), list(value)
+        items = [check_value(m.group(2), v) for v in value]
+        return all(ok for ok, _ in items), [v for _, v in items]
     if core.startswith("one of "):
         return value in [c.strip() for c in core[7:].split(",")], value
     m = _NUMBER.match(core)
@@ -265,6 +278,28 @@ def relative(path: str | os.PathLike, root: str | os.PathLike | None = None) -> 
         return Path(path).resolve().relative_to(base).as_posix()
     except ValueError:
         return str(path)
+
+
+FOLDER_NAME = "a single folder name (no '/' or '\\', not starting with '.', not empty)"
+
+
+def folder_name(setting: str, value: Any) -> str:
+    """``value`` when it names one folder (a run's name); else :class:`SettingsError` naming ``setting``:
+    a path there would put the run, and what overwriting it deletes, outside the working root."""
+    if not isinstance(value, str) or not value.strip() or value.startswith(".") or any(c in value for c in "/\\\0"):
+        raise SettingsError(f"{setting}={value!r} must be {FOLDER_NAME}")
+    return value
+
+
+def inside_home(path: str | os.PathLike, setting: str, root: str | os.PathLike | None = None) -> Path:
+    """``path`` (:func:`resolve`d) when it lies under the working root, links followed; else
+    :class:`SettingsError` naming ``setting``: nothing outside the root is this package's to write or delete."""
+    base = Path(root).resolve() if root is not None else home()
+    full = resolve(path, base)
+    if not full.resolve().is_relative_to(base):
+        raise SettingsError(f"{setting}: {str(path)!r} resolves to {full.resolve()}, outside the working root {base}; "
+                            "name a folder under it")
+    return full
 
 
 def mirror() -> Path | None:
@@ -341,16 +376,33 @@ def parse_params(items: list[str]) -> dict[str, Any]:
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
-            raise ValueError(f"parameter {item!r} is not KEY=VALUE")
-        out[key.strip()] = yaml.safe_load(value)
+            raise SettingsError(f"parameter {item!r} is not KEY=VALUE")
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as e:  # e.g. a !!python/... tag: safe_load builds no Python objects
+            raise SettingsError(f"parameter {item!r}: the value is not plain YAML data "
+                                f"({getattr(e, 'problem', None) or ' '.join(str(e).split())[:160]})") from None
     return out
+
+
+UNWRITABLE = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT}  # no permission, read-only, full, quota
+
+
+def unwritable(e: OSError) -> str:
+    """An :data:`UNWRITABLE` error in words: the file (or the working root, when the error names none) and the fix."""
+    where = e.filename or f"the working root {home()}"
+    fix = ("free space on its disk" if e.errno in (errno.ENOSPC, errno.EDQUOT)
+           else "give this user write access to it")
+    return f"{where}: {e.strerror}; {fix}, or choose another working root (NBLIB_HOME, --home)"
 
 
 def cli(main: Callable[[list[str] | None], int]) -> Callable[[list[str] | None], int]:
     """A command's ``main`` that prints a user's mistake as one message on stderr and exits 2 (as
     argparse does for bad arguments), not a traceback: settings (:class:`SettingsError`), an earlier
     stage's output that is missing (:class:`MissingInput`) and a GPU the installation cannot serve
-    (``machine.HardwareError``, the 8-bit refusal among them); an interrupt exits 130, also without one."""
+    (``machine.HardwareError``, the 8-bit refusal among them), a damaged file or diverged run
+    (:class:`UserError`), and a working root that cannot be written (read-only, full); an interrupt exits
+    130, also without one."""
     spec = main.__globals__.get("__spec__")  # its module's import name, also when run as __main__ by -m
     command = "python -m " + (spec.name if spec else main.__module__).removesuffix(".__main__")
 
@@ -360,8 +412,13 @@ def cli(main: Callable[[list[str] | None], int]) -> Callable[[list[str] | None],
 
         try:
             return main(argv)
-        except (SettingsError, MissingInput, HardwareError) as e:
-            print(f"{command}: error: {e}", file=sys.stderr)
+        except (SettingsError, MissingInput, HardwareError, UserError) as e:
+            print(f"{command}: error: {' '.join(str(e).split())}", file=sys.stderr)  # one line, whatever it quotes
+            return 2
+        except OSError as e:
+            if e.errno not in UNWRITABLE:
+                raise
+            print(f"{command}: error: {unwritable(e)}", file=sys.stderr)
             return 2
         except KeyboardInterrupt:  # Ctrl-C or SIGTERM: what was saved is said where it was saved
             print(f"{command}: interrupted", file=sys.stderr)

@@ -7,6 +7,7 @@ Checkpoints" (arXiv 2305.13245); ``nblib.train`` uptrains the result (converted 
 from __future__ import annotations
 
 from dataclasses import asdict
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -45,38 +46,65 @@ def convert_kv_heads(model: GPT, n_kv_head: int, method: str = "mean", seed: int
     if method not in KV_CONVERSIONS:
         raise ValueError(f"convert_kv_heads: unknown method {method!r}; accepted: {', '.join(KV_CONVERSIONS)}")
     config = GPTConfig(**{**asdict(c), "n_kv_head": n_kv_head})
-    group, hd = n_src // n_kv_head, c.head_dim
-
-    def merge(heads: torch.Tensor) -> torch.Tensor:
-        """``[n_src, hd, ...]`` source heads -> ``[n_kv_head, hd, ...]``, one per contiguous group."""
-        heads = heads.view(n_kv_head, group, *heads.shape[1:])
-        # fp32 mean: summing bf16/fp16 heads in their own dtype would round at every step.
-        return heads[:, 0] if method == "first" else heads.float().mean(1).to(heads.dtype)
-
+    hd = c.head_dim
     state = {k: v.clone() for k, v in model.state_dict().items()}  # clone: the new model must not alias the source
     with torch.random.fork_rng(devices=[], enabled=seed is not None):  # a seed leaves the global RNG as it was
         if seed is not None:
             torch.manual_seed(seed)
         for i in range(c.n_layer):
+            fresh = None
             if method == "random":  # drawn on the CPU, so a seed gives the same heads on any device
                 fresh = nn.Linear(c.d_model, 2 * n_kv_head * hd, bias=c.bias)
                 GPT._init_weights(fresh)
             for name in ("weight", "bias") if c.bias else ("weight",):
                 key = f"transformer.h.{i}.attn.c_attn.{name}"
-                w = state[key]
-                heads = w.view(c.n_head + 2 * n_src, hd, *w.shape[1:])  # weight: [heads, hd, d_model]; bias: [heads, hd]
-                q, k, v = heads.split([c.n_head, n_src, n_src])
-                if method == "random":
-                    kv = getattr(fresh, name).detach().to(w.device, w.dtype).view(2 * n_kv_head, hd, *w.shape[1:])
-                else:
-                    kv = torch.cat([merge(k), merge(v)])
-                state[key] = torch.cat([q, kv]).flatten(0, 1)
+                state[key] = _pool_c_attn(state[key], c, n_kv_head, method,
+                                          None if fresh is None else getattr(fresh, name).detach())
     with torch.device("meta"):  # no init work: every tensor comes from ``state``
         new = GPT(config)
     new.load_state_dict(state, assign=True)  # assign: keep each tensor's dtype and device
     if config.tie_embeddings:
         new.lm_head.weight = new.transformer.wte.weight  # assign replaced the two tied parameters separately
     return new.train(model.training)
+
+
+def _pool_c_attn(w: torch.Tensor, c: GPTConfig, n_kv_head: int, method: str, fresh: torch.Tensor | None) -> torch.Tensor:
+    """A fused ``c_attn`` weight ``[heads * hd, d_model]`` or bias ``[heads * hd]`` with its K and V heads
+    pooled per contiguous group (``fresh``: the new K/V rows of method ``random``)."""
+    n_src, hd = c.n_kv_head, c.head_dim
+    heads = w.view(c.n_head + 2 * n_src, hd, *w.shape[1:])
+    q, k, v = heads.split([c.n_head, n_src, n_src])
+    if fresh is not None:
+        kv = fresh.to(w.device, w.dtype).view(2 * n_kv_head, hd, *w.shape[1:])
+    else:
+        def merge(group: torch.Tensor) -> torch.Tensor:
+            group = group.view(n_kv_head, n_src // n_kv_head, *group.shape[1:])
+            # fp32 mean: summing bf16/fp16 heads in their own dtype would round at every step.
+            return group[:, 0] if method == "first" else group.float().mean(1).to(group.dtype)
+        kv = torch.cat([merge(k), merge(v)])
+    return torch.cat([q, kv]).flatten(0, 1)
+
+
+def convert_kv_moments(optimizer_state: dict[str, Any], names: list[str], c: GPTConfig, n_kv_head: int,
+                       method: str) -> dict[str, Any]:
+    """An AdamW ``state_dict`` of a model of config ``c`` made to fit its K/V-converted copy: the ``c_attn``
+    moments pooled as :func:`convert_kv_heads` pools the weights (zeroed for ``random``: fresh weights
+    have no history), every other moment and the step counts kept. ``names``: the optimizer's
+    parameter names in its index order (``nblib.optim.names``)."""
+    state = {}
+    for index, moments in optimizer_state["state"].items():
+        if ".attn.c_attn." not in names[int(index)]:
+            state[index] = moments
+            continue
+        state[index] = {}
+        for key, t in moments.items():
+            if key in ("exp_avg", "exp_avg_sq"):
+                pooled = _pool_c_attn(t, c, n_kv_head, "mean" if method == "random" else method, None)
+                if method == "random":
+                    pooled[c.n_head * c.head_dim:] = 0
+                t = pooled
+            state[index][key] = t
+    return {"state": state, "param_groups": optimizer_state["param_groups"]}
 
 
 def kv_head_weights(model: GPT, part: str = "k") -> list[torch.Tensor]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 import torch
@@ -142,3 +142,15 @@ def get_batch(
     if device.type == "cuda":
         return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
     return x.contiguous(), y.contiguous()
+
+
+def check_context(cfg: Mapping[str, Any], tokens: Mapping[str, int]) -> None:
+    """Refuse, before the model is built, a ``context_length`` the train or val split cannot fill:
+    a batch is windows of ``context_length + 1`` tokens of one split."""
+    short = {split: n for split, n in tokens.items() if split in ("train", "val") and n < cfg["context_length"] + 1}
+    if short:
+        raise config.SettingsError(
+            f"context_length={cfg['context_length']} needs windows of {cfg['context_length'] + 1} tokens, but the "
+            + " and ".join(f"{split} split holds {n:,}" for split, n in short.items())
+            + "; lower context_length or give the corpus more text"
+        )

@@ -12,6 +12,7 @@ from typing import Any, Callable, Iterable
 TEMP_SUFFIX = ".tmp"  # atomic_write_bytes: .<name>.<random>.tmp beside the target
 DIR_TEMP = ".tmp-"  # replace_dir: .<name>.tmp-<pid> (new) and .<name>.old-<pid> (old) beside the target
 DIR_OLD = ".old-"
+MARKER = ".nblib-run"  # in each run folder this package creates: only folders it made are ever deleted
 
 
 def _umask() -> int:
@@ -64,18 +65,23 @@ def write_jsonl(path: str | os.PathLike, rows: Iterable[Any]) -> Path:
     return atomic_write_text(path, text)
 
 
-def read_jsonl(path: str | os.PathLike) -> list[Any]:
-    """Read a JSONL file; a bad line is reported with its number."""
+def read_jsonl(path: str | os.PathLike, partial_tail: bool = False) -> list[Any]:
+    """Read a JSONL file; a bad line is reported with its number. With ``partial_tail``, a last line cut
+    short (no newline: what a kill or a full disk leaves while :func:`append_jsonl` writes) is dropped, said."""
     path = Path(path)
     rows = []
     with path.open(encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{i}: not valid JSON: {e.msg}") from e
+        lines = f.readlines()
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if partial_tail and i == len(lines) and not line.endswith("\n"):
+                print(f"warning: {path}:{i}: dropped a last line cut short ({len(line)} characters of an unfinished write)")
+                break
+            raise ValueError(f"{path}:{i}: not valid JSON: {e.msg}") from e
     return rows
 
 
@@ -101,6 +107,23 @@ def make_new_dir(path: str | os.PathLike) -> Path:
             continue
         return candidate
     raise FileExistsError(f"{path}: 999 folders of this name exist already")
+
+
+def mark(folder: str | os.PathLike) -> Path:
+    """Create ``folder`` (and its parents) with the :data:`MARKER` that says this package made it."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / MARKER).touch()
+    return folder
+
+
+def owned(folder: str | os.PathLike, evidence: Iterable[str] = ()) -> bool:
+    """Whether ``folder`` may be emptied or replaced: absent, empty, or holding :data:`MARKER` or one of
+    the names in ``evidence`` (files only this package writes there)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return not folder.exists()
+    return not any(folder.iterdir()) or any((folder / name).exists() for name in (MARKER, *evidence))
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:

@@ -23,8 +23,10 @@ time budget and the common summary fields are ``nblib.lifecycle``'s, shared with
 """
 from __future__ import annotations
 
+import json
 import os
 import random
+import re
 import shutil
 import sys
 import time
@@ -38,10 +40,11 @@ import torch
 from nblib import config, dialogue, fttrainer, lifecycle, lock, machine, qa_eval, runs, tracking
 from nblib.files import read_json, sha256_file, write_json
 from nblib.ftbase import (MODES, QUANTIZED_BITS, add_special_tokens, compute_dtype, count_params,  # noqa: F401 (notebook 05)
-                          footprint, load_base, load_tokenizer, random_base, resolve_base)
+                          footprint, load_base, load_tokenizer, random_base, resolve_base, token_row_params)
 from nblib.ftmethods import (METHODS, PIPELINE, VARIANTS, Method, Variant, frequent_answer_tokens,  # noqa: F401
                              load_adapter, lora_config, merge, variant, wrap_lora)
 from nblib.ftscore import Collator, answer, assistant_loss, encode, token_bytes  # noqa: F401 (tests, notebooks)
+from nblib.weights import check_weights, weight_files
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -188,17 +191,20 @@ def _data_identity(paths: config.Paths, base_model: str) -> dict[str, Any]:
     }
 
 
-def setup(cfg: dict[str, Any], seed: int | None = None) -> Setup:
-    """Load tokenizer, base model (in the variant's precision) and data; wrap LoRA; open the run folder."""
+def setup(cfg: dict[str, Any], seed: int | None = None, name: str | None = None) -> Setup:
+    """Load tokenizer, base model (in the variant's precision) and data; wrap LoRA; open the run folder
+    (``runs/<name>/seed-<seed>``, ``name`` by default ``finetune-<variant>``)."""
     v = variant(cfg["variant"])
     cfg = {**cfg, "seed": cfg["seeds"][0] if seed is None else int(seed)}
-    name, paths, device = f"finetune-{v.name}", config.paths(), machine.detect(local_rank=machine.local_rank())
+    name, paths, device = name or f"finetune-{v.name}", config.paths(), machine.detect(local_rank=machine.local_rank())
     machine.check_build(device, QUANTIZED_BITS.get(v.mode))  # bitsandbytes' kernels, before the run folder
     started = time.time()
     train_records = select(dialogue.load(paths.dialogues, "train"), cfg["mix"], cfg["seed"])  # before the run folder too
     val_records = select(dialogue.load(paths.dialogues, "val"), cfg["mix"], cfg["seed"])[: cfg["eval_dialogues"]]
     test_records = dialogue.load(paths.dialogues, "test")  # every source; qa_eval scores the first task_eval_per_source of each
-    run_dir = runs.folder(name, cfg["seed"], paths)
+    check_weights(weight_files(config.resolve(cfg["base_model"])), "point base_model at a complete model folder "
+                  "(03_train_mha exports runs/pretrain-mha/seed-<seed>/hf) or at a hub name such as 'gpt2'")
+    run_dir = runs.claim(name, cfg["seed"], paths)
     previous = _check_resume(run_dir, cfg)
     tracking.configure_env(run_dir)
     config.set_seed(cfg["seed"])
@@ -220,6 +226,7 @@ def setup(cfg: dict[str, Any], seed: int | None = None) -> Setup:
     trainable, total = count_params(model)
     info = {
         "trainable_params": trainable, "total_params": total, "trainable_share": trainable / total,
+        "token_row_params": token_row_params(model) if v.lora else 0,
         "footprint_bytes": model.get_memory_footprint(), "embedding_params": embedding, "max_length": max_length,
         "train_dialogues": len(train_set), "eval_dialogues": len(val_set),
         "dropped_too_long": train_too_long + val_too_long, "special_token_ids": token_ids,
@@ -241,7 +248,9 @@ def evaluate(s: Setup) -> dict[str, Any]:
                               batch_size=s.cfg["eval_batch_size"], limit_per_source=s.cfg["task_eval_per_source"],
                               max_length=s.info["max_length"])
     return {**lifecycle.loss_fields("", loss, bpb),
-            "stop_rate": sum(a["stopped"] for a in answers) / len(answers), "answers": answers, **scored}
+            # an answer of punctuation alone ("."), though closed by end-of-text, is no answer
+            "stop_rate": sum(a["stopped"] and bool(re.search(r"\w", a["answer"])) for a in answers) / len(answers),
+            "answers": answers, **scored}
 
 
 def train(s: Setup) -> dict[str, Any]:
@@ -253,8 +262,10 @@ def train(s: Setup) -> dict[str, Any]:
     cfg = s.cfg
     output_dir = s.run_dir / "checkpoints"
     last = get_last_checkpoint(str(output_dir)) if cfg["resume"] and output_dir.is_dir() else None
-    if last and TrainerState.load_from_json(os.path.join(last, "trainer_state.json")).global_step >= cfg["steps"]:
-        return _restore_finished(s, Path(last))  # resuming there, the Trainer would take one step too many
+    if last:
+        _check_checkpoint(Path(last))
+        if TrainerState.load_from_json(os.path.join(last, "trainer_state.json")).global_step >= cfg["steps"]:
+            return _restore_finished(s, Path(last))  # resuming there, the Trainer would take one step too many
     if cfg["wandb"] and machine.rank() == 0:
         tracking.init_wandb(s.run_dir, f"{s.name}-seed-{s.seed}", cfg)
     callbacks = fttrainer.callbacks(s)
@@ -264,9 +275,16 @@ def train(s: Setup) -> dict[str, Any]:
         setup=s,
     )
     machine.reset_peak_memory(s.device)
-    with warnings.catch_warnings():  # checkpoints keep the resized embedding; resuming needs nothing more
-        warnings.filterwarnings("ignore", message="Setting `save_embedding_layers` to `True`", category=UserWarning)
-        result = trainer.train(resume_from_checkpoint=last)
+    try:
+        with warnings.catch_warnings():  # checkpoints keep the resized embedding; resuming needs nothing more
+            warnings.filterwarnings("ignore", message="Setting `save_embedding_layers` to `True`", category=UserWarning)
+            result = trainer.train(resume_from_checkpoint=last)
+    except lifecycle.Diverged as e:  # stopped before the blown-up step: the checkpoints are the last good state
+        if machine.rank() == 0:
+            runs.write_metrics(s.run_dir, metrics_rows(trainer.state.log_history))
+            runs.write_summary(s.run_dir, {**_common(s, False, "diverged", machine.peak_memory(s.device), None),
+                                           "diverged_step": e.step})
+        raise
     out_of_time = callbacks[0].out_of_time
     trained = {
         "finished": not out_of_time and trainer.state.global_step >= cfg["steps"],
@@ -283,6 +301,22 @@ def train(s: Setup) -> dict[str, Any]:
         write_json(output_dir / TRAINED, {k: trained[k] for k in ("steps", "best_step", "train_samples_per_s",
                                                                   "train_seconds", "peak_memory_bytes")})
     return trained
+
+
+def _check_checkpoint(folder: Path) -> None:
+    """Refuse (:class:`config.Refused`, naming the file) a checkpoint to resume whose state or weights cannot be
+    read (cut short by a kill or a full disk, emptied, or a pickle of more than tensors), before the Trainer
+    reads them and fails with an error that names no file."""
+    from transformers.trainer_pt_utils import safe_globals
+
+    fix = f"move {config.relative(folder)} away to resume from the checkpoint before it, or pass resume=False to start over"
+    state = folder / "trainer_state.json"
+    try:
+        json.loads(state.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:  # a JSON or UTF-8 decoding error is a ValueError
+        raise config.Refused(f"{config.relative(state)} cannot be read ({type(e).__name__}: {e}): {fix}") from e
+    with safe_globals():  # the RNG state holds numpy arrays: allowed as the Trainer allows them
+        check_weights([f for pattern in (*WEIGHTS, *TRAINING_STATE) for f in sorted(folder.glob(pattern))], fix)
 
 
 def _restore_finished(s: Setup, last: Path) -> dict[str, Any]:
@@ -306,6 +340,7 @@ def _restore_finished(s: Setup, last: Path) -> dict[str, Any]:
             f"{config.relative(best / name)} not found: the run finished, its checkpoints were pruned to what a rerun "
             "needs, and this output has gone since; pass resume=False to train it again"
         )
+    check_weights([best / name], "pass resume=False to train the run again")
     method.load(s.model, best)
     recorded = last.parent / TRAINED
     measured = read_json(recorded) if recorded.is_file() else s.previous
@@ -331,7 +366,7 @@ def scores(summary: dict[str, Any]) -> pd.DataFrame:
                 rows.setdefault(f"{source} {key}", {})[column] = v[key]
         for source, v in summary.get(tasks, {}).items():
             for key, value in v.items():
-                if key not in ("task", "skipped"):
+                if key not in ("task", "skipped", "items"):  # items: per-item scores, for item-level tests
                     rows.setdefault(f"{source} {v['task']} {key}", {})[column] = value
     return pd.DataFrame(rows).T.rename_axis("test split")
 
@@ -375,18 +410,21 @@ def finish(s: Setup, before: dict[str, Any], after: dict[str, Any], trained: dic
     if merged is not None:
         from transformers import AutoModelForCausalLM
 
-        merged_loss, _ = s.evaluate_loss(AutoModelForCausalLM.from_pretrained(merged).to(s.device.torch))
+        merged_loss, _ = s.evaluate_loss(AutoModelForCausalLM.from_pretrained(merged, trust_remote_code=False).to(s.device.torch))
     summary = runs.write_summary(s.run_dir, {
         **common, "mode": s.mode, "lora": s.lora, "baselines": list(s.variant.baselines),
         "base_model": s.cfg["base_model"], "learning_rate": s.learning_rate,
         "trainable_params": s.info["trainable_params"], "total_params": s.info["total_params"],
+        "token_row_params": s.info["token_row_params"],
         "footprint_bytes": s.info["footprint_bytes"], "embedding_params": s.info["embedding_params"],
         **lifecycle.loss_fields("eval_", after["loss"], after["bpb"]),
         **lifecycle.loss_fields("base_eval_", before["loss"], before["bpb"]),
+        "test_loss": lifecycle.pooled_loss(after["by_source"]), "base_test_loss": lifecycle.pooled_loss(before["by_source"]),
         "merged_eval_loss": merged_loss, "merged_weights": weights,
         "stop_rate_before": before["stop_rate"], "stop_rate_after": after["stop_rate"],
         "by_source": after["by_source"], "base_by_source": before["by_source"],
         "tasks": after["tasks"], "base_tasks": before["tasks"],
+        "harness": after["harness"], "base_harness": before["harness"],
         "train_samples_per_s": trained["train_samples_per_s"], "steps": trained["steps"], "best_step": trained["best_step"],
         "train_dialogues": s.info["train_dialogues"], "eval_dialogues": s.info["eval_dialogues"],
         "dropped_too_long": s.info["dropped_too_long"],

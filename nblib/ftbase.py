@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from nblib import config, dialogue, machine, tokenizer
-from nblib.files import replace_dir
+from nblib.files import owned, read_json, replace_dir
 from nblib.tokenizer import EOT
 
 MODES = ("8bit", "4bit", "16bit", "32bit")
@@ -22,13 +22,37 @@ def resolve_base(base_model: str) -> str:
     directory) as a path; anything else is a hub name."""
     local = config.resolve(base_model)
     if (local / "config.json").is_file():
-        return str(local.resolve())
+        return str(refuse_code(local).resolve())
     if base_model.startswith((".", "/", "~")) or base_model.count("/") > 1:  # hub ids are "name" or "owner/name"
         raise FileNotFoundError(
             f"base model folder {base_model!r} not found under the working root {config.home()}; run 03_train_mha "
             "(it exports runs/pretrain-mha/seed-<seed>/hf) or set base_model to a hub name such as 'gpt2'"
         )
     return base_model
+
+
+# The files of a model folder whose ``auto_map`` asks ``from_pretrained`` for Python code shipped with the
+# model (peft's ``auto_mapping`` names a transformers class, not code of the folder's).
+CONFIG_FILES = ("config.json", "tokenizer_config.json", "adapter_config.json")
+
+
+def refuse_code(folder: str | os.PathLike) -> Path:
+    """``folder`` when none of its config files asks for code of its own; else ``SettingsError`` naming the
+    file, before anything is loaded: a model folder is data here, and nblib runs no code that comes with one
+    (every ``from_pretrained`` also passes ``trust_remote_code=False``)."""
+    folder = Path(folder)
+    for name in CONFIG_FILES:
+        try:
+            data = read_json(folder / name)
+        except (OSError, ValueError):  # absent or unreadable: from_pretrained says what is wrong with it
+            continue
+        if isinstance(data, dict) and data.get("auto_map"):
+            raise config.SettingsError(
+                f"{config.relative(folder / name)} asks for the model's own Python code (auto_map: {data['auto_map']!r}); "
+                "nblib never runs code that comes with a model: use a folder that transformers' save_pretrained "
+                "wrote for a model it knows (GPT-2)"
+            )
+    return folder
 
 
 def random_base(folder: str | os.PathLike) -> Path:
@@ -39,6 +63,9 @@ def random_base(folder: str | os.PathLike) -> Path:
     folder = Path(folder)
     if (folder / "config.json").is_file():
         return folder
+    if not owned(folder):  # files but no model: not what this function wrote, so not its to replace
+        raise config.Refused(f"{config.relative(folder)} holds files but no config.json; they are not "
+                             "replaced by a random base model: move them away or name another folder")
 
     def write(d: Path) -> None:
         torch.manual_seed(0)
@@ -52,7 +79,7 @@ def load_tokenizer(base_model: str) -> Any:
     """The base model's tokenizer (hub name or local folder)."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(resolve_base(base_model))
+    return AutoTokenizer.from_pretrained(resolve_base(base_model), trust_remote_code=False)
 
 
 def load_base(base_model: str, mode: str = "32bit", device: machine.Device | None = None) -> Any:
@@ -74,7 +101,7 @@ def load_base(base_model: str, mode: str = "32bit", device: machine.Device | Non
     else:
         kwargs["dtype"] = machine.half_dtype(device) if mode == "16bit" else torch.float32
     try:
-        model = AutoModelForCausalLM.from_pretrained(resolve_base(base_model), **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(resolve_base(base_model), trust_remote_code=False, **kwargs)
     except OSError as e:
         raise OSError(
             f"could not load base model {base_model!r} ({e}). Offline, point base_model at a local HF model "
@@ -166,6 +193,11 @@ def count_params(model: Any) -> tuple[int, int]:
         return model.get_nb_trainable_parameters()
     params = list(model.parameters())
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+def token_row_params(model: Any) -> int:
+    """Trained parameters that are embedding rows (peft ``trainable_token_indices``), not adapter matrices."""
+    return sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and "trainable_tokens" in n)
 
 
 def footprint(base_model: str, mode: str) -> int:

@@ -221,21 +221,22 @@ def load_adapter(adapter_dir: str | os.PathLike, base_model: str | None = None, 
     from peft import PeftConfig, PeftModel
     from transformers import AutoTokenizer
 
-    from nblib.ftbase import load_base
+    from nblib.ftbase import load_base, refuse_code
 
     adapter_dir = Path(adapter_dir)
     if not (adapter_dir / "adapter_config.json").is_file():
         raise FileNotFoundError(
             f"{config.relative(adapter_dir)} holds no adapter_config.json; run 05_finetune_lora_8bit with a LoRA variant"
         )
-    peft_cfg = PeftConfig.from_pretrained(str(adapter_dir))
-    tok = AutoTokenizer.from_pretrained(str(adapter_dir))
+    refuse_code(adapter_dir)
+    peft_cfg = PeftConfig.from_pretrained(str(adapter_dir), trust_remote_code=False)
+    tok = AutoTokenizer.from_pretrained(str(adapter_dir), trust_remote_code=False)
     model = load_base(base_model or peft_cfg.base_model_name_or_path, mode)
     if model.get_input_embeddings().weight.shape[0] < len(tok):  # rows for the markers; the adapter fills them
         model.resize_token_embeddings(len(tok), mean_resizing=False)
     peft_cfg.fan_in_fan_out = _conv1d_targets(model, peft_cfg.target_modules)
     with _peft_reads_deprecated_alias():
-        return PeftModel.from_pretrained(model, str(adapter_dir), config=peft_cfg), tok
+        return PeftModel.from_pretrained(model, str(adapter_dir), config=peft_cfg, trust_remote_code=False), tok
 
 
 def merge(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike, base_model: str | None = None) -> Path:

@@ -110,18 +110,24 @@ def assistant_loss(model: Any, examples: list[dict], pad_id: int, batch_size: in
 # greedy answers
 
 
+def prompt_as_ids(prompt: str | list[int], tokenizer: Any) -> list[int]:
+    """``prompt``'s token ids: itself when given as ids (:func:`nblib.dialogue.prompt_ids` builds them, with
+    markers only where it puts them), else those of a rendered text whose markers its caller wrote."""
+    return list(prompt) if not isinstance(prompt, str) else tokenizer.encode(prompt, add_special_tokens=False)
+
+
 @torch.no_grad()
-def greedy(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int, batch_size: int,
+def greedy(model: Any, tokenizer: Any, prompts: Sequence[str | list[int]], max_new_tokens: int, batch_size: int,
            stopping: Any = None) -> list[list[int] | None]:
-    """The new token ids of greedy continuations of rendered ``prompts``, batched (left-padded, prompts
-    of similar length together); each row ends at ``<|endoftext|>`` (padded with it after) or at
+    """The new token ids of greedy continuations of ``prompts`` (:func:`prompt_as_ids`), batched (left-padded,
+    prompts of similar length together); each row ends at ``<|endoftext|>`` (padded with it after) or at
     ``stopping(prompt_length)``'s criterion (e.g. ``nblib.generate.StopOnStrings``). A batch's budget
     is ``max_new_tokens`` or the room its longest prompt leaves, whichever is less; ``None`` for a
     prompt that leaves no room in the context."""
     was_training = model.training
     model.eval()
     room, eot = context_length(model), tokenizer.convert_tokens_to_ids(EOT)
-    ids = [tokenizer.encode(p, add_special_tokens=False) for p in prompts]
+    ids = [prompt_as_ids(p, tokenizer) for p in prompts]
     fits = sorted((i for i in range(len(ids)) if len(ids[i]) < room), key=lambda i: len(ids[i]))
     out: list[list[int] | None] = [None] * len(prompts)
     for k in range(0, len(fits), batch_size):
@@ -145,7 +151,7 @@ def answer(model: Any, tokenizer: Any, questions: Sequence[str], max_new_tokens:
     """Greedy answers to one-turn questions, in one batch; ``stopped``: a non-empty answer closed by
     ``<|endoftext|>`` within the budget (``max_new_tokens``, less where the context is shorter)."""
     eot = tokenizer.convert_tokens_to_ids(EOT)
-    prompts = [dialogue.render([{"role": "user", "content": q}], generation_prompt=True) for q in questions]
+    prompts = [dialogue.prompt_ids([{"role": "user", "content": q}], tokenizer) for q in questions]
     out = []
     for q, new in zip(questions, greedy(model, tokenizer, prompts, max_new_tokens, len(prompts))):
         if new is None:

@@ -1,23 +1,45 @@
 """The Hugging Face ``Trainer`` of a fine-tune (``nblib.finetune.train`` runs it): its arguments, a
 training loss whose output layer runs on the assistant's tokens only (``nblib.ftscore.label_nll``), an
 ``eval_loss`` that is the run's one eval loss, and callbacks for progress, the time budget
-(``nblib.lifecycle.Budget``) and W&B sample answers."""
+(``nblib.lifecycle.Budget``) and W&B sample answers. A loss or gradient norm that blows up
+(``nblib.lifecycle.blown_up``) stops training before the optimizer applies it (:func:`diverged`)."""
 from __future__ import annotations
 
+import math
 import time
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from nblib import ftscore, lifecycle, machine
+from nblib import config, ftscore, lifecycle, machine
 from nblib.progress import Progress
 
 if TYPE_CHECKING:
     from nblib.finetune import Setup
 
 
+AFRESH = "resume=False (python -m nblib.finetune: -p resume=false)"
+
+
+def diverged(s: Setup, what: str, value: float, step: int) -> lifecycle.Diverged:
+    """The error that stops a fine-tune whose ``what`` blew up at ``step``, naming its last good checkpoint."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    folder = s.run_dir / "checkpoints"
+    last = get_last_checkpoint(str(folder)) if folder.is_dir() else None
+    return lifecycle.diverged(f"{s.name} seed {s.seed}", what, value, step, s.learning_rate,
+                              config.relative(last) if last else "none written yet", " or more warmup_steps", AFRESH)
+
+
+def grad_norm(model: Any) -> float:
+    """The norm of every gradient of ``model`` together (0 when none)."""
+    norms = [torch.linalg.vector_norm(p.grad.detach().float()) for p in model.parameters() if p.grad is not None]
+    return torch.linalg.vector_norm(torch.stack(norms)).item() if norms else 0.0
+
+
 def callbacks(s: Setup) -> list[Any]:
-    """Progress (bar + pipeline status), the session's time budget, and W&B sample answers."""
+    """Progress (bar + pipeline status), the session's time budget, a stop at a blown-up gradient norm, and W&B
+    sample answers."""
     from transformers import TrainerCallback
 
     class Watch(TrainerCallback):
@@ -42,6 +64,11 @@ def callbacks(s: Setup) -> list[Any]:
                     torch.distributed.all_reduce(short, op=torch.distributed.ReduceOp.MAX)
                 if short.item():  # no room for one more step and a save
                     self.out_of_time = control.should_save = control.should_training_stop = True
+
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):  # noqa: ANN001
+            norm = grad_norm(model)  # as clipped: a non-finite norm before clipping leaves non-finite gradients
+            if not math.isfinite(norm) and not args.fp16:  # fp16's grad scaler skips such steps itself
+                raise diverged(s, "the gradient norm", norm, state.global_step + 1)
 
         def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ANN001
             if self.bar is not None and logs:
@@ -86,6 +113,9 @@ def trainer_class() -> type:
             if return_outputs or self.args.n_gpu > 1:
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             nll, _ = ftscore.label_nll(model, inputs)
+            mean = nll.detach().mean().item()  # no extra wait: the Trainer reads each micro-batch's loss anyway
+            if lifecycle.blown_up(mean):
+                raise diverged(self.setup, "the loss", mean, self.state.global_step + 1)
             if self.model_accepts_loss_kwargs and num_items_in_batch is not None:
                 loss = nll.sum() / num_items_in_batch
                 if self.args.average_tokens_across_devices:  # DDP averages gradients over processes
@@ -95,6 +125,8 @@ def trainer_class() -> type:
 
         def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:  # noqa: ANN001
             loss, bpb = self.setup.evaluate_loss(self.model)
+            if lifecycle.blown_up(loss):  # before the Trainer saves these weights as a checkpoint
+                raise diverged(self.setup, "the eval loss", loss, self.state.global_step)
             metrics = {f"{metric_key_prefix}_loss": loss}
             if bpb is not None:
                 metrics[f"{metric_key_prefix}_bpb"] = bpb

@@ -19,7 +19,7 @@ import torch
 from transformers import StoppingCriteria
 
 from nblib.decode import DecodeStep
-from nblib.dialogue import ASSISTANT, EOT, USER, clean_text, render
+from nblib.dialogue import ASSISTANT, EOT, USER, clean_text, prompt_ids
 from nblib.sampling import sample_next
 
 CHAT_STOPS = (EOT, USER, ASSISTANT)
@@ -233,7 +233,7 @@ def fit_history(
     question = {"role": "user", "content": message}
     room = context - max_new_tokens
     for start in range(0, len(turns) + 1, 2):
-        ids = tokenizer.encode(render([*turns[start:], question], generation_prompt=True), add_special_tokens=False)
+        ids = prompt_ids([*turns[start:], question], tokenizer)  # the messages' text never becomes a marker
         if len(ids) <= room:
             return ids, start
     n = len(ids)

@@ -400,12 +400,21 @@ def check_records(name: str, records: list[Any], fields: tuple[str, ...], where:
 
 
 def _hub_records(spec: qa.QASource, limit: int | None) -> list[dict[str, Any]]:
+    """Up to ``limit`` records of the source's ``split``; with an ``eval_split`` (SciQ's ``test``), that
+    split's records too, all of them, and every record names its split (``hub_split``) for the clean stage."""
+    if spec.eval_split is None:
+        return _hub_split(spec, spec.split, limit)
+    return [{**r, "hub_split": split} for split, n in ((spec.split, limit), (spec.eval_split, None))
+            for r in _hub_split(spec, split, n)]
+
+
+def _hub_split(spec: qa.QASource, split: str, limit: int | None) -> list[dict[str, Any]]:
     from datasets import load_dataset
 
     if spec.hub is None:
         raise IngestError(f"QA source {spec.name!r} has no hub copy: give its file with qa_files: {{{spec.name}: <path>}}")
     try:
-        ds = load_dataset(spec.hub, spec.config, split=spec.split, streaming=spec.streaming)
+        ds = load_dataset(spec.hub, spec.config, split=split, streaming=spec.streaming)
     except Exception as e:  # hub/network errors come in many types
         raise IngestError(
             f"could not load {spec.hub} from the Hugging Face Hub ({type(e).__name__}: {e}). Offline, give a local "
@@ -424,7 +433,8 @@ def fetch_qa(
     """Write up to ``limit`` records of QA dataset ``name`` to ``qa/<name>.jsonl`` in ``store``.
 
     Source: ``file`` if given, else the mirror's copy (``QASource.mirror_file``), else the Hub.
-    The first ``limit`` records are taken, so a run is repeatable.
+    The first ``limit`` records are taken, so a run is repeatable; from the Hub, a source's
+    ``eval_split`` (SciQ's test split) is added whole, each record naming its split.
     """
     spec = qa.get(name)
     if file is not None:
@@ -435,7 +445,8 @@ def fetch_qa(
     else:
         path, source, origin = None, "hub", spec.hub
     rel = f"qa/{name}.jsonl"
-    if store.valid(rel, origin=origin, limit=limit):
+    eval_split = spec.eval_split if path is None else None  # a hub copy fetched before it was taken is stale
+    if store.valid(rel, origin=origin, limit=limit, eval_split=eval_split):
         return
     if path is not None:
         records = read_records(path)[:limit] if limit is not None else read_records(path)
@@ -443,7 +454,7 @@ def fetch_qa(
         records = _hub_records(spec, limit)
     check_records(name, records, spec.fields, str(path or spec.hub))
     write_jsonl(store.dir / rel, records)
-    store.record(rel, "qa", source, origin=origin, name=name, limit=limit, records=len(records))
+    store.record(rel, "qa", source, origin=origin, name=name, limit=limit, records=len(records), eval_split=eval_split)
 
 
 # ---------------------------------------------------------------------------------------------

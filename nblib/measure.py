@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterable, Sequence
 import pandas as pd
 import torch
 
-from nblib import attention, machine, runs, tokenizer
+from nblib import attention, config, machine, runs, tokenizer
 from nblib.decode import DecodeStep
 from nblib.model import GPT, GPTConfig, KVCache, load_checkpoint, matched_d_mlp
 
@@ -265,7 +265,10 @@ def load_models(groups: dict[str, Any], device: str = "auto") -> dict[str, GPT]:
                 f"{run.summary['folder']}: the checkpoint named in summary.json ({rel}) is missing: "
                 f"re-run notebook {runs.producer(group.name)} to write it"
             )
-        model, _ = load_checkpoint(path, dev)
+        try:
+            model, _ = load_checkpoint(path, dev)
+        except config.Refused as e:
+            raise config.Refused(f"{e}; {runs.rerun(group.name)}") from e
         models[label] = model.eval()
     return models
 

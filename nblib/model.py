@@ -23,9 +23,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from nblib import config
 from nblib.decode import DecodeStep
 from nblib.files import atomic_write_bytes, replace_dir
 from nblib.loss import lm_head_loss
+from nblib.weights import read_checkpoint
 from nblib.sampling import sample_next
 
 CHECKPOINT_FORMAT = 1
@@ -500,13 +502,14 @@ def save_checkpoint(path: str | os.PathLike, model: GPT, **state: Any) -> Path:
 
 
 def load_checkpoint(path: str | os.PathLike, device: torch.device | str = "cpu") -> tuple[GPT, dict[str, Any]]:
-    """Rebuild the model saved at ``path`` (MHA, GQA or MQA) on ``device``; returns ``(model, checkpoint)``."""
+    """Rebuild the model saved at ``path`` (MHA, GQA or MQA) on ``device``; returns ``(model, checkpoint)``.
+    A damaged file or one of another format is :class:`config.Refused`, naming it."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}; train one with nblib.train.run (notebooks 03/04)")
-    ckpt = torch.load(path, map_location=device, weights_only=True)
+    ckpt = read_checkpoint(path, device)
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT or "model_config" not in ckpt:
-        raise ValueError(f"{path} is not an nblib GPT checkpoint (format {CHECKPOINT_FORMAT})")
+        raise config.Refused(f"{config.relative(path)} is not an nblib GPT checkpoint (format {CHECKPOINT_FORMAT})")
     model = GPT(GPTConfig(**ckpt["model_config"]))
     model.load_state_dict(ckpt["model"])
     return model.to(device), ckpt

@@ -102,14 +102,17 @@ def _finished(summary: dict[str, Any]) -> dict[str, Any]:
 
 def stream(command: list[str], env: Mapping[str, str]) -> None:
     """Run ``command``, passing its output through as it comes (``\r`` progress updates included);
-    a failure raises with each process's exception (torchrun prefixes lines ``[rankN]:``), rank 0's
-    first, then the last lines."""
+    a failure raises with each process's one-line CLI error (``config.cli``) and exception (torchrun
+    prefixes lines ``[rankN]:``), rank 0's first, then the last lines."""
     tail: deque[str] = deque(maxlen=12)
     errors: dict[int, str] = {}
+    said: list[str] = []
     with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=dict(env)) as child:
         try:
             for line in io.TextIOWrapper(child.stdout, encoding="utf-8", errors="replace", newline=""):
                 print(line, end="", flush=True)
+                if CLI_ERROR.match(line) and line.rstrip() not in said:
+                    said.append(line.rstrip())
                 if line.startswith("[rank"):
                     tail.append(line.rstrip())
                     error = RANK_ERROR.match(line)
@@ -120,9 +123,10 @@ def stream(command: list[str], env: Mapping[str, str]) -> None:
             child.wait()
             raise
     if child.returncode:
-        raised = "\n".join(errors[rank] for rank in sorted(errors)) or "(no exception line)"
+        raised = "\n".join([*said, *(errors[rank] for rank in sorted(errors))]) or "(no exception line)"
         raise RuntimeError(f"torchrun exited with status {child.returncode} (its output is above):\n{raised}\n"
                            "the processes' last lines:\n" + "\n".join(tail))
 
 
+CLI_ERROR = re.compile(r"python -m nblib\.\w+: error: ")  # a user error, said in one line by config.cli
 RANK_ERROR = re.compile(r"\[rank(?P<rank>\d+)\]: [A-Za-z_][\w.]*(Error|Exception|Interrupt)\b")

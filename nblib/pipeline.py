@@ -173,10 +173,20 @@ SETTINGS_FILES: dict[str, tuple[tuple[str, dict[str, str] | None], ...]] = {
 }
 
 
+# Notebook parameters that name a folder under runs/ (a run's name), outside any profile file.
+FOLDER_PARAMETERS = ("name",)
+
+
 def check_settings(stages: list[tuple[Stage, dict[str, Any]]], profile: str) -> None:
     """Refuse, before any stage runs, a value a selected stage would refuse (``seeds=[]`` must not
     let earlier stages run first): each stage's merged settings, validated as its notebook does."""
     for stage, params in stages:
+        for key in FOLDER_PARAMETERS:
+            if params.get(key) is not None:
+                try:
+                    config.folder_name(key, params[key])
+                except config.SettingsError as e:
+                    raise config.SettingsError(f"stage {stage.name}: {e}") from None
         for file, names in SETTINGS_FILES.get(stage.notebook, ()):
             schema = config.profile_table(file)["schema"]
             names = names or {k: k for k in params if k in schema}

@@ -160,6 +160,36 @@ def val_loss(groups: Mapping[str, list[list[dict[str, Any]]]], colours: Mapping[
     return fig
 
 
+def alpha_sweep(curves: Mapping[str, Mapping[float, tuple[float, float, float]]], refs: Mapping[str, float],
+                ylabel: str) -> Figure:
+    """Quality against alpha (uptraining steps / the source's), one line per family of conversions with the
+    seeds' min–max as error bars; ``refs`` as dashed horizontal lines (the GQA paper's Figure 5)."""
+    fig = _figure(6, 3.8)
+    ax = fig.subplots()
+    for i, (name, points) in enumerate(curves.items()):
+        xs = list(points)
+        mid, low, high = (np.array([points[x][k] for x in xs]) for k in range(3))
+        ax.errorbar(xs, mid, yerr=[mid - low, high - mid], fmt="o-", ms=4, capsize=3, color=f"C{i}", label=name)
+    for j, (name, value) in enumerate(refs.items()):
+        ax.axhline(value, ls="--", lw=1, color=variant_colour(name.split(" (")[0], len(curves) + j), label=name)
+    ax.set(xlabel="alpha (uptraining steps / the source's)", ylabel=ylabel, title="Uptrained quality against alpha")
+    _finish(ax, below=True)
+    return fig
+
+
+def learning_rates(runs: Mapping[str, list[dict[str, Any]]], colours: Mapping[str, str] | None = None) -> Figure:
+    """The logged learning rate of each run's training rows against its tokens, one line per run."""
+    fig = _figure(6, 3.5)
+    ax = fig.subplots()
+    for i, (name, rows) in enumerate(runs.items()):
+        train = [r for r in rows if r["kind"] == "train"]
+        ax.plot([r["tokens"] for r in train], [r["lr"] for r in train], ".-", ms=3, color=variant_colour(name, i, colours),
+                label=name)
+    ax.set(xlabel="training tokens behind the weights", ylabel="learning rate", title="Learning rate against tokens")
+    _finish(ax, below=True)
+    return fig
+
+
 # ---------------------------------------------------------------------------------------------
 # costs
 

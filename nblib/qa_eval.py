@@ -11,6 +11,13 @@ By task, as the source's module says (``nblib.qa.TASKS``):
 - ``free_form`` (Alpaca, Dolly): ROUGE-L F-measure of the greedy answer against the dialogue's own
   answer, from ``rouge_score`` with its defaults (no stemming).
 
+These are closed-book (SciQ's support passage is not in the prompt) and in the chat format, which a
+base model never saw: the report names their rows by the source's ``task_label`` ("... (closed-book,
+chat format)"). A source with an lm-evaluation-harness task (``nblib.qa``'s ``harness``: SciQ as
+``sciq``, NQ as ``nq_open``) is also scored that way, in plain text (``nblib.lmeval``), its rows named
+by ``harness.label``. Every score is also kept per item (``items``: one list per metric, in the
+records' order, ``None`` where an item was not scored) for item-level tests between variants.
+
 Greedy answers come from the model's ``generate`` in batches, ended by the chat's stop strings
 (``nblib.generate``). :func:`evaluate` is the one entry point.
 """
@@ -24,8 +31,8 @@ from typing import Any, Sequence
 
 import torch
 
-from nblib import config, ftscore, qa
-from nblib.dialogue import Turns, render
+from nblib import config, ftscore, lmeval, qa
+from nblib.dialogue import Turns, encode_text, prompt_ids
 from nblib.generate import CHAT_STOPS, StopOnStrings, context_length, hf_decoder, trim
 from nblib.tokenizer import EOT
 
@@ -76,9 +83,10 @@ def rouge_l(prediction: str, reference: str) -> float:
 # what the model does: option log-likelihoods, greedy answers, losses
 
 
-def prompt(turns: Turns) -> str:
-    """The dialogue up to its last answer, ending ``<|assistant|>``: what the model answers."""
-    return render(turns[:-1], generation_prompt=True)
+def prompt(turns: Turns, tokenizer: Any) -> list[int]:
+    """Token ids of the dialogue up to its last answer, ending ``<|assistant|>``: what the model answers
+    (built piece by piece, so no text of the record becomes a marker)."""
+    return prompt_ids(turns[:-1], tokenizer)
 
 
 def option_text(option: str) -> str:
@@ -87,7 +95,7 @@ def option_text(option: str) -> str:
 
 
 @torch.no_grad()
-def option_logprobs(model: Any, tokenizer: Any, prompts: Sequence[str], options: Sequence[Sequence[str]],
+def option_logprobs(model: Any, tokenizer: Any, prompts: Sequence[str | list[int]], options: Sequence[Sequence[str]],
                     batch_size: int) -> list[list[float] | None]:
     """Summed log-probability of each option's tokens after its prompt, per prompt (``None``: an
     option longer than the context). A prompt too long for the context loses its first tokens, as
@@ -97,9 +105,9 @@ def option_logprobs(model: Any, tokenizer: Any, prompts: Sequence[str], options:
     room = context_length(model)
     rows, where = [], []  # {"input_ids", "labels"} per pair: labels only on the option's tokens
     for i, (p, opts) in enumerate(zip(prompts, options)):
-        context = tokenizer.encode(p, add_special_tokens=False)
+        context = ftscore.prompt_as_ids(p, tokenizer)
         for j, option in enumerate(opts):
-            cont = tokenizer.encode(option_text(option), add_special_tokens=False)
+            cont = encode_text(option_text(option), tokenizer)
             if len(cont) < room:
                 ids = (context + cont)[-room:]
                 rows.append({"input_ids": ids, "labels": [-100] * (len(ids) - len(cont)) + cont})
@@ -120,10 +128,10 @@ def option_logprobs(model: Any, tokenizer: Any, prompts: Sequence[str], options:
     return [s if counted[i] == len(options[i]) else None for i, s in enumerate(scores)]
 
 
-def greedy_answers(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int,
+def greedy_answers(model: Any, tokenizer: Any, prompts: Sequence[str | list[int]], max_new_tokens: int,
                    batch_size: int) -> list[str | None]:
-    """Greedy answers to rendered prompts (:func:`nblib.ftscore.greedy`, batched), each ended by the
-    first chat stop string (:data:`nblib.generate.CHAT_STOPS`) or, at the token budget, before its
+    """Greedy answers to prompts (token ids or rendered text; :func:`nblib.ftscore.greedy`, batched), each
+    ended by the first chat stop string (:data:`nblib.generate.CHAT_STOPS`) or, at the token budget, before its
     unfinished last word (:func:`nblib.generate.trim`). ``None`` for a prompt that leaves no room."""
     decode = hf_decoder(tokenizer)
     rows = ftscore.greedy(model, tokenizer, prompts, max_new_tokens, batch_size,
@@ -163,35 +171,38 @@ def evaluate(model: Any, tokenizer: Any, records: Sequence[dict], *, max_new_tok
     ``limit_per_source`` records of each source are used (``None``: all); ``max_length`` is the
     losses' (:func:`source_losses`). Returns
     ``{"by_source": {source: {"loss", "bpb", "n", "tokens"}}, "tasks": {source: {"task", metrics...,
-    "n", "skipped"}}}``; ``skipped`` counts records too long for the context. Sources without a task
-    (``nblib.qa``'s ``task`` is ``None``) have a loss only.
+    "n", "skipped", "items"}}, "harness": {source: lmeval.score's dict}}``; ``skipped`` counts records
+    too long for the context. Sources without a task (``nblib.qa``'s ``task`` is ``None``) have a loss only.
     """
     groups = {s: g[:limit_per_source] for s, g in _by_source(records).items()}
     kept = [r for g in groups.values() for r in g]
     tasks: dict[str, dict[str, Any]] = {}
+    harness: dict[str, dict[str, Any]] = {}
     for source, group in groups.items():
-        task = qa.get(source).task if source in qa.sources() else None
-        if task == "choice":
+        spec = qa.get(source) if source in qa.sources() else None
+        if spec is not None and spec.task == "choice":
             tasks[source] = _choice(model, tokenizer, source, group, batch_size)
-        elif task in ("short_answer", "free_form"):
-            tasks[source] = _answers(model, tokenizer, source, task, group, max_new_tokens, batch_size)
-    return {"by_source": source_losses(model, tokenizer, kept, batch_size, max_length), "tasks": tasks}
+        elif spec is not None and spec.task in ("short_answer", "free_form"):
+            tasks[source] = _answers(model, tokenizer, source, spec.task, group, max_new_tokens, batch_size)
+        if spec is not None and spec.harness is not None:
+            _require(group, source, spec.harness.fields)
+            harness[source] = lmeval.score(model, tokenizer, spec.harness, group, batch_size)
+    return {"by_source": source_losses(model, tokenizer, kept, batch_size, max_length), "tasks": tasks,
+            "harness": harness}
 
 
 def _choice(model: Any, tokenizer: Any, source: str, group: list[dict], batch_size: int) -> dict[str, Any]:
     """Multiple-choice accuracy (summed and length-normalised log-likelihood) beside chance."""
     _require(group, source, ("options", "correct"))
-    scores = option_logprobs(model, tokenizer, [prompt(r["dialogue"]) for r in group],
+    scores = option_logprobs(model, tokenizer, [prompt(r["dialogue"], tokenizer) for r in group],
                              [r["options"] for r in group], batch_size)
-    rows = [(r, s) for r, s in zip(group, scores) if s is not None]
-    norm = [[v / len(o) for v, o in zip(s, r["options"])] for r, s in rows]
-    return {
-        "task": "choice",
-        "accuracy": _mean([_argmax(s) == r["correct"] for r, s in rows]),
-        "accuracy_norm": _mean([_argmax(n) == r["correct"] for (r, _), n in zip(rows, norm)]),
-        "chance": _mean([1 / len(r["options"]) for r, _ in rows]),
-        "n": len(rows), "skipped": len(group) - len(rows),
-    }
+    items: dict[str, list[float | None]] = {"accuracy": [], "accuracy_norm": []}
+    for r, s in zip(group, scores):
+        norm = None if s is None else [v / len(o) for v, o in zip(s, r["options"])]
+        items["accuracy"].append(None if s is None else float(_argmax(s) == r["correct"]))
+        items["accuracy_norm"].append(None if norm is None else float(_argmax(norm) == r["correct"]))
+    chance = _mean([1 / len(r["options"]) for r, s in zip(group, scores) if s is not None])
+    return {"task": "choice", "chance": chance, **_summary(items)}
 
 
 def _answers(model: Any, tokenizer: Any, source: str, task: str, group: list[dict], max_new_tokens: int,
@@ -199,14 +210,21 @@ def _answers(model: Any, tokenizer: Any, source: str, task: str, group: list[dic
     """Greedy answers scored against the short answers (EM, F1) or the dialogue's own answer (ROUGE-L)."""
     if task == "short_answer":
         _require(group, source, ("answers",))
-    answers = greedy_answers(model, tokenizer, [prompt(r["dialogue"]) for r in group], max_new_tokens, batch_size)
-    pairs = [(r, a) for r, a in zip(group, answers) if a is not None]
+    answers = greedy_answers(model, tokenizer, [prompt(r["dialogue"], tokenizer) for r in group], max_new_tokens, batch_size)
     if task == "short_answer":
-        metrics = {"exact_match": _mean([exact_match(a, r["answers"]) for r, a in pairs]),
-                   "f1": _mean([token_f1(a, r["answers"]) for r, a in pairs])}
+        metrics = {"exact_match": lambda r, a: exact_match(a, r["answers"]), "f1": lambda r, a: token_f1(a, r["answers"])}
     else:
-        metrics = {"rouge_l": _mean([rouge_l(a, r["dialogue"][-1]["content"]) for r, a in pairs])}
-    return {"task": task, **metrics, "n": len(pairs), "skipped": len(group) - len(pairs)}
+        metrics = {"rouge_l": lambda r, a: rouge_l(a, r["dialogue"][-1]["content"])}
+    items = {k: [None if a is None else f(r, a) for r, a in zip(group, answers)] for k, f in metrics.items()}
+    return {"task": task, **_summary(items)}
+
+
+def _summary(items: dict[str, list[float | None]]) -> dict[str, Any]:
+    """Each metric's mean over the scored items, ``n`` scored, ``skipped`` (``None``: too long), the items."""
+    scored = {k: [v for v in values if v is not None] for k, values in items.items()}
+    n = len(next(iter(scored.values())))
+    return {**{k: _mean(v) for k, v in scored.items()}, "n": n, "skipped": len(next(iter(items.values()))) - n,
+            "items": items}
 
 
 def _by_source(records: Sequence[dict]) -> dict[str, list[dict]]:

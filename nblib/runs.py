@@ -18,12 +18,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable
 
 from nblib import attention, config
-from nblib.files import append_jsonl, read_json, read_jsonl, write_json, write_jsonl
+from nblib.files import MARKER, append_jsonl, owned, read_json, read_jsonl, write_json, write_jsonl
 
 if TYPE_CHECKING:
     import pandas as pd
 
-SCHEMA = 2
+SCHEMA = 3
 STAGES = ("pretrain", "finetune")
 NUMBER = (int, float)
 OPTIONAL_NUMBER = (int, float, type(None))
@@ -44,7 +44,7 @@ COMMON: dict[str, tuple[tuple[type, ...] | type, str]] = {
     "data": (dict, "what was trained on: sha256 and counts of the inputs (matched runs agree on it)"),
     "compute_dtype": (str, "the dtype training computed in (float32, bfloat16, float16)"),
     "finished": (bool, "false while the run is in progress or stopped before its last step"),
-    "stop_reason": (OPTIONAL_TEXT, "why the last session ended: done, early_stopping, time_budget, stop_at"),
+    "stop_reason": (OPTIONAL_TEXT, "why the last session ended: done, early_stopping, time_budget, stop_at, diverged"),
     "wall_seconds": (OPTIONAL_NUMBER, "wall time of every session together"),
     "train_seconds": (OPTIONAL_NUMBER, "time inside optimizer steps"),
     "peak_memory_bytes": (OPTIONAL_NUMBER, "peak memory of the training phase (nblib.machine.peak_memory)"),
@@ -59,10 +59,15 @@ PRETRAIN: dict[str, tuple[tuple[type, ...] | type, str]] = {
     "d_model": (int, "width"),
     "context_length": (int, "positions"),
     "kv_cache_bytes_per_token": (dict, "KV-cache bytes per token by dtype name (float32 and the run's dtype)"),
-    "best_val_loss": (NUMBER, "lowest validation loss (nats per token)"),
+    "best_val_loss": (NUMBER, "validation loss of the selected evaluation (nats per token; the lowest from scratch)"),
     "best_val_ppl": (NUMBER, "exp(best_val_loss)"),
-    "best_val_bpb": (NUMBER, "validation bits per UTF-8 byte at the best evaluation"),
-    "best_step": (int, "step of the best evaluation (best.pt holds its weights)"),
+    "best_val_bpb": (NUMBER, "validation bits per UTF-8 byte at the selected evaluation"),
+    "best_step": (int, "step of the selected evaluation (best.pt holds its weights)"),
+    "selection": (str, "how best.pt was chosen: best val (from scratch, early stopping) | end of budget (converted)"),
+    "test_loss": (NUMBER, "loss of best.pt on the corpus test split (nats per token; nothing is chosen on it)"),
+    "test_ppl": (NUMBER, "exp(test_loss)"),
+    "test_bpb": (NUMBER, "bits per UTF-8 byte of best.pt on the test split: the report's quality figure"),
+    "final_lr": (NUMBER, "the learning rate where the schedule ended (a converted variant uptrains at it)"),
     "final_val_loss": (NUMBER, "validation loss at the last evaluation"),
     "final_val_ppl": (NUMBER, "exp(final_val_loss)"),
     "final_val_bpb": (NUMBER, "validation bits per byte at the last evaluation"),
@@ -84,6 +89,9 @@ PRETRAIN_OPTIONAL: dict[str, tuple[tuple[type, ...] | type, str]] = {
     "uptrain_fraction": (OPTIONAL_NUMBER, "alpha: uptraining steps as a fraction of the source's, or null"),
     "converted_val_loss": (OPTIONAL_NUMBER, "val loss right after conversion (alpha = 0), or null"),
     "uptrained_val_loss": (OPTIONAL_NUMBER, "val loss at the end of uptraining, or null"),
+    "converted_val_bpb": (OPTIONAL_NUMBER, "val bits per byte right after conversion (alpha = 0), or null"),
+    "converted_test_loss": (OPTIONAL_NUMBER, "test loss right after conversion (alpha = 0), or null"),
+    "converted_test_bpb": (OPTIONAL_NUMBER, "test bits per byte right after conversion (alpha = 0), or null"),
     "source_steps": (int, "optimizer steps of the source run (0 from scratch)"),
     "total_steps": (int, "source_steps + steps: the optimizer steps behind these weights"),
     "total_tokens": (int, "training tokens behind these weights, the source's included"),
@@ -97,8 +105,16 @@ FINETUNE_OPTIONAL: dict[str, tuple[tuple[type, ...] | type, str]] = {
     "tasks": (dict, "task metrics per source (nblib.qa_eval): {source: {task, accuracy | exact_match, f1 | rouge_l, "
                     "n, skipped, ...}}, trained model"),
     "base_tasks": (dict, "the same of the base model, before training"),
+    # issue 26: the sources with an lm-evaluation-harness task, scored its way (nblib.lmeval)
+    "harness": (dict, "per source (nblib.lmeval.score): {source: {task, lm_eval, acc, acc_norm | exact_match, n, skipped, "
+                      "excluded, items}}, trained model"),
+    "base_harness": (dict, "the same of the base model, before training"),
 }
-OPTIONAL = {"pretrain": PRETRAIN_OPTIONAL, "finetune": FINETUNE_OPTIONAL}
+# Only a run that diverged (stop_reason "diverged", finished false) has it, in either stage.
+DIVERGED: dict[str, tuple[tuple[type, ...] | type, str]] = {
+    "diverged_step": (int, "the step whose loss or gradient norm blew up (nblib.lifecycle.blown_up); not applied"),
+}
+OPTIONAL = {"pretrain": {**PRETRAIN_OPTIONAL, **DIVERGED}, "finetune": {**FINETUNE_OPTIONAL, **DIVERGED}}
 FINETUNE: dict[str, tuple[tuple[type, ...] | type, str]] = {
     "mode": (str, "precision of the base weights: 8bit | 4bit | 16bit | 32bit"),
     "lora": (bool, "the method trains an adapter on a frozen base (LoRA: true) or every weight (false)"),
@@ -106,6 +122,7 @@ FINETUNE: dict[str, tuple[tuple[type, ...] | type, str]] = {
     "base_model": (str, "hub name or folder (relative to the working root) of the base"),
     "learning_rate": (NUMBER, "peak learning rate used"),
     "trainable_params": (int, "parameters trained"),
+    "token_row_params": (int, "of them, embedding rows trained beside a LoRA adapter (markers, <|endoftext|>, lora_answer_rows)"),
     "total_params": (int, "parameters of the model"),
     "footprint_bytes": (int, "bytes of weights and buffers as loaded for training"),
     "embedding_params": (int, "token + position embedding parameters (kept in full precision by bitsandbytes)"),
@@ -113,6 +130,9 @@ FINETUNE: dict[str, tuple[tuple[type, ...] | type, str]] = {
     "eval_ppl": (NUMBER, "exp(eval_loss)"),
     "eval_bpb": (NUMBER, "bits per UTF-8 byte of the assistant text"),
     "base_eval_loss": (NUMBER, "the same loss before training"),
+    "test_loss": (NUMBER, "loss per assistant token on the scored test dialogues of every source together (by_source pooled): "
+                          "the report's quality figure, on a split nothing is chosen on"),
+    "base_test_loss": (NUMBER, "the same before training"),
     "base_eval_ppl": (NUMBER, "exp(base_eval_loss)"),
     "base_eval_bpb": (NUMBER, "bits per byte before training"),
     "merged_eval_loss": (OPTIONAL_NUMBER, "the same loss of the merged model folder (what chat loads), or null"),
@@ -171,6 +191,26 @@ def folder(name: str, seed: int, paths: config.Paths | None = None) -> Path:
     return (paths or config.paths()).run(name, seed)
 
 
+# What only a run of this package leaves in its folder (files.MARKER aside): a folder holding none of
+# them is not a run, and a trainer that starts afresh or overwrites must not delete it.
+EVIDENCE = ("summary.json", "metrics.jsonl", "ckpt.pt", "ckpt.prev.pt", "best.pt", "checkpoints")
+
+
+def claim(name: str, seed: int, paths: config.Paths | None = None) -> Path:
+    """The folder a trainer writes run ``name`` (seed ``seed``) to: ``SettingsError`` when ``name`` is not
+    one folder name or the folder lies outside the working root (through a link); ``config.Refused`` when
+    it holds files but none of a run's (:data:`EVIDENCE`, ``files.MARKER``)."""
+    paths = paths or config.paths()
+    run_dir = folder(config.folder_name("name", name), seed, paths)
+    config.inside_home(run_dir, "name", paths.home)
+    if not owned(run_dir, EVIDENCE):
+        raise config.Refused(
+            f"{config.relative(run_dir, paths.home)} holds files that no run of nblib wrote (no "
+            f"{', '.join((*EVIDENCE, MARKER))}); they are not deleted or overwritten: move them away or choose another run name"
+        )
+    return run_dir
+
+
 def check(summary: dict[str, Any], where: str) -> None:
     """Raise naming ``where`` and the producer when ``summary`` does not follow the schema."""
     name = str(summary.get("name", where))
@@ -224,7 +264,7 @@ def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise RunError(f"{config.relative(path)} not found: train the run first (notebooks 03/04/05)")
-    return read_jsonl(path)
+    return read_jsonl(path, partial_tail=True)
 
 
 def append_metric(run_dir: str | os.PathLike, row: dict[str, Any]) -> None:
@@ -238,10 +278,10 @@ def write_metrics(run_dir: str | os.PathLike, rows: Iterable[dict[str, Any]]) ->
 
 
 def truncate_metrics(run_dir: str | os.PathLike, step: int) -> None:
-    """Drop rows logged after ``step`` (a resumed run logs them again)."""
+    """Drop rows logged after ``step`` (a resumed run logs them again), and a last row a kill cut short."""
     path = Path(run_dir) / "metrics.jsonl"
     if path.is_file():
-        write_metrics(run_dir, [r for r in read_jsonl(path) if r["step"] <= step])
+        write_metrics(run_dir, [r for r in read_jsonl(path, partial_tail=True) if r["step"] <= step])
 
 
 def settings_diff(saved: dict[str, Any], cfg: dict[str, Any], free: Iterable[str] = ()) -> list[str]:

@@ -3,7 +3,8 @@
 Which runs there are is ``nblib.attention``'s table: :func:`plan` turns a profile's ``variants``
 into run names and settings. A variant converted from another (``init`` ``convert``) starts from
 the finished source run of the same seed, pools its K/V heads (``nblib.convert.convert_kv_heads``)
-and uptrains for ``uptrain_fraction`` of the source's steps (:func:`load_source`, :func:`build`).
+and uptrains for its alpha of the source's steps, continuing the source's optimizer and learning rate
+(``nblib.optim.uptraining``).
 
 The loop reads top to bottom like nanoGPT's ``train.py``: :func:`prepare` checks the run folder
 (resume, refuse, or start afresh), :func:`build` makes the model, optimizer and data, :func:`restore`
@@ -19,7 +20,7 @@ GPUs), optional ``torch.compile``, DDP under ``torchrun`` (:func:`launch` starts
 on every visible GPU). A run is
 ``runs/<name>/seed-<seed>/``: ``metrics.jsonl``, ``summary.json`` (``nblib.runs``' schema),
 ``ckpt.pt`` (the full training state, with ``ckpt.prev.pt`` the one before it; both deleted once the
-run finishes) and ``best.pt`` (weights at the best val loss). Calling :func:`run` again with the same settings resumes; where a
+run finishes) and ``best.pt`` (weights at the best val loss; a converted run's last step). Calling :func:`run` again with the same settings resumes; where a
 session stops (``stop_at``, ``time_budget_minutes``) never changes which steps are evaluated.
 """
 from __future__ import annotations
@@ -41,11 +42,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from nblib import attention, config, data, lifecycle, lock, machine, runs, tokenizer, tracking
+from nblib import attention, config, data, lifecycle, lock, machine, optim, pretrain_files, runs, tokenizer, tracking
 from nblib.lifecycle import DONE
-from nblib.convert import convert_kv_heads
 from nblib.model import GPT, GPTConfig, export_hf, load_checkpoint, matched_d_mlp
-from nblib.pretrain_files import BEST, CKPT, PREV, checkpoint, load_source, prepare, restore, save_best, stop_requests
+from nblib.weights import read_checkpoint
+from nblib.pretrain_files import BEST, CKPT, PREV, checkpoint, prepare, restore, save_best, stop_requests
 from nblib.multigpu import RANK_ERROR, launch, outcome, stream, torchrun_command, world_size  # noqa: F401 (train.launch: notebooks)
 from nblib.progress import Progress
 
@@ -75,8 +76,15 @@ def default_name(cfg: Mapping[str, Any]) -> str:
 
 
 def variant_settings(cfg: Mapping[str, Any], key: str) -> dict[str, Any]:
-    """``cfg`` with the K/V heads of variant ``key``."""
-    return {**cfg, "n_kv_head": attention.get(key).kv_heads(cfg["n_head"])}
+    """``cfg`` with the K/V heads of variant ``key`` (and its own alpha, when it has one)."""
+    v = attention.get(key)
+    return {**cfg, "n_kv_head": v.kv_heads(cfg["n_head"]),
+            **({"uptrain_fraction": v.alpha} if v.alpha is not None else {})}
+
+
+def eval_interval(cfg: Mapping[str, Any], steps: int, converted: bool) -> int:
+    """Steps between evaluations: ``eval_interval``, or for a converted run at least 5 in its short budget."""
+    return max(1, min(cfg["eval_interval"], steps // 5)) if converted else cfg["eval_interval"]
 
 
 def plan(cfg: Mapping[str, Any], variants: list[str] | None = None, name: str | None = None) -> list[tuple[str, dict[str, Any]]]:
@@ -105,26 +113,6 @@ def variant_of(name: str, cfg: Mapping[str, Any]) -> attention.Variant:
     key = attention.scratch_key(cfg["n_kv_head"], cfg["n_head"])
     kind = model_config(cfg).variant
     return attention.VARIANTS[key] if key else attention.Variant(kind, cfg["n_kv_head"], kind.upper(), "#000000")
-
-
-def lr_factor(step: int, warmup_steps: int, max_steps: int, min_ratio: float) -> float:
-    """LR multiplier at ``step``: linear warmup to 1, then cosine decay to ``min_ratio`` at ``max_steps``."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
-    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def configure_optimizer(model: GPT, cfg: Mapping[str, Any], device: torch.device) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices (linear weights, embeddings) and none on biases and norms."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg["weight_decay"]},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW(
-        groups, lr=cfg["learning_rate"], betas=(cfg["beta1"], cfg["beta2"]), fused=device.type == "cuda"
-    )
 
 
 def max_steps_for(cfg: Mapping[str, Any], train_tokens: int) -> int:
@@ -192,11 +180,16 @@ class State:
     best_val_loss: float | None = None
     best_val_bpb: float | None = None
     best_step: int | None = None
+    test_loss: float | None = None  # the selected checkpoint on the test split, once finished
+    test_bpb: float | None = None
     evals_since_best: int = 0
     last_val_loss: float | None = None
     last_val_bpb: float | None = None
     skipped_steps: int = 0  # fp16 steps the grad scaler skipped (inf/nan gradients)
     initial_val_loss: float | None = None  # the step-0 evaluation (a converted model before uptraining)
+    initial_val_bpb: float | None = None
+    initial_test_loss: float | None = None  # the converted model (alpha = 0) on the test split
+    initial_test_bpb: float | None = None
 
 
 @dataclass
@@ -223,8 +216,10 @@ class Session:
     data: dict[str, Any]
     variant: attention.Variant
     source: dict[str, Any] | None = None  # the summary of the run a converted variant starts from
+    eval_interval: int = 1  # steps between evaluations (a converted run's: at least 5 in its budget)
     state: State = field(default_factory=State)
-    best: dict[str, torch.Tensor] | None = None  # weights of the best evaluation (CPU copy)
+    best: dict[str, torch.Tensor] | None = None  # weights of the selected evaluation (CPU copy)
+    best_optimizer: dict[str, Any] | None = None  # its optimizer state (CPU copy), kept for converted variants
     wandb: Any = None
     started: float = field(default_factory=time.perf_counter)
     wall_before: float = 0.0
@@ -238,6 +233,17 @@ class Session:
     @property
     def device(self) -> torch.device:
         return self.policy.device.torch
+
+    @property
+    def selection(self) -> str:
+        """How the reported checkpoint is chosen: a converted run is its last step (the paper's alpha budget),
+        a run from scratch its best val evaluation (early stopping)."""
+        return "end of budget" if self.variant.converted else "best val"
+
+    @property
+    def keeps_optimizer(self) -> bool:
+        """A variant others are converted from keeps the optimizer state of its best weights for their uptraining."""
+        return any(v.source == self.variant.key for v in attention.VARIANTS.values())
 
     @property
     def tokens_per_step(self) -> int:
@@ -278,7 +284,7 @@ def run(
     machine.detect(local_rank=machine.local_rank())  # a GPU this torch cannot run is refused before any file is touched
     ddp = machine.distributed()
     try:
-        run_dir = runs.folder(name, seed, paths)
+        run_dir = runs.claim(name, seed, paths)  # one folder under runs/, and not another program's
         # overwrite: the old run waits aside until the new one is built (token files, tokenizer, model),
         # and comes back if that fails: a failed overwrite must not cost a finished run.
         # Rank 0 alone moves it and puts it back or deletes it (the ranks' clocks may name it apart).
@@ -306,18 +312,6 @@ def run(
         ddp.close()
 
 
-def check_context(cfg: Mapping[str, Any], tokens: Mapping[str, int]) -> None:
-    """Refuse, before the model is built, a ``context_length`` the train or val split cannot fill:
-    a batch is windows of ``context_length + 1`` tokens of one split."""
-    short = {split: n for split, n in tokens.items() if split in ("train", "val") and n < cfg["context_length"] + 1}
-    if short:
-        raise config.SettingsError(
-            f"context_length={cfg['context_length']} needs windows of {cfg['context_length'] + 1} tokens, but the "
-            + " and ".join(f"{split} split holds {n:,}" for split, n in short.items())
-            + "; lower context_length or give the corpus more text"
-        )
-
-
 def build(cfg: dict[str, Any], name: str, seed: int, run_dir: Path, paths: config.Paths, ddp: machine.Dist) -> Session:
     """Token files, precision policy, model, optimizer, schedule, scaler and fixed eval batches."""
     if ddp.master:
@@ -325,7 +319,7 @@ def build(cfg: dict[str, Any], name: str, seed: int, run_dir: Path, paths: confi
     ddp.barrier()
     if not ddp.master:
         manifest = data.build_token_files(paths)  # reuses rank 0's files
-    check_context(cfg, {split: info["tokens"] for split, info in manifest["splits"].items()})
+    data.check_context(cfg, {split: info["tokens"] for split, info in manifest["splits"].items()})
     if cfg["grad_accum_steps"] % ddp.world_size:
         raise config.SettingsError(
             f"grad_accum_steps={cfg['grad_accum_steps']} must be a multiple of the {ddp.world_size} DDP processes "
@@ -342,23 +336,15 @@ def build(cfg: dict[str, Any], name: str, seed: int, run_dir: Path, paths: confi
     info = {"corpus_sha256": manifest["corpus_sha256"],
             "tokens": {split: part["tokens"] for split, part in manifest["splits"].items()}}
     variant = variant_of(name, cfg)
-    max_steps, warmup, source = max_steps_for(cfg, info["tokens"]["train"]), cfg["warmup_steps"], None
+    max_steps, source = max_steps_for(cfg, info["tokens"]["train"]), None
 
     config.set_seed(seed)
     if variant.converted:
-        source_model, source = load_source(variant, cfg, seed, paths, info)
-        model = convert_kv_heads(source_model, cfg["n_kv_head"], variant.method, seed=seed).to(device)
-        # Uptraining is the pretraining recipe for alpha of the source's steps (Ainslie et al. 2023),
-        # the schedule's shape squeezed into them: warmup_steps scaled by uptrain steps / the source's
-        # max_steps (at least one when the source warmed up), then cosine from learning_rate to min_lr at
-        # the last uptrain step. round(.., 9) keeps float noise (0.07 * 100 = 7.000000000000001) from adding a step.
-        max_steps = max(1, math.ceil(round(cfg["uptrain_fraction"] * source["steps"], 9)))
-        warmup = min(max_steps, max(int(warmup > 0), round(warmup * max_steps / source["max_steps"])))
+        model, optimizer, scheduler, source, max_steps = optim.uptraining(variant, cfg, seed, paths, info, device)
     else:
         model = GPT(model_config(cfg, variant)).to(device)
-    optimizer = configure_optimizer(model, cfg, device)
-    min_ratio = cfg["min_lr"] / cfg["learning_rate"]
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup, max_steps, min_ratio))
+        optimizer = optim.configure(model, cfg, device)
+        scheduler = optim.schedule(optimizer, cfg, max_steps)
     fwd = torch.compile(model) if policy.compile else model
     train_model = DDP(fwd, device_ids=[ddp.local_rank] if device.type == "cuda" else None) if ddp.world_size > 1 else fwd
     return Session(
@@ -369,6 +355,7 @@ def build(cfg: dict[str, Any], name: str, seed: int, run_dir: Path, paths: confi
         eval_sets={"train": fixed_batches(train_tokens, cfg, seed, 1, device), "val": fixed_batches(val_tokens, cfg, seed, 2, device)},
         token_bytes=torch.from_numpy(tokenizer.token_bytes()).to(device),
         data=info, variant=variant, source=source,
+        eval_interval=eval_interval(cfg, max_steps, variant.converted),
     )
 
 
@@ -384,10 +371,7 @@ def train_loop(s: Session, stop_at: int | None, progress: bool) -> dict[str, Any
     with stop_requests(s.ddp.world_size == 1) as asked:
         try:
             if s.state.step == 0 and s.state.last_val_loss is None and s.ddp.master:  # a session stopped at step 0 has it
-                row = evaluate(s)
-                s.state.initial_val_loss = row["val_loss"]
-                record_eval(s, row)
-                runs.write_summary(s.run_dir, summary(s, False, None, None))
+                first_eval(s)
             while s.state.step < limit:
                 if asked:
                     if s.ddp.master:
@@ -404,7 +388,7 @@ def train_loop(s: Session, stop_at: int | None, progress: bool) -> dict[str, Any
                 if s.ddp.master and (step % s.cfg["log_interval"] == 0 or step == s.max_steps):
                     log_train(s, loss)
                 stop = False
-                if step % s.cfg["eval_interval"] == 0 or step == s.max_steps:
+                if step % s.eval_interval == 0 or step == s.max_steps:
                     stop = bool(s.ddp.agree(int(record_eval(s, evaluate(s))) if s.ddp.master else 0, s.device))
                 bar.update(1, loss=loss, **({"val": s.state.last_val_loss} if s.state.last_val_loss is not None else {}))
                 if stop:
@@ -418,10 +402,26 @@ def train_loop(s: Session, stop_at: int | None, progress: bool) -> dict[str, Any
             if reason == "time_budget" and s.ddp.master:
                 checkpoint(s)
             return finish(s, reason)
+        except lifecycle.Diverged as e:  # the checkpoints stay as they were: the last good state
+            if s.ddp.master:
+                runs.write_summary(s.run_dir, {**pretrain_files.summary(s, False, "diverged", None), "diverged_step": e.step})
+            raise
         finally:
             bar.close()
             if s.wandb is not None:
                 s.wandb.finish()
+
+
+def first_eval(s: Session) -> None:
+    """The step-0 evaluation (for a converted variant also on the test split: alpha = 0), after a first summary:
+    a folder holding ``best.pt`` always has one (``lifecycle.decide`` refuses one without)."""
+    runs.write_summary(s.run_dir, pretrain_files.summary(s, False, None, None))
+    row = evaluate(s)
+    s.state.initial_val_loss, s.state.initial_val_bpb = row["val_loss"], row["val_bpb"]
+    if s.variant.converted:  # alpha = 0: the converted model, reported on its own
+        s.state.initial_test_loss, s.state.initial_test_bpb = test_loss(s, s.model)
+    record_eval(s, row)
+    runs.write_summary(s.run_dir, pretrain_files.summary(s, False, None, None))
 
 
 def out_of_time(s: Session) -> bool:
@@ -436,7 +436,9 @@ def train_step(s: Session) -> float:
 
     Micro-batch ``m`` of step ``t`` is drawn from ``(seed, t, m)``, so any number of DDP
     processes sees the same global batch. A step the fp16 grad scaler skips (inf gradients)
-    leaves the LR schedule where it was.
+    leaves the LR schedule where it was. A loss that blows up (``lifecycle.blown_up``), or a gradient
+    norm that is not finite where no scaler skips it, stops the run before the step is applied
+    (``lifecycle.Diverged``).
     """
     t0 = time.perf_counter()
     step, cfg = s.state.step, s.cfg
@@ -452,9 +454,13 @@ def train_step(s: Session) -> float:
         loss_sum += loss.detach()
     if s.ddp.world_size > 1:
         dist.all_reduce(loss_sum)
-    if cfg["grad_clip"]:
-        s.scaler.unscale_(s.optimizer)
-        torch.nn.utils.clip_grad_norm_(s.model.parameters(), cfg["grad_clip"])
+    s.scaler.unscale_(s.optimizer)  # a no-op without the fp16 grad scaler
+    norm = torch.nn.utils.clip_grad_norm_(s.model.parameters(), cfg["grad_clip"] or math.inf).item()  # inf: no clipping
+    loss_value = loss_sum.item() / cfg["grad_accum_steps"]
+    if lifecycle.blown_up(loss_value):
+        raise diverged(s, "the loss", loss_value, step + 1)
+    if not math.isfinite(norm) and not s.scaler.is_enabled():  # fp16's scaler skips such steps itself
+        raise diverged(s, "the gradient norm", norm, step + 1)
     scale = s.scaler.get_scale() if s.scaler.is_enabled() else None
     s.scaler.step(s.optimizer)
     s.scaler.update()
@@ -463,16 +469,6 @@ def train_step(s: Session) -> float:
         s.state.skipped_steps += 1
     else:
         s.scheduler.step()
-    loss_value = loss_sum.item() / cfg["grad_accum_steps"]
-    if not math.isfinite(loss_value):
-        ckpt = s.run_dir / CKPT
-        last = (f"{config.relative(ckpt)} (step {torch.load(ckpt, weights_only=True)['step']})"
-                if ckpt.is_file() else "none written yet")
-        raise FloatingPointError(
-            f"{s.name} seed {s.seed}: loss is {loss_value} at step {step + 1}; training stopped. Last good checkpoint: "
-            f"{last}. Lower learning_rate, raise warmup_steps or use dtype bfloat16/float32, then run again "
-            "(same settings resume from the checkpoint; overwrite=True starts afresh)."
-        )
     dt = time.perf_counter() - t0
     s.state.step += 1
     s.state.tokens_seen += s.tokens_per_step
@@ -481,6 +477,15 @@ def train_step(s: Session) -> float:
     s.window[1] += dt
     s.budget.step(dt)
     return loss_value
+
+
+def diverged(s: Session, what: str, value: float, step: int) -> lifecycle.Diverged:
+    """The error that stops a run whose ``what`` blew up at ``step``, naming its last good checkpoint."""
+    ckpt = s.run_dir / CKPT
+    last = f"{config.relative(ckpt)} (step {read_checkpoint(ckpt, mmap=True)['step']})" if ckpt.is_file() else "none written yet"
+    tips = ", more warmup_steps or dtype bfloat16/float32" if s.policy.dtype_name == "float16" else " or more warmup_steps"
+    return lifecycle.diverged(f"{s.name} seed {s.seed}", what, value, step, s.cfg["learning_rate"], last, tips,
+                              runs.afresh(s.name))
 
 
 def log_train(s: Session, loss: float) -> None:
@@ -496,6 +501,9 @@ def evaluate(s: Session) -> dict[str, Any]:
     fwd = s.train_model.module if isinstance(s.train_model, DDP) else s.train_model
     train_loss, train_bpb = evaluate_loss(fwd, s.eval_sets["train"], s.policy, s.token_bytes)
     val_loss, val_bpb = evaluate_loss(fwd, s.eval_sets["val"], s.policy, s.token_bytes)
+    for what, loss in (("the train eval loss", train_loss), ("the val loss", val_loss)):
+        if lifecycle.blown_up(loss):  # before the sample, which cannot be drawn from such weights
+            raise diverged(s, what, loss, s.state.step)
     tokens, seconds = s.window
     tokens_per_s = tokens / seconds if seconds else None
     s.window = [0, 0.0]
@@ -516,59 +524,52 @@ def record_eval(s: Session, row: dict[str, Any]) -> bool:
         s.wandb.log({k: v for k, v in row.items() if k not in ("kind", "step") and v is not None}, step=row["step"])
     st = s.state
     st.last_val_loss, st.last_val_bpb = row["val_loss"], row["val_bpb"]
-    if st.best_val_loss is None or row["val_loss"] < st.best_val_loss:
+    if s.variant.converted or st.best_val_loss is None or row["val_loss"] < st.best_val_loss:
         st.best_val_loss, st.best_val_bpb, st.best_step, st.evals_since_best = row["val_loss"], row["val_bpb"], row["step"], 0
         s.best = {k: v.detach().to("cpu", copy=True) for k, v in s.model.state_dict().items()}
+        if s.keeps_optimizer:
+            s.best_optimizer = optim.cpu_copy(s.optimizer.state_dict())
         save_best(s)
     else:
         st.evals_since_best += 1
-    return s.cfg["patience"] is not None and st.evals_since_best >= s.cfg["patience"]
+    # a converted run is reported at the end of its budget: early stopping would choose on val
+    return not s.variant.converted and s.cfg["patience"] is not None and st.evals_since_best >= s.cfg["patience"]
+
+
+@torch.no_grad()
+def test_loss(s: Session, model: GPT) -> tuple[float, float]:
+    """``(loss, bits per byte)`` of ``model`` on the corpus test split, which no choice is made on: evenly
+    spaced windows, the whole split when it holds at most 4 x ``eval_batches`` batches."""
+    tokens = data.load_tokens(s.paths, "test")
+    t, b = s.cfg["context_length"], s.cfg["batch_size"]
+    n = min((len(tokens) - 1) // t, 4 * s.cfg["eval_batches"] * b)
+    if n < 1:
+        raise config.SettingsError(f"the test split holds {len(tokens)} tokens, too few for context_length={t}")
+    starts = np.linspace(0, len(tokens) - t - 1, n).astype(np.int64)
+    batches = []
+    for i in range(0, n, b):
+        xy = torch.from_numpy(np.stack([tokens[j : j + t + 1] for j in starts[i : i + b]]).astype(np.int64)).to(s.device)
+        batches.append((xy[:, :-1], xy[:, 1:]))
+    return evaluate_loss(model, batches, s.policy, s.token_bytes)
 
 
 def finish(s: Session, reason: str) -> dict[str, Any]:
     """The summary of this session (and, once finished, the HF export of an MHA model's best weights)."""
     finished = s.state.step >= s.max_steps or reason == "early_stopping"
     hf_dir = None
+    if s.ddp.master and finished:
+        selected, _ = load_checkpoint(s.run_dir / BEST, s.device)
+        s.state.test_loss, s.state.test_bpb = test_loss(s, selected)
     if s.ddp.master and finished and s.cfg["export_hf"] and s.model.config.variant == "mha":
         best_model, _ = load_checkpoint(s.run_dir / BEST)
         hf_dir = export_hf(best_model, s.run_dir / "hf")
-    result = summary(s, finished, reason, hf_dir)
+    result = pretrain_files.summary(s, finished, reason, hf_dir)
     if s.ddp.master:
         result = runs.write_summary(s.run_dir, result)
         if finished:  # a finished run never resumes: its training state only takes disk (Kaggle keeps 20 GB)
             for name in (CKPT, PREV):
                 (s.run_dir / name).unlink(missing_ok=True)
     return result
-
-
-def summary(s: Session, finished: bool, reason: str | None, hf_dir: Path | None) -> dict[str, Any]:
-    """This run's ``summary.json`` (``nblib.runs`` schema)."""
-    st, m, c, v, src = s.state, s.model, s.model.config, s.variant, s.source
-    best, last = st.best_val_loss, st.last_val_loss
-    source_steps, source_tokens = (src["steps"], src["tokens_seen"]) if src else (0, 0)
-    return {
-        **lifecycle.summary_head(
-            name=s.name, stage="pretrain", variant=v.key, label=v.label, folder=config.relative(s.run_dir, s.paths.home),
-            cfg=s.cfg, seed=s.seed, device=s.policy.device, data=s.data, compute_dtype=s.policy.dtype_name,
-            finished=finished, reason=reason, wall_seconds=round(s.wall(), 3),
-            train_seconds=round(st.train_seconds, 3), peak_memory_bytes=machine.peak_memory(s.device)),
-        "params": m.num_params(), "params_embedding": m.num_params("embedding"), "params_blocks": m.num_params("blocks"),
-        "n_layer": c.n_layer, "n_head": c.n_head, "n_kv_head": c.n_kv_head, "d_model": c.d_model,
-        "d_mlp": c.mlp_width, "matched": v.matched, "context_length": c.context_length,
-        "kv_cache_bytes_per_token": {"float32": m.kv_cache_bytes(1, 1, torch.float32),
-                                     s.policy.dtype_name: m.kv_cache_bytes(1, 1, s.policy.dtype)},
-        **lifecycle.loss_fields("best_val_", best, st.best_val_bpb), "best_step": st.best_step,
-        **lifecycle.loss_fields("final_val_", last, st.last_val_bpb),
-        "train_tokens_per_s": st.tokens_seen / st.train_seconds if st.train_seconds else None,
-        "tokens_seen": st.tokens_seen, "steps": st.step, "max_steps": s.max_steps, "skipped_steps": st.skipped_steps,
-        "init": v.init, "source_run": src["folder"] if src else None, "conversion_method": v.method,
-        "uptrain_fraction": s.cfg["uptrain_fraction"] if src else None,
-        "converted_val_loss": st.initial_val_loss if src else None, "uptrained_val_loss": last if src else None,
-        "source_steps": source_steps, "total_steps": source_steps + st.step, "total_tokens": source_tokens + st.tokens_seen,
-        "world_size": s.ddp.world_size,
-        "checkpoint": config.relative(s.run_dir / BEST, s.paths.home),
-        "hf_export": config.relative(hf_dir, s.paths.home) if hf_dir is not None else None,
-    }
 
 
 # ---------------------------------------------------------------------------------------------

@@ -333,7 +333,8 @@ def test_cli_broken_model_folders_and_bad_numbers_are_one_line_each(home, mirror
     cases = [
         (["--model", "noweights"], "chat: noweights is not a loadable merged model: Error no file named model.safetensors"),
         (["--model", "badconfig"], "chat: badconfig is not a loadable merged model: It looks like the config file at"),
-        (["--model", "badweights"], "chat: badweights is not a loadable merged model: Error while deserializing header"),
+        (["--model", "badweights"], "chat: badweights/model.safetensors cannot be read (SafetensorError: Error while "
+                                    "deserializing header"),
         (["--temperature", "-1"], "python -m nblib.chat: error: invalid chat setting(s): temperature=-1.0 must be a number >= 0"),
         (["--top-k", "0"], "python -m nblib.chat: error: invalid chat setting(s): top_k=0 must be an integer >= 1, or null"),
         (["--top-k", "x"], "python -m nblib.chat: error: argument --top-k: invalid int value: 'x'"),

@@ -288,6 +288,30 @@ def test_wandb_offline_without_key_writes_run_files(tmp_path, monkeypatch):
     assert tracking.wandb_mode() == "disabled"
 
 
+def test_wandb_with_a_key_and_no_server_logs_offline_at_once(tmp_path, monkeypatch, capsys):
+    """Issue 30 case 8: with WANDB_API_KEY set and the server unreachable (here a closed local port), the
+    run starts offline within seconds and says so in one line, instead of waiting 60 s and failing."""
+    import socket
+    import time
+
+    with socket.socket() as s:  # a port nothing listens on once closed
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{port}")
+    assert tracking.unreachable() == f"127.0.0.1:{port} unreachable (Connection refused)"
+    started = time.perf_counter()
+    run = tracking.init_wandb(tmp_path / "run", "t", {"lr": 0.1})
+    run.log({"loss": 1.0})
+    run.finish()
+    assert time.perf_counter() - started < 30 and os.environ["WANDB_MODE"] == "offline"
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("W&B:")]
+    assert lines == [f"W&B: 127.0.0.1:{port} unreachable (Connection refused); logging offline to "
+                     f"{tmp_path / 'run' / 'wandb'} (upload later with `wandb sync`)"]
+    assert len(list((tmp_path / "run" / "wandb").glob("offline-run-*"))) == 1
+
+
 @pytest.mark.parametrize("text", ["[]", "3", '"done"', "null"])
 def test_summary_that_is_not_an_object_names_the_file_and_its_notebook(home, text):
     from nblib import runs

@@ -210,9 +210,85 @@ def test_too_few_records_for_the_splits_is_named_as_such(tmp_path, alpaca):
 def test_a_small_source_keeps_an_eval_dialogue_in_each_split():
     """Six records at 5 % round to none; from three records on, val and test get one each (a
     source is always evaluated); under three nothing changes."""
-    parts = dialogue.split(list(range(6)), 0.05, 0.05, seed=1)
+    parts = dialogue.split(list(range(6)), 0.05, 0.05, seed=1, key=str)  # each record its own group
     assert [len(parts[n]) for n in ("train", "val", "test")] == [4, 1, 1]
     assert sorted(sum(parts.values(), [])) == list(range(6))
-    assert [len(dialogue.split(list(range(2)), 0.05, 0.05, 1)[n]) for n in ("train", "val", "test")] == [2, 0, 0]
-    large = dialogue.split(list(range(400)), 0.05, 0.1, 1)  # rounded shares as before
+    assert [len(dialogue.split(list(range(2)), 0.05, 0.05, 1, key=str)[n]) for n in ("train", "val", "test")] == [2, 0, 0]
+    large = dialogue.split(list(range(400)), 0.05, 0.1, 1, key=str)  # rounded shares as before
     assert [len(large[n]) for n in ("train", "val", "test")] == [340, 20, 40]
+
+
+# --- duplicates and leaks across splits ------------------------------------------------------------
+
+
+def sciq(question: str, support: str, **extra) -> dict:
+    """A SciQ record in the hub's schema."""
+    return {"question": question, "distractor1": "a", "distractor2": "b", "distractor3": "c",
+            "correct_answer": f"answer to {question}", "support": support, **extra}
+
+
+def test_near_duplicates_share_a_key_and_convert_drops_them():
+    assert dialogue.near_key("The  Sun, it's HOT!") == dialogue.near_key("the sun its hot") == "thesunitshot"
+    assert dialogue.near_key("Ｆｕｌｌ\twidth_") == "fullwidth"  # NFKC-folded; "_" is no word of its own
+    records = [{"instruction": "Say hi.", "input": "", "output": "Hi!"},
+               {"instruction": "say  hi", "input": "", "output": "hi"},  # the same once normalised
+               {"instruction": "Say hi.", "input": "", "output": "Hello there!"}]  # another answer: kept
+    kept, dropped = dialogue.convert(records, "alpaca")
+    assert len(kept) == 2 and dropped == {"near_duplicate": 1}
+
+
+def test_one_passage_and_one_normalised_question_never_span_two_splits():
+    passage = "Plants make glucose from carbon dioxide and water in the light."
+    records, _ = dialogue.convert([sciq(f"Question {i} on it?", passage) for i in range(5)]
+                                  + [sciq(f"Other question {i}?", f"Passage number {i}.") for i in range(15)], "sciq")
+    nq = [{"question": {"text": q}, "annotations": {"short_answers": [{"text": [a]}], "yes_no_answer": [-1]}}
+          for q, a in [("who wrote dom casmurro", "Machado"), ("Who wrote Dom Casmurro?", "Machado de Assis")]
+          + [(f"question {i}", f"answer {i}") for i in range(10)]]
+    asked, _ = dialogue.convert(nq, "natural_questions")
+    for seed in range(6):
+        parts = dialogue.split(records, 0.1, 0.2, seed)
+        assert sorted(sum(r["support"] == passage for r in part) for part in parts.values()) == [0, 0, 5]
+        parts = dialogue.split(asked, 0.1, 0.2, seed)
+        assert sum(any("casmurro" in r["question"].lower() for r in part) for part in parts.values()) == 1
+
+
+def test_drop_leaks_keeps_the_test_split_and_removes_what_repeats_it():
+    def rec(source: str, question: str, answer: str, **fields) -> dict:
+        return {"dialogue": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}],
+                "source": source, **fields}
+
+    splits = {
+        "test": [rec("sciq", "What is an element?", "A pure substance.", support="Elements are pure.")],
+        "val": [rec("alpaca", "what is an ELEMENT", "Something else.")],  # the test question: a leak
+        "train": [rec("sciq", "Are elements pure?", "Yes.", support="Elements are pure."),  # the test's passage
+                  rec("dolly", "What is an element?", "A pure substance."),  # another source's dialogue again
+                  rec("alpaca", "Say hi.", "Hi.")],
+    }
+    assert dialogue.drop_leaks(splits) == {("alpaca", "leak"): 1, ("sciq", "leak"): 1,
+                                           ("dolly", "duplicate_across_sources"): 1}
+    assert [len(splits[n]) for n in ("test", "val", "train")] == [1, 0, 1]
+
+
+def test_prepare_tests_on_sciqs_own_test_split_and_counts_what_it_removed(tmp_path):
+    qa = tmp_path / "qa"
+    shared = "Igneous rocks form when magma cools."
+    write_jsonl(qa / "sciq.jsonl", [
+        sciq("What forms igneous rock?", shared, hub_split="test"),
+        sciq("When does magma make igneous rock?", shared, hub_split="train"),  # a test item's passage: dropped
+        *[sciq(f"What is fact {i}?", f"Fact {i} is true.", hub_split="train") for i in range(20)],
+        sciq("What is fact 0?", "Fact 0 is true.", hub_split="train"),  # an exact duplicate
+        *[sciq(f"What is test fact {i}?", f"Test fact {i}.", hub_split="test") for i in range(3)],
+    ])
+    write_jsonl(qa / "alpaca.jsonl", [{"instruction": f"Say {i}.", "input": "", "output": f"{i}."} for i in range(20)]
+                + [{"instruction": "say 1", "input": "", "output": "1"}])  # a near duplicate
+    settings = {"targets": {"sciq": 10, "alpaca": None}, "val_fraction": 0.1, "test_fraction": 0.2, "max_chars": None,
+                "seed": 3}
+    manifest = dialogue.prepare(qa, tmp_path / "out", settings)
+    src = manifest["sources"]["sciq"]
+    assert manifest["test_from_hub_split"] == {"sciq": "test"} and src["test"] == 4  # all of it, whatever the target
+    assert (src["train"], src["val"], src["dropped"]) == (8, 1, {"duplicate": 1, "leak": 1})  # 10 drawn, 1 leaked
+    assert {r["hub_split"] for r in read_jsonl(tmp_path / "out" / "test.jsonl") if r["source"] == "sciq"} == {"test"}
+    trained = {r["support"] for name in ("train", "val") for r in read_jsonl(tmp_path / "out" / f"{name}.jsonl")
+               if r["source"] == "sciq"}
+    assert shared not in trained and len(trained) == src["train"] + src["val"]
+    assert manifest["deduplication"] == {"duplicate": 1, "near_duplicate": 1, "duplicate_across_sources": 0, "leak": 1}

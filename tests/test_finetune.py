@@ -6,6 +6,7 @@ import logging
 import math
 import shutil
 import warnings
+from types import SimpleNamespace
 
 import bitsandbytes as bnb
 import pytest
@@ -131,6 +132,7 @@ def test_collator_keeps_eos_labels_when_pad_is_eos():
     ({"steps": 0}, "steps=0 must be an integer >= 1"),
     ({"batch_size": -4}, "batch_size=-4 must be an integer >= 1"),
     ({"lora_lr": "abc"}, "lora_lr='abc' must be a number > 0"),
+    ({"lr_sweep": [1.0, -2]}, r"lr_sweep=\[1.0, -2\] must be a list whose items are each a number > 0"),
 ])
 def test_bad_settings_are_refused_before_any_work(bad, message):
     with pytest.raises(config.SettingsError, match=message):
@@ -442,6 +444,17 @@ def test_stop_rate_counts_only_answers_closed_by_eos(root):
     assert no_stop["stopped"] is False
 
 
+def test_stop_rate_counts_an_answer_of_punctuation_alone_as_none(monkeypatch):
+    """Closed by end-of-text but only "." (or "?!"): no word character, no answer; ``evaluate`` counts 1 of 4."""
+    said = [{"answer": a, "stopped": s} for a, s in ((".", True), ("?!", True), ("Paris.", True), ("Lisbon", False))]
+    monkeypatch.setattr(finetune, "answer", lambda *args: said)
+    monkeypatch.setattr(finetune.qa_eval, "evaluate", lambda *args, **kwargs: {})
+    s = SimpleNamespace(evaluate_loss=lambda: (1.0, 0.5), model=None, tokenizer=None, test_records=[],
+                        cfg={"questions": ["q"] * 4, "max_new_tokens": 4, "eval_batch_size": 1, "task_eval_per_source": 1},
+                        info={"max_length": 64})
+    assert finetune.evaluate(s)["stop_rate"] == 0.25
+
+
 def test_a_mix_that_selects_nothing_is_refused_as_such():
     records = [{"source": "alpaca", "dialogue": []}, {"source": "sciq", "dialogue": []}]
     assert len(finetune.select(records, {"alpaca": 0, "sciq": None}, 1)) == 1
@@ -499,3 +512,68 @@ def test_finetune_cost_trains_the_rows_a_run_trains():
     d_model = 768  # GPT-2 small
     assert rows.loc["trainable_params"].iloc[0] - plain.loc["trainable_params"].iloc[0] == 4 * d_model
     assert list(plain.columns) == ["LoRA + 32-bit"]
+
+
+def test_learning_rate_sweep_picks_the_best_val_loss_and_resumes(root, monkeypatch):
+    """Each rate of lr_sweep trains the first seed sweep_steps steps; the lowest val loss wins; a rerun reads the
+    kept results back instead of training again, and settings that change the measure train again."""
+    from nblib import ftsweep
+
+    cfg = small(variant="lora-32bit", lr_sweep=[0.1, 1.0], sweep_steps=2, eval_steps=2, steps=4)
+    assert ftsweep.rates(cfg) == [pytest.approx(1e-3), pytest.approx(1e-2)]
+    best, losses = ftsweep.best_rate(cfg)
+    assert set(losses) == set(ftsweep.rates(cfg)) and best == min(losses, key=losses.get)
+    folders = [runs.folder(ftsweep.folder_name("lora-32bit", r), 1234) for r in losses]
+    assert all((f / ftsweep.RESULT).is_file() and not (f / "checkpoints").exists() for f in folders)
+    assert ftsweep.settings_at_best(cfg)["learning_rate"] == best
+    trained = []
+    monkeypatch.setattr(finetune, "train", lambda s: trained.append(s.learning_rate))
+    assert ftsweep.best_rate(cfg) == (best, losses) and not trained  # read back, nothing trained
+    assert ftsweep.settings_at_best({**cfg, "learning_rate": 5e-3}) == {**cfg, "learning_rate": 5e-3}  # given: not swept
+    assert ftsweep.settings_at_best({**cfg, "lr_sweep": []}) == {**cfg, "lr_sweep": []}
+    ftsweep.best_rate({**cfg, "lora_r": 4})  # another setting measures again (the stubbed train records it)
+    assert trained == [pytest.approx(1e-3), pytest.approx(1e-2)]
+
+
+def test_a_diverging_fine_tune_stops_before_the_blown_up_step_and_writes_no_outputs(root, lora8):
+    """Issue 30 case 4: at learning_rate=1e30 (step 1 warms up from 0, step 2 applies it) the eval after step 2
+    is not finite: training stops before checkpoint-2 is saved, checkpoint-1 is kept, no adapter/ or merged/
+    is written, and the unfinished summary says diverged. Without warmup, step 2's loss blows up first. A
+    finished run with results that are not finite (as nblib once wrote) is refused by the report too."""
+    from nblib import lifecycle
+    from nblib.report import loading
+
+    with pytest.raises(lifecycle.Diverged, match=r"finetune-full seed 11: the eval loss is nan at step 2: training "
+                                                 r"diverged and stopped \(learning_rate=1e\+30\)\. Last good checkpoint: "
+                                                 r"runs/finetune-full/seed-11/checkpoints/checkpoint-1\. .*resume=False"):
+        finetune.run(small(variant="full", learning_rate=1e30, eval_steps=1, seeds=[11]))
+    run_dir = root / "runs" / "finetune-full" / "seed-11"
+    summary = runs.read_summary(run_dir)
+    assert (summary["finished"], summary["stop_reason"], summary["diverged_step"]) == (False, "diverged", 2)
+    assert not (run_dir / "merged").exists() and not (run_dir / "adapter").exists()
+    assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["checkpoint-1"]
+    weights = load_file(run_dir / "checkpoints" / "checkpoint-1" / "model.safetensors")
+    assert all(torch.isfinite(w).all() for w in weights.values())
+    with pytest.raises(loading.MissingRunError, match=r"seed-11 diverged \(at step 2\): .* and resume=False"):
+        loading.load_group("finetune-full", root)
+    with pytest.raises(lifecycle.Diverged, match=r"finetune-full seed 12: the loss is \S+ at step 2: .* none written yet"):
+        finetune.run(small(variant="full", learning_rate=1e30, warmup_steps=0, seeds=[12]))
+    nan_run = root / "runs" / "finetune-nan" / "seed-1234"
+    shutil.copytree(lora8["s"].run_dir, nan_run)
+    (nan_run / "summary.json").write_text(json.dumps({**lora8["summary"], "eval_loss": float("nan")}))
+    with pytest.raises(loading.MissingRunError, match=r"seed-1234 diverged \(eval_loss not finite\)"):
+        loading.load_group("finetune-nan", root)
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated"])
+def test_a_damaged_adapter_of_a_finished_run_is_refused_naming_it(lora8, damage):
+    """Issue 30 case 6: restoring a finished run reads its adapter; a damaged one is named, with what to do."""
+    adapter = lora8["s"].run_dir / "adapter" / "adapter_model.safetensors"
+    data = adapter.read_bytes()
+    adapter.write_bytes(b"" if damage == "empty" else data[: len(data) // 2])
+    try:
+        with pytest.raises(config.Refused, match=r"runs/finetune-lora-8bit/seed-1234/adapter/adapter_model.safetensors "
+                                                 r"cannot be read \(SafetensorError: .*\): pass resume=False"):
+            finetune.train(finetune.setup({**lora8["cfg"], "wandb": False}))
+    finally:
+        adapter.write_bytes(data)

@@ -333,6 +333,35 @@ def test_fetch_qa_local_file_schema(tmp_path, store):
         ingest.fetch_qa("squad", 1, store, file=good)
 
 
+def test_a_hub_source_with_an_eval_split_brings_it_whole_each_record_naming_its_split(tmp_path, monkeypatch):
+    """SciQ from the Hub: the first ``limit`` train records and its whole test split, which the clean
+    stage makes the test split; a copy fetched before the test split was taken is fetched again."""
+    import datasets
+
+    def record(split: str, i: int) -> dict:
+        return {"question": f"{split} {i}?", "distractor1": "a", "distractor2": "b", "distractor3": "c",
+                "correct_answer": "d", "support": ""}
+
+    hub = {"train": [record("train", i) for i in range(5)], "test": [record("test", i) for i in range(2)]}
+    asked = []
+    monkeypatch.setattr(datasets, "load_dataset", lambda path, name, split, streaming: asked.append(split) or hub[split])
+    store = ingest.RawStore(tmp_path)
+    ingest.fetch_qa("sciq", 3, store)
+    rows = [json.loads(line) for line in (tmp_path / "qa/sciq.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert [(r["question"], r["hub_split"]) for r in rows] == [
+        ("train 0?", "train"), ("train 1?", "train"), ("train 2?", "train"), ("test 0?", "test"), ("test 1?", "test")]
+    assert asked == ["train", "test"] and store.finish()["files"]["qa/sciq.jsonl"]["eval_split"] == "test"
+    again = ingest.RawStore(tmp_path)
+    ingest.fetch_qa("sciq", 3, again)
+    assert again.actions == {("qa", "kept"): 1}
+    entry = again.manifest()["files"]["qa/sciq.jsonl"]
+    stale = {**entry, "eval_split": None}
+    (tmp_path / ingest.MANIFEST).write_text(json.dumps({"files": {"qa/sciq.jsonl": stale}}))
+    older = ingest.RawStore(tmp_path)
+    ingest.fetch_qa("sciq", 3, older)
+    assert older.actions == {("qa", "hub"): 1}
+
+
 def test_fetch_qa_hub_offline_error(tmp_path):
     """The Hub path is real; offline it must fail with a fix (HF_HUB_OFFLINE keeps it fast)."""
     code = (

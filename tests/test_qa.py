@@ -123,8 +123,9 @@ def test_multi_turn_lists():
 
 
 def test_eval_fields_keep_what_the_task_metrics_need():
-    """SciQ keeps its options (correct one last, its index) and NQ every short answer over the
-    annotators, cleaned like the turns; free-form sources keep nothing beside the dialogue."""
+    """SciQ keeps its options (correct one last, its index), question and support passage (lm-eval's
+    ``sciq`` prompt), NQ every short answer over the annotators and its question as written (``nq_open``'s
+    prompt), cleaned like the turns; free-form sources keep nothing beside the dialogue."""
     assert [s.name for s in qa.sources().values() if s.task] == ["alpaca", "dolly", "natural_questions", "sciq"]
     assert {s.task for s in qa.sources().values()} <= {*qa.TASKS, None}
     sciq = read_jsonl(qa.get("sciq").sample_file)
@@ -132,14 +133,16 @@ def test_eval_fields_keep_what_the_task_metrics_need():
     assert [r["options"] for r in kept] == [
         [s["distractor1"], s["distractor2"], s["distractor3"], s["correct_answer"]] for s in sciq]
     assert all(r["options"][r["correct"]] == s["correct_answer"] for r, s in zip(kept, sciq))
+    assert [(r["question"], r["support"]) for r in kept] == [(s["question"], s["support"]) for s in sciq]
     two = {"question": "who wrote it", "annotations": {
         "id": ["a", "b", "c"], "yes_no_answer": [-1, -1, -1],
         "short_answers": [{"text": ["Machado  de Assis"]}, {"text": []}, {"text": ["<b>Machado</b>", "Machado de Assis"]}]}}
     (rec,), _ = dialogue.convert([two], "natural_questions")
     assert rec["answers"] == ["Machado de Assis", "Machado", "Machado de Assis"]  # cleaned, in annotator order
     assert rec["dialogue"][1]["content"] == "Machado de Assis"  # the trained answer is still the first one
+    assert (rec["question"], rec["dialogue"][0]["content"]) == ("who wrote it", "Who wrote it?")
     yes_no = {"question": "is it",
               "annotations": {"short_answers": [{"text": []}, {"text": []}], "yes_no_answer": [1, 0]}}
-    assert qa.get("natural_questions").eval_fields(yes_no) == {"answers": ["Yes.", "No."]}
+    assert qa.get("natural_questions").eval_fields(yes_no) == {"answers": ["Yes.", "No."], "question": "is it"}
     alpaca = {"instruction": "Say hi.", "input": "", "output": "Hi."}
     assert dialogue.convert([alpaca], "alpaca")[0] == [{"dialogue": qa.pair("Say hi.", "Hi."), "source": "alpaca"}]

@@ -5,7 +5,7 @@ import pytest
 import torch
 from rouge_score import rouge_scorer
 
-from nblib import config, finetune, qa_eval
+from nblib import config, finetune, lmeval, qa, qa_eval
 from nblib.dialogue import ASSISTANT, EOT, USER
 from nblib.generate import generate
 from helpers import chat_tokenizer, run_on_model
@@ -24,8 +24,8 @@ def model():
     return run_on_model()  # memorised helpers.RUN_ON: "Two plus two is four.", "Blue is a color."
 
 
-def record(source: str, question: str, answer: str, **fields) -> dict:
-    return {"dialogue": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}],
+def record(source: str, asked: str, answer: str, **fields) -> dict:
+    return {"dialogue": [{"role": "user", "content": asked}, {"role": "assistant", "content": answer}],
             "source": source, **fields}
 
 
@@ -101,18 +101,25 @@ def test_evaluate_scores_every_source_by_its_task(tok, model):
     records = [
         record("sciq", TWO_PLUS_TWO, "Two plus two is four.",
                options=["blue is a color", "red is another one", "three plus two is five", "two plus two is four"],
-               correct=3),
-        record("natural_questions", COLOR, "Blue.", answers=["red", "blue is a color"]),
+               correct=3, question=TWO_PLUS_TWO, support="Two plus two is four."),
+        record("natural_questions", COLOR, "Blue.", answers=["red", "blue is a color"], question="name a color"),
         record("alpaca", TWO_PLUS_TWO, "Two plus two is four."),
         record("alpaca", COLOR, "A color is red."),  # over the limit of one per source: not scored
         record("turns", COLOR, "Blue is a color."),  # no task: a loss only
     ]
     out = qa_eval.evaluate(model, tok, records, max_new_tokens=20, batch_size=4, limit_per_source=1)
-    assert out["tasks"] == {
-        "sciq": {"task": "choice", "accuracy": 1.0, "accuracy_norm": 1.0, "chance": 0.25, "n": 1, "skipped": 0},
-        "natural_questions": {"task": "short_answer", "exact_match": 1.0, "f1": 1.0, "n": 1, "skipped": 0},
-        "alpaca": {"task": "free_form", "rouge_l": 1.0, "n": 1, "skipped": 0},
+    assert out["tasks"] == {  # per item too, for item-level tests between variants
+        "sciq": {"task": "choice", "accuracy": 1.0, "accuracy_norm": 1.0, "chance": 0.25, "n": 1, "skipped": 0,
+                 "items": {"accuracy": [1.0], "accuracy_norm": [1.0]}},
+        "natural_questions": {"task": "short_answer", "exact_match": 1.0, "f1": 1.0, "n": 1, "skipped": 0,
+                              "items": {"exact_match": [1.0], "f1": [1.0]}},
+        "alpaca": {"task": "free_form", "rouge_l": 1.0, "n": 1, "skipped": 0, "items": {"rouge_l": [1.0]}},
     }
+    # the sources with an lm-evaluation-harness task, scored its way too (equality: tests/test_lmeval.py)
+    harness = out["harness"]
+    assert {s: (v["task"], v["n"], list(v["items"])) for s, v in harness.items()} == {
+        "sciq": ("sciq", 1, ["acc", "acc_norm"]), "natural_questions": ("nq_open", 1, ["exact_match"])}
+    assert harness["sciq"] == lmeval.score(model, tok, qa.get("sciq").harness, records[:1], 4)
     assert {s: v["n"] for s, v in out["by_source"].items()} == {"sciq": 1, "natural_questions": 1, "alpaca": 1,
                                                                  "turns": 1}
     assert out["by_source"]["alpaca"]["loss"] < out["by_source"]["natural_questions"]["loss"]  # memorised vs not
@@ -122,6 +129,9 @@ def test_records_without_the_eval_fields_are_refused_with_the_fix(tok, model):
     with pytest.raises(config.MissingInput, match=r"1 of 1 sciq dialogue records lack options, correct .*re-run "
                                          r"notebooks/02_clean\.ipynb"):
         qa_eval.evaluate(model, tok, [record("sciq", TWO_PLUS_TWO, "Four.")])
+    older = record("natural_questions", COLOR, "Blue.", answers=["blue"])  # before nq_open's prompt kept the question
+    with pytest.raises(config.MissingInput, match=r"1 of 1 natural_questions dialogue records lack question, answers"):
+        qa_eval.evaluate(model, tok, [older])
 
 
 @pytest.mark.parametrize("first", ["nblib.qa_eval", "nblib.finetune"])

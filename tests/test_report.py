@@ -11,6 +11,7 @@ import csv
 import io
 import re
 import shutil
+import statistics
 import subprocess
 import tempfile
 from html.parser import HTMLParser
@@ -39,9 +40,10 @@ def _common(name: str, stage: str, variant: str, label: str, seed: int, cfg: dic
             "train_seconds": wall, "peak_memory_bytes": 50 * 2**20}
 
 
-def make_pretrain_run(root: Path, variant: str, n_kv_head: int, seeds=(1337,), val_offset: float = 0.0,
+def make_pretrain_run(root: Path, variant: str, n_kv_head: int, seeds=(1337,), val_offset: float | tuple = 0.0,
                       speed: float = 1.0, cfg_extra: dict | None = None, data: dict | None = None) -> GPT:
-    """``runs/pretrain-<variant>/seed-<s>`` for each seed: a tiny real checkpoint, a summary and metrics."""
+    """``runs/pretrain-<variant>/seed-<s>`` for each seed: a tiny real checkpoint, a summary and metrics
+    (``val_offset``: one loss offset for every seed, or one per seed)."""
     cfg = {**config.settings("train", "smoke", n_layer=2, n_head=4, n_kv_head=n_kv_head, d_model=8,
                              context_length=CONTEXT, seeds=list(seeds)), **(cfg_extra or {})}
     for i, seed in enumerate(seeds):
@@ -50,21 +52,22 @@ def make_pretrain_run(root: Path, variant: str, n_kv_head: int, seeds=(1337,), v
         name = f"pretrain-{variant}"
         run = config.paths(root).run(name, seed)
         save_checkpoint(run / "best.pt", model)
-        wobble = 0.01 * i  # seeds differ a little
+        wobble = 0.01 * i + (val_offset[i] if isinstance(val_offset, tuple) else val_offset)  # seeds differ a little
         evals = [{"kind": "eval", "step": s, "tokens": s * 512, "wall": s * 0.5 / speed, "train_loss": 9 - s / 10,
-                  "val_loss": 9.5 - s / 10 + val_offset + wobble, "val_ppl": 1.0, "val_bpb": 3.0, "lr": 1e-3,
+                  "val_loss": 9.5 - s / 10 + wobble, "val_ppl": 1.0, "val_bpb": 3.0, "lr": 1e-3,
                   "tokens_per_s": 1000 * speed, "mfu": None, "peak_memory_bytes": None, "sample": "Era uma vez"}
                  for s in (0, 10, 20, 30)]
         train = [{"kind": "train", "step": s, "tokens": s * 512, "wall": s * 0.5 / speed, "loss": 9 - s / 10, "lr": 1e-3}
                  for s in range(0, 31, 5)]
         write_jsonl(run / "metrics.jsonl", train + evals)
-        best = 6.5 + val_offset + wobble
+        best = 6.5 + wobble
         runs.write_summary(run, {
             **_common(name, "pretrain", variant, variant.upper(), seed, cfg, data or DATA, 15.0 / speed),
             "params": model.num_params(), "params_embedding": model.num_params("embedding"),
             "params_blocks": model.num_params("blocks"), "n_layer": 2, "n_head": 4, "n_kv_head": n_kv_head, "d_model": 8,
             "context_length": CONTEXT, "kv_cache_bytes_per_token": {"float32": model.kv_cache_bytes(1, 1)},
             "best_val_loss": best, "best_val_ppl": 2.0 ** best, "best_val_bpb": best / 3, "best_step": 30,
+            "selection": "best val", "test_loss": best, "test_ppl": 2.0 ** best, "test_bpb": best / 3, "final_lr": 1e-3,
             "final_val_loss": best, "final_val_ppl": 2.0 ** best, "final_val_bpb": best / 3,
             "train_tokens_per_s": 1000.0 * speed, "tokens_seen": 15360, "steps": 30, "max_steps": 30, "skipped_steps": 0,
             "world_size": 1, "checkpoint": f"runs/{name}/seed-{seed}/best.pt", "hf_export": None,
@@ -93,9 +96,10 @@ def make_finetune_run(root: Path, variant: str, trainable: int, footprint_mib: f
             **_common(name, "finetune", variant, v.label, seed, cfg, data, 60 / samples_per_s),
             "peak_memory_bytes": int(3 * footprint_mib * 2**20),
             "mode": v.mode, "lora": v.lora, "baselines": list(v.baselines), "base_model": cfg["base_model"],
-            "learning_rate": 0.01 if v.lora else 0.001, "trainable_params": trainable, "total_params": 400_000,
+            "learning_rate": 0.01 if v.lora else 0.001, "trainable_params": trainable, "token_row_params": 1_000 if v.lora else 0, "total_params": 400_000,
             "footprint_bytes": int(footprint_mib * 2**20), "embedding_params": 390_000,
             "eval_loss": loss, "eval_ppl": 2.718 ** loss, "eval_bpb": loss / 3, "base_eval_loss": 5.0,
+            "test_loss": loss + 0.05, "base_test_loss": 5.1,
             "base_eval_ppl": 148.4, "base_eval_bpb": 5 / 3, "merged_eval_loss": loss + 0.001,
             "merged_weights": "test weights", "stop_rate_before": 0.0, "stop_rate_after": 0.5,
             "train_samples_per_s": samples_per_s, "steps": 20, "best_step": 20, "train_dialogues": 100,
@@ -114,7 +118,9 @@ def make_uptrained_run(root: Path, variant: str = "gqa-uptrained", seeds=(1337,)
         runs.write_summary(run, {**runs.read_summary(run), "label": attention.get(variant).label, "steps": 3, "max_steps": 3,
                                  "tokens_seen": 1536, "init": "convert", "source_run": f"runs/pretrain-mha/seed-{seed}",
                                  "conversion_method": method, "uptrain_fraction": 0.2, "converted_val_loss": 7.0,
-                                 "uptrained_val_loss": 6.52, "source_steps": 30, "total_steps": 33, "total_tokens": 16896})
+                                 "uptrained_val_loss": 6.52, "source_steps": 30, "total_steps": 33, "total_tokens": 16896,
+                                 "selection": "end of budget", "best_step": 3, "converted_val_bpb": 7.0 / 3,
+                                 "converted_test_loss": 7.1, "converted_test_bpb": 7.1 / 3})
 
 
 def make_all_runs(root: Path, seeds=(1337,), ft_seeds=(1234,)) -> None:
@@ -146,10 +152,11 @@ def test_refuses_missing_runs_naming_the_notebook(home):
     summary.write_text(summary.read_text().replace('"finished": false', '"finished": true').replace('"best_val_loss"', '"old_key"'))
     with pytest.raises(ValueError, match=r"runs/pretrain-gqa/seed-1337/summary.json does not follow the run schema \(best_val_loss is missing"):
         report.load()
-    summary.write_text(summary.read_text().replace('"old_key"', '"best_val_loss"').replace('"schema": 2', '"schema": 1'))
-    with pytest.raises(runs.RunError, match=r"schema 1, this nblib reads schema 2.*re-run notebook 04_train_gqa"):
+    current = f'"schema": {runs.SCHEMA}'
+    summary.write_text(summary.read_text().replace('"old_key"', '"best_val_loss"').replace(current, '"schema": 1'))
+    with pytest.raises(runs.RunError, match=rf"schema 1, this nblib reads schema {runs.SCHEMA}.*re-run notebook 04_train_gqa"):
         report.load()
-    summary.write_text(summary.read_text().replace('"schema": 1', '"schema": 2'))
+    summary.write_text(summary.read_text().replace('"schema": 1', current))
     (home / "runs" / "pretrain-gqa" / "seed-1337" / "best.pt").unlink()
     with pytest.raises(runs.RunError, match=r"runs/pretrain-gqa/seed-1337: the checkpoint .* re-run notebook 04_train_gqa"):
         measure.load_models(report.load().pretrain, "cpu")
@@ -232,10 +239,13 @@ def test_pretrain_table_states_each_figure_as_a_ratio_to_mha(home):
     assert t.loc["run_tokens_per_s", "GQA ÷ MHA"] == pytest.approx(1.1)
     assert t.loc["best_val_loss", "GQA"] == pytest.approx(6.55)
     shown = report.format_table(t)
-    assert "Best val loss (nats/token)" in shown.index and "KV cache at 4k context (MiB per sequence, fp32)" in shown.index
+    assert "Test bits per byte (test split)" in shown.index and "KV cache at 4k context (MiB per sequence, fp32)" in shown.index
+    assert "Val loss of the reported checkpoint (nats/token; val split: it chose the checkpoint)" in shown.index
+    assert t.loc["test_bpb", "GQA"] == pytest.approx(6.55 / 3) and t.loc["selection", "GQA"] == "best val"
     glance = report.glance.details(comparison, t, None)
     assert any("KV cache 0.50× the size of MHA's" in line for line in glance)
-    assert any("+0.050 with one seed: no difference can be called" in line for line in glance)
+    assert any("test bits per byte +0.017 bpb, not called (one seed: the spread over seeds is unmeasured); test "
+               "loss +0.050 nats/token" in line for line in glance)
 
 
 def test_seeds_give_spreads_and_verdicts(home):
@@ -247,12 +257,12 @@ def test_seeds_give_spreads_and_verdicts(home):
     assert isinstance(cell, report.Stat) and cell.n == 3 and cell.lo == pytest.approx(6.55) and cell.hi == pytest.approx(6.57)
     assert report.format_value(cell) == "6.56 (6.55–6.57, n=3)"
     d = report.paired(comparison.pretrain["MHA"], comparison.pretrain["GQA"], "best_val_loss")
-    assert d.values == pytest.approx((0.05, 0.05, 0.05))
-    assert report.verdict(d).endswith("clearly worse")
-    noisy = report.Difference((0.03, -0.01, 0.02))
-    assert report.verdict(noisy).endswith("no difference at this size") and "3 seeds" in report.verdict(noisy)
-    assert report.verdict(report.Difference((0.1,))).endswith("no difference can be called (run several seeds to measure the spread)")
-    assert report.verdict(report.Difference((-0.2, -0.21))).endswith("clearly better")
+    assert d.n == 3 and d.mean == pytest.approx(0.05) and d.called and d.better is False
+    calls = report.report_calls(comparison)
+    assert calls.family == 1  # GQA − MHA in bits per byte: the report's one comparison
+    assert calls.says(comparison.pretrain["MHA"], comparison.pretrain["GQA"], "test_bpb").startswith("+0.017 [+0.017, +0.017] bpb, called worse (3 seeds, 95% interval)")
+    lines = report.verdict_lines(comparison)
+    assert lines == ["**GQA − MHA** test bits per byte: +0.017 [+0.017, +0.017] bpb, called worse (3 seeds, 95% interval)."]
 
 
 def test_measured_rows_carry_the_repeat_range(home):
@@ -303,11 +313,14 @@ def test_finetune_table_and_glance(home):
     t = report.finetune_table(comparison)
     assert list(t.columns) == ["LoRA + 8-bit", "LoRA + 32-bit", "Full fine-tune"]
     assert t.loc["trainable_share", "LoRA + 8-bit"] == 1.0
+    assert (t.loc["adapter_params", "LoRA + 8-bit"], t.loc["token_row_params", "LoRA + 8-bit"]) == (3_000, 1_000)
+    assert t.loc["recipe", "LoRA + 8-bit"].startswith("LoRA r=") and "lora_answer_rows: the smoke recipe" in t.loc["recipe", "LoRA + 8-bit"]
+    assert t.loc["recipe", "Full fine-tune"] == "every weight"
     assert t.loc["footprint_mib", "LoRA + 8-bit"] == pytest.approx(0.6, rel=1e-6)
     assert t.loc["merged_eval_loss", "Full fine-tune"] == pytest.approx(3.001) and t.loc["compute_dtype", "Full fine-tune"] == "float32"
     glance = report.glance.details(comparison, None, t)
     assert any(line.startswith("**LoRA + 8-bit** against Full fine-tune: 0.37× the footprint") for line in glance)
-    assert any("8-bit** against LoRA + 32-bit" in line and "eval loss +0.100 with one seed" in line for line in glance)
+    assert any("8-bit** against LoRA + 32-bit" in line and "test loss +0.100 nats/token, not called (one seed" in line for line in glance)
     assert not any(line.startswith("**Full fine-tune** against") for line in glance)
     samples = report.finetune_samples(comparison)
     assert list(samples.columns) == ["Base model", "LoRA + 8-bit", "LoRA + 32-bit", "Full fine-tune"]
@@ -366,6 +379,25 @@ def _three_variants(home: Path, seeds=(1, 2)) -> report.Comparison:
     return report.load()
 
 
+def test_alpha_sweep_and_learning_rate_figures(home):
+    """The GQA paper's Figure 5 (test bpb against alpha, alpha = 0 the converted model) and the rate the
+    uptraining continues at, drawn against the tokens behind the weights."""
+    from nblib.report import figures
+
+    comparison = _three_variants(home)
+    fig = figures.alpha_sweep(comparison)
+    [curve] = [c for c in fig.axes[0].containers]  # one errorbar family: MHA -> 2 KV heads, mean-pooled
+    xs, ys = curve.lines[0].get_data()
+    assert list(xs) == [0.0, 0.2] and ys[0] == pytest.approx(7.1 / 3) and ys[1] == pytest.approx((6.52 + 6.53) / 6)
+    refs = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert sorted(refs) == ["GQA (from scratch)", "MHA (from scratch)", "MHA → 2 KV heads, mean-pooled"]
+    lines = figures.learning_rates(comparison).axes[0].lines
+    assert [line.get_label() for line in lines] == ["MHA", "GQA uptrained"]
+    assert lines[1].get_xdata()[0] > lines[0].get_xdata()[-1] - 1  # uptraining's tokens start where MHA's end
+    make_pretrain_run(home, "mha", 4, (1, 2))
+    assert figures.alpha_sweep(report.load(["pretrain-mha", "pretrain-gqa"])) is None
+
+
 def test_paper_table_from_a_known_comparison(home):
     """Table 1 of Ainslie et al. laid out for our variants: time per sample = new tokens / tokens/s per
     repeat (median), quality over seeds, KV bytes, compute counting the source run, equal width or parameters."""
@@ -374,18 +406,20 @@ def test_paper_table_from_a_known_comparison(home):
     measured = report.measured_rows(_generation({"MHA": [100, 200, 400], "GQA": [160, 320, 640], "GQA uptrained": [320]}))
     t = report.paper_table(comparison, report.pretrain_table(comparison, measured), new_tokens=32)
     time = "Time per sample (s to decode 32 tokens, batch 8)"
-    assert list(t.index) == ["MHA", "GQA", "GQA uptrained"] and list(t.columns) == [
-        "KV heads", "Starts from", "Compared at", "Parameters", time, "Val bits per byte",
+    alpha0 = "Converted, not uptrained (alpha = 0; mean-pooled, 2 KV heads)"
+    assert list(t.index) == ["MHA", "GQA", "GQA uptrained", alpha0] and list(t.columns) == [
+        "KV heads", "Starts from", "Compared at", "Parameters", time, "Test bits per byte (test split)",
         "KV cache per token (bytes, fp32)", "Training tokens (a converted run's source included)"]
     assert t.loc["MHA", time].mid == pytest.approx(32 / 200) and (t.loc["MHA", time].lo, t.loc["MHA", time].hi) == (0.08, 0.32)
     assert t.loc["GQA", time].mid == pytest.approx(0.1) and t.loc["GQA uptrained", time] == pytest.approx(0.1)
-    bpb = t.loc["GQA", "Val bits per byte"]
+    bpb = t.loc["GQA", "Test bits per byte (test split)"]
     assert bpb.n == 2 and bpb.mid == pytest.approx((6.55 + 6.56) / 6)
     assert t.loc["MHA", "KV cache per token (bytes, fp32)"] == 2 * t.loc["GQA", "KV cache per token (bytes, fp32)"]
     tokens = t["Training tokens (a converted run's source included)"]
-    assert (tokens["MHA"], tokens["GQA uptrained"]) == (15360, 16896)
-    assert list(t["Compared at"]) == ["equal width", "equal parameters", "equal width"]
-    assert list(t["Starts from"]) == ["scratch", "scratch", "MHA, mean-pooled K/V, alpha = 0.2"]
+    assert (tokens["MHA"], tokens["GQA uptrained"], tokens[alpha0]) == (15360, 16896, 15360)
+    assert list(t["Compared at"]) == ["equal width", "equal parameters", "equal width", "equal width"]
+    assert list(t["Starts from"]) == ["scratch", "scratch", "MHA, mean-pooled K/V, alpha = 0.2", "MHA, mean-pooled K/V, alpha = 0"]
+    assert t.loc[alpha0, "Test bits per byte (test split)"].mid == pytest.approx(7.1 / 3)  # the converted model's own figure
     assert t.loc["GQA", "KV heads"] == "2 of 4"
     assert time not in report.paper_table(comparison, None, 32).columns  # nothing measured: no time column
 
@@ -423,7 +457,7 @@ def test_glance_answers_in_six_lines_with_details_below(home):
     assert [line.split("**")[1] for line in glance[1:]] == [
         "What fewer KV heads save", "What it costs in quality", "Uptrained vs from scratch", "Fine-tuning trade-off",
         "At real scale"]
-    assert "GQA (2 of 4 KV heads) 0.50× the KV cache" in glance[1] and "+0.017 (one seed: no difference can be called)" in glance[2]
+    assert "GQA (2 of 4 KV heads) 0.50× the KV cache" in glance[1] and "GQA +0.017 bpb, not called (one seed" in glance[2]
     real = glance[5]  # one line over both shapes, saying it is one timing each
     assert "GQA (2 of 8, 3 of 12 KV heads) decodes 1.20–1.50× MHA's tokens/s" in real and "one timing per variant" in real
     assert len(report.glance.details(comparison, pre, ft, sweep)) > len(glance)
@@ -433,12 +467,34 @@ def test_verdicts_set_uptrained_against_mha_scratch_and_other_methods(home):
     comparison = _three_variants(home, seeds=(1, 2, 3))
     lines = report.glance.verdict_lines(comparison)
     assert [line.split("**")[1] for line in lines] == ["GQA − MHA", "GQA uptrained − MHA", "GQA uptrained − GQA"]
-    assert "after 16,896 vs 15,360 training tokens" in lines[2] and lines[2].endswith("3 seeds): clearly better.")
+    assert "after 16,896 vs 15,360 training tokens" in lines[2] and ": \u22120.010 [" in lines[2]
+    assert all("called" in line and "(3 seeds, " in line for line in lines[:3])
+    levels = {re.search(r"\(3 seeds, ([\d.]+)% interval\)\.$", line)[1] for line in lines}
+    assert levels == {"98.33", "97.5", "95"}  # Holm over the report's three comparisons: 5%/3, 5%/2, 5%
     make_uptrained_run(home, "gqa-uptrained-first", seeds=(1, 2, 3), method="first", val_offset=0.03)
     lines = report.glance.verdict_lines(report.load())
     assert "**GQA uptrained (first) − GQA uptrained** (K/V heads by first vs mean)" in lines[-1]
     alone = report.glance.verdict_lines(report.load(["pretrain-mha", "pretrain-gqa", "pretrain-gqa-uptrained-first"]))
     assert len(alone) == 3 and not any("K/V heads by" in line for line in alone)  # one method: nothing to set it against
+
+
+def test_three_seeds_the_old_rule_called_are_not_called_once_corrected(home):
+    """GQA worse than MHA by 0.01, 0.03, 0.05 nats over three seeds: every seed of one sign and the mean
+    beyond twice its standard error (the old rule called it), but the t interval includes 0."""
+    make_pretrain_run(home, "mha", 4, seeds=(1, 2, 3))
+    make_pretrain_run(home, "gqa", 2, seeds=(1, 2, 3), val_offset=(0.01, 0.03, 0.05))
+    comparison = report.load()
+    base, other = report.glance.seed_values(comparison.pretrain["MHA"], comparison.pretrain["GQA"], "test_bpb")
+    d = [o - b for b, o in zip(base, other)]
+    se = statistics.stdev(d) / 3**0.5
+    assert all(x > 0 for x in d) and statistics.fmean(d) > 2 * se  # what the old rule called "clearly worse"
+    verdict = report.report_calls(comparison)[comparison.pretrain["MHA"], comparison.pretrain["GQA"], "test_bpb"]
+    assert not verdict.called and verdict.low < 0 < verdict.high and verdict.n == 3
+    [line] = report.verdict_lines(comparison)
+    assert re.fullmatch(r"\*\*GQA − MHA\*\* test bits per byte: \+0\.010 \[\u22120\.0\d\d, \+0\.0\d\d\] bpb, "
+                        r"not called \(3 seeds, 95% interval\)\.", line), line
+    quality = next(line for line in report.at_a_glance(comparison, None, None) if "What it costs in quality" in line)
+    assert "GQA +0.010 [\u22120.0" in quality and "bpb, not called (3 seeds, 95% interval)" in quality
 
 
 # --------------------------------------------------------------------------- the rendered report
@@ -510,8 +566,8 @@ def test_report_is_rendered_self_contained_with_spreads(rendered):
     rows = {r[0]: r[1:] for r in pre[1:]}
     assert rows["KV heads"] == ["4", "2", "0.50×"]
     assert rows["Seeds"] == ["2", "2", "1.00×"]
-    assert re.fullmatch(r"6\.5\d+ \(6\.5\d+–6\.5\d+, n=2\)", rows["Best val loss (nats/token)"][1])
-    assert rows["Best val bits per byte"][2].endswith("×")
+    assert re.fullmatch(r"6\.5\d+ \(6\.5\d+–6\.5\d+, n=2\)", rows["Test loss (nats/token; test split, nothing chosen on it)"][1])
+    assert rows["Test bits per byte (test split)"][2].endswith("×")
     assert rows["Generation tokens/s, batch 8 (KV cache, measured here)"][2].endswith("×")
     assert "Train tokens/s, measured here side by side" in rows
     assert "question" in head and "prompt" in head
@@ -523,13 +579,15 @@ def test_report_is_rendered_self_contained_with_spreads(rendered):
     assert costrows["Total parameters"][cost[0][1:].index("Full fine-tune")] == "124,441,344"  # GPT-2 small + the markers' rows
     ftrows = dict((r[0], r[1:]) for r in ft[1:])
     assert ftrows["Trainable parameters"] == ["4,000", "4,000", "400,000"]
-    assert ftrows["Compute dtype"] == ["float32"] * 3 and "Eval loss of the merged model (what chat loads)" in ftrows
+    assert ftrows["Compute dtype"] == ["float32"] * 3 and "Val loss of the merged model (what chat loads; val split)" in ftrows
     assert any(t[0][0].startswith("metric") and any("full (8x8x512): decode tokens/s" in r[0] for r in t) for t in page.tables)
     assert 'name="viewport"' in html_text and "overflow-x:auto" in html_text
     assert "CPU smoke run" in html_text and "profile <strong>smoke</strong>" in html_text
     assert machine.info()["cpu"] in html_text
     assert "KV cache 0.50× the size of MHA&#x27;s" in html_text  # the at-a-glance summary
-    assert "2 seeds): clearly worse" in html_text  # a verdict with its evidence
+    assert "bpb, called worse (2 seeds, " in html_text  # a verdict with its corrected interval
+    assert "clearly" not in html_text
+    assert re.search(r"Holm-corrected together over all \d+ comparisons of this report", html_text)
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html_text and "<script>" not in html_text
     assert html_text.index(">At a glance</h2>") < html_text.index(">MHA vs GQA</h2>")
     for name in ("compare.html", "compare.md", "compare.csv"):
@@ -628,9 +686,13 @@ def add_task_fields(root: Path, variant: str, rouge: float, sciq: bool = True) -
                 tasks["sciq"] = {"task": "choice", "accuracy": acc, "accuracy_norm": acc, "chance": 0.25, "n": 30, "skipped": 0}
             return by, tasks
 
+        def harness(acc: float) -> dict:
+            return {"sciq": {"task": "sciq", "acc": acc, "acc_norm": acc + 0.1, "n": 30, "skipped": 0}} if sciq else {}
+
         base_by, base_tasks = scored(2.0, 0.05, 0.3)
         by, tasks = scored(1.5 + w, rouge + w, 0.5 + w)
-        runs.write_summary(run, {**s, "by_source": by, "base_by_source": base_by, "tasks": tasks, "base_tasks": base_tasks})
+        runs.write_summary(run, {**s, "by_source": by, "base_by_source": base_by, "tasks": tasks, "base_tasks": base_tasks,
+                                 "harness": harness(0.6 + w), "base_harness": harness(0.4)})
 
 
 def test_finetune_rows_by_source_and_task_with_the_seed_spread(home):
@@ -647,15 +709,17 @@ def test_finetune_rows_by_source_and_task_with_the_seed_spread(home):
     assert new == ["loss:alpaca", "base_loss:alpaca", "bpb:alpaca", "base_bpb:alpaca", "n:alpaca",
                    "loss:sciq", "base_loss:sciq", "bpb:sciq", "base_bpb:sciq", "n:sciq",
                    "rouge_l:alpaca", "base_rouge_l:alpaca", "task_n:alpaca",
-                   "accuracy:sciq", "base_accuracy:sciq", "chance:sciq", "task_n:sciq"]
+                   "accuracy:sciq", "base_accuracy:sciq", "chance:sciq", "task_n:sciq",
+                   "lm_acc:sciq", "base_lm_acc:sciq", "lm_acc_norm:sciq", "base_lm_acc_norm:sciq", "lm_n:sciq"]
     rouge = t.loc["rouge_l:alpaca", "LoRA + 8-bit"]
     assert isinstance(rouge, report.Stat) and rouge.values == pytest.approx((0.2, 0.21))
     assert t.loc["base_rouge_l:alpaca", "Full fine-tune"].values == (0.05, 0.05)
     assert t.loc["n:alpaca", "Full fine-tune"] == 40 and t.loc["chance:sciq", "Full fine-tune"] == 0.25
     assert report.format_value(t.loc["accuracy:sciq", "LoRA + 32-bit"]) == "–"
     shown = report.format_table(t)
-    assert shown.loc["Alpaca: ROUGE-L F", "Full fine-tune"] == "0.305 (0.3–0.31, n=2)"
-    assert "SciQ: chance level (1 / options)" in shown.index
+    assert shown.loc["Alpaca (chat format): ROUGE-L F", "Full fine-tune"] == "0.305 (0.3–0.31, n=2)"
+    assert "SciQ (closed-book, chat format): chance level (1 / options)" in shown.index
+    assert shown.loc["SciQ (lm-eval `sciq`): acc_norm", "Full fine-tune"] == "0.705 (0.7–0.71, n=2)"
     note = report.tables.absent_tasks_note(comparison)
     assert note == ("No Dolly dialogues in this profile's test split: no Dolly rows. No Natural Questions dialogues in "
                     "this profile's test split: no Natural Questions rows.")
@@ -665,8 +729,9 @@ def test_finetune_rows_by_source_and_task_with_the_seed_spread(home):
             "Test dialogues scored by task: SciQ 30. Under 35, a source's rows show that its metrics run, not how well "
             "the model does.")
     lines = report.glance.details(comparison, None, t)
-    assert any(line.startswith("**Full fine-tune** on the test split: Alpaca: eval bits per byte, test split 1.5") and
-               "SciQ: multiple-choice accuracy 0.505 (base model 0.3); SciQ: chance level (1 / options) 0.25." in line
+    assert any(line.startswith("**Full fine-tune** on the test split: Alpaca: test bits per byte 1.5") and
+               "SciQ (closed-book, chat format): multiple-choice accuracy 0.505 (base model 0.3); SciQ (closed-book, chat "
+               "format): chance level (1 / options) 0.25; SciQ (lm-eval `sciq`): acc 0.605 (base model 0.4)" in line
                for line in lines)
 
 
@@ -680,7 +745,7 @@ def test_finetune_figures_by_source_and_cost_against_quality(home):
     comparison = report.load()
     fig = figures.finetune_by_source(comparison)
     axes = [ax for ax in fig.axes if ax.axison]
-    assert [ax.get_title() for ax in axes] == ["Alpaca: eval bits per byte, test split", "SciQ: eval bits per byte, test split"]
+    assert [ax.get_title() for ax in axes] == ["Alpaca: test bits per byte", "SciQ: test bits per byte"]
     heights = [round(p.get_height(), 3) for p in axes[0].patches]
     assert heights == [2.0, 2.0, 2.0, 1.505, 1.505, 1.505]  # base bars, then the fine-tuned (mean of two seeds)
     cost = pd.DataFrame({  # measure.finetune_cost's rows
@@ -692,8 +757,8 @@ def test_finetune_figures_by_source_and_cost_against_quality(home):
     axes = [ax for ax in fig.axes if ax.axison]
     assert len(axes) == 6  # eval loss, Alpaca ROUGE-L, SciQ accuracy x peak memory, step time
     assert [ax.get_ylabel().replace("\n", " ") for ax in axes[::2]] == [
-        "eval loss (nats/assistant token, lower is better)", "Alpaca: ROUGE-L F (higher is better)",
-        "SciQ: multiple-choice accuracy (higher is better)"]
+        "test loss (nats/assistant token, lower is better)", "Alpaca (chat format): ROUGE-L F (higher is better)",
+        "SciQ (closed-book, chat format): multiple-choice accuracy (higher is better)"]
     points = {(round(x, 3), round(y, 3)) for line in axes[2].get_lines() for x, y in line.get_xydata()}
     # LoRA + 8-bit's run: 3 x 0.6 MiB peak at ROUGE-L 0.205; GPT-2 small's 900 MiB beside it; LoRA + 32-bit unmeasured
     assert {(1.8, 0.205), (900.0, 0.205), (4.8, 0.255), (2000.0, 0.305)} <= points and (900.0, 0.255) not in points
@@ -703,6 +768,27 @@ def test_finetune_figures_by_source_and_cost_against_quality(home):
     rep = report.compose(comparison, {"profile": "smoke"}, report.pretrain_table(comparison),
                          pd.DataFrame({"MHA": ["a"], "GQA": ["b"]}), t, finetune_cost=cost)
     titles = [s.title for s in rep.sections]
-    assert titles.index("Fine-tuning variants") < titles.index("Fine-tuning by source: eval bits per byte") < titles.index(
+    assert titles.index("Fine-tuning variants") < titles.index("Fine-tuning by source: test bits per byte") < titles.index(
         "Fine-tuning: cost against quality")
     assert len(rep.sections[titles.index("At a glance")].payload) <= 6
+
+
+def test_task_scores_are_compared_item_by_item_and_seed_by_seed(home):
+    """A harness task's per-item scores give a verdict paired by seed and test item, corrected with the rest."""
+    make_all_runs(home, ft_seeds=(1, 2, 3))
+    for variant, right in (("full", 30), ("lora-8bit", 10), ("lora-32bit", 29)):
+        for i, run in enumerate(sorted((home / "runs" / f"finetune-{variant}").glob("seed-*"))):
+            s = runs.read_summary(run)
+            items = [1.0 if j < right + i % 2 else 0.0 for j in range(40)]
+            sciq = {"task": "sciq", "acc": sum(items) / 40, "acc_norm": 0.5, "n": 40, "skipped": 0, "items": {"acc": items}}
+            runs.write_summary(run, {**s, "harness": {"sciq": sciq}, "base_harness": {"sciq": sciq}})
+    comparison = report.load()
+    calls = report.report_calls(comparison)
+    g = comparison.finetune
+    key = report.glance.task_key("harness", "sciq", "acc")
+    worse = calls[g["Full fine-tune"], g["LoRA + 8-bit"], key]
+    assert worse.called and worse.mean == pytest.approx(-0.5) and worse.items == 40 and worse.n == 3
+    same = calls[g["Full fine-tune"], g["LoRA + 32-bit"], key]
+    assert not same.called and same.low < 0 < same.high
+    lines = report.glance.details(comparison, None, report.finetune_table(comparison))
+    assert any("SciQ (lm-eval `sciq`) acc −0.500 [" in line and "(paired by seed and test item)" in line for line in lines)

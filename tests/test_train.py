@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from nblib import config, lifecycle, runs, train
+from nblib import config, lifecycle, optim, runs, train
 from nblib.files import read_json, read_jsonl
 from nblib.model import GPT, GPTConfig, load_checkpoint
 from helpers import write_corpus
@@ -45,7 +45,7 @@ def losses(rows: list[dict]) -> list[tuple]:
 
 
 def test_lr_warmup_then_cosine():
-    f = [train.lr_factor(s, 10, 110, 0.1) for s in range(111)]
+    f = [optim.lr_factor(s, 10, 110, 0.1) for s in range(111)]
     assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
     assert all(a <= b for a, b in zip(f[:10], f[1:10]))
     assert all(a >= b for a, b in zip(f[10:], f[11:]))
@@ -54,7 +54,7 @@ def test_lr_warmup_then_cosine():
 
 def test_adamw_decays_matrices_only():
     model = GPT(GPTConfig(vocab_size=50, context_length=8, n_layer=2, n_head=2, n_kv_head=1, d_model=16))
-    opt = train.configure_optimizer(model, tiny(), torch.device("cpu"))
+    opt = optim.configure(model, tiny(), torch.device("cpu"))
     decay, no_decay = opt.param_groups
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     assert all(p.dim() == 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
@@ -251,6 +251,108 @@ def test_non_finite_loss_names_the_step_and_last_checkpoint(corpus_home: Path):
         train.run(cfg, name="nan", progress=False)
 
 
+def test_a_diverging_run_stops_at_its_first_blown_up_loss_and_says_so(corpus_home: Path, capsys):
+    """Issue 30 case 4: learning_rate=10 sends the loss from 10.8 to hundreds at step 2. The run stops there
+    (no perplexity overflow, no sampling from broken weights), keeps step 1's checkpoint, records why, the
+    command prints one line naming the learning rate, and the report refuses the run."""
+    from nblib.report import loading
+
+    settings = {**TINY, "ckpt_interval": 1, "learning_rate": 10, "min_lr": 1}
+    params = [a for k, v in settings.items() for a in ("-p", f"{k}={json.dumps(v)}")]
+    assert train.main(["--profile", "smoke", "--name", "dv", *params]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]  # the progress bar aside
+    assert len(err) == 1 and re.fullmatch(
+        r"python -m nblib.train: error: dv seed 1337: the loss is [\d.e+]+ at step 2: training diverged and stopped "
+        r"\(learning_rate=10\)\. Last good checkpoint: runs/dv/seed-1337/ckpt.pt \(step 1\)\. Try a lower learning_rate "
+        r"or more warmup_steps, then run again with overwrite=True .*", err[0]), err
+    run = folder(corpus_home, "dv")
+    summary = runs.read_summary(run)
+    assert (summary["finished"], summary["stop_reason"], summary["diverged_step"], summary["steps"]) == (False, "diverged", 2, 1)
+    assert torch.load(run / "ckpt.pt", weights_only=True)["step"] == 1 and not (run / "hf").exists()
+    with pytest.raises(loading.MissingRunError, match=r"runs/dv/seed-1337 diverged \(at step 2\): re-run notebook .* "
+                                                      r"with a lower learning_rate and overwrite=True"):
+        loading.load_group("dv")
+
+
+def test_a_non_finite_gradient_norm_stops_before_the_step_is_applied(corpus_home: Path, monkeypatch):
+    """An inf gradient with a finite loss (fp32: no grad scaler to skip it) stops the run at that step."""
+    real_backward, real_build, params, calls = torch.Tensor.backward, train.build, [], []
+
+    def backward(self, *args, **kwargs):  # step 2's first micro-batch: one gradient becomes inf
+        real_backward(self, *args, **kwargs)
+        calls.append(1)
+        if len(calls) == 3:
+            next(p for p in params if p.grad is not None).grad.fill_(float("inf"))
+
+    def build(*args, **kwargs):
+        s = real_build(*args, **kwargs)
+        params.extend(s.model.parameters())
+        return s
+
+    monkeypatch.setattr(train, "build", build)
+    monkeypatch.setattr(torch.Tensor, "backward", backward)
+    with pytest.raises(lifecycle.Diverged, match=r"the gradient norm is inf at step 2: .*ckpt.pt \(step 1\)"):
+        train.run(tiny(ckpt_interval=1), name="inf", progress=False)
+    summary = runs.read_summary(folder(corpus_home, "inf"))
+    assert (summary["stop_reason"], summary["diverged_step"]) == ("diverged", 2)
+
+
+def test_perplexity_of_a_blown_up_loss_is_inf_not_an_error():
+    assert lifecycle.loss_fields("val_", 1000.0, None)["val_ppl"] == math.inf
+    assert lifecycle.loss_fields("val_", 2.0, 1.0)["val_ppl"] == pytest.approx(math.exp(2.0))
+    assert math.isnan(lifecycle.perplexity(float("nan")))
+    assert lifecycle.blown_up(float("nan")) and lifecycle.blown_up(600.0) and not lifecycle.blown_up(10.8)
+
+
+def test_a_finished_run_without_its_summary_or_with_a_damaged_best_pt_is_refused_naming_it(corpus_home: Path):
+    """Issue 30 cases 5 and 6: a finished run whose summary.json is gone is not wiped by a rerun; a damaged
+    best.pt is refused, named, by the variant converted from it and by the compare stage."""
+    from nblib import measure
+    from nblib.report import loading
+
+    cfg = tiny(max_steps=2, eval_interval=2, export_hf=True)
+    train.run(cfg, progress=False)
+    run = folder(corpus_home, "pretrain-mha")
+    (run / "summary.json").unlink()
+    kept = sorted(p.name for p in run.iterdir())
+    with pytest.raises(config.Refused, match=r"runs/pretrain-mha/seed-1337 holds best.pt, hf but no summary.json, .* "
+                                             r"it is kept\. .* or use another run name, or overwrite=True"):
+        train.run(cfg, progress=False)
+    assert sorted(p.name for p in run.iterdir()) == kept
+    assert train.run(cfg, overwrite=True, progress=False)["finished"]
+    group = loading.load_group("pretrain-mha")
+    data = (run / "best.pt").read_bytes()
+    (run / "best.pt").write_bytes(b"")
+    with pytest.raises(config.Refused, match=r"runs/pretrain-mha/seed-1337/best.pt cannot be read \(EOFError.*\); "
+                                             r"pretrain-gqa-uptrained is converted from it: re-run notebook 03_train_mha"):
+        train.run(train.variant_settings(cfg, "gqa-uptrained"), name="pretrain-gqa-uptrained", progress=False)
+    (run / "best.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(config.Refused, match=r"runs/pretrain-mha/seed-1337/best.pt cannot be read .*; re-run notebook "
+                                             r"03_train_mha with overwrite=True"):
+        measure.load_models({"MHA": group}, "cpu")
+
+
+def test_a_damaged_best_pt_or_a_cut_metrics_line_does_not_block_a_resume(corpus_home: Path, capsys):
+    """Issue 30 case 6: best.pt cut short or emptied is rebuilt from the best weights ckpt.pt carries, and a
+    metrics.jsonl line a kill cut short is dropped, each with a warning."""
+    cfg = tiny()
+    train.run(cfg, name="dmg", stop_at=4, progress=False)
+    run = folder(corpus_home, "dmg")
+    best = run / "best.pt"
+    best.write_bytes(best.read_bytes()[:1000])
+    with (run / "metrics.jsonl").open("a") as f:
+        f.write('{"kind": "train", "st')
+    assert train.run(cfg, name="dmg", stop_at=5, progress=False)["steps"] == 5
+    out = capsys.readouterr().out
+    assert "warning: runs/dmg/seed-1337/best.pt cannot be read" in out and "rebuilt from the best weights" in out
+    assert "runs/dmg/seed-1337/metrics.jsonl:7: dropped a last line cut short" in out
+    assert torch.load(best, weights_only=True)["step"] == 4
+    best.write_bytes(b"")
+    done = train.run(cfg, name="dmg", progress=False)
+    assert done["finished"] and load_checkpoint(best)[1]["step"] == done["best_step"]
+    assert [r["step"] for r in read_jsonl(run / "metrics.jsonl") if r["kind"] == "eval"] == [0, 4, 8]
+
+
 def test_early_stopping_on_val_loss(corpus_home: Path):
     """With a learning rate too small to move fp32 weights, val loss never improves: stop at the first eval."""
     summary = train.run(tiny(learning_rate=1e-30, min_lr=1e-31, patience=1, max_steps=20), name="flat", progress=False)
@@ -399,9 +501,46 @@ def test_uptraining_converts_the_finished_mha_run_of_the_same_seed(corpus_home: 
     assert up["converted_val_loss"] == pytest.approx(direct, rel=1e-6)
     assert up["converted_val_loss"] != mha["best_val_loss"]  # pooling K/V heads changes the model
     evals = [r for r in read_jsonl(folder(corpus_home, "pretrain-gqa-uptrained") / "metrics.jsonl") if r["kind"] == "eval"]
-    assert [r["step"] for r in evals] == [0, 3] and evals[0]["val_loss"] == up["converted_val_loss"]
+    assert [r["step"] for r in evals] == [0, 1, 2, 3] and evals[0]["val_loss"] == up["converted_val_loss"]
+    # reported at the end of its budget, never the step-0 model, and on the test split
+    assert (up["selection"], up["best_step"], up["best_val_loss"]) == ("end of budget", 3, evals[-1]["val_loss"])
+    assert math.isfinite(up["test_bpb"]) and math.isfinite(up["converted_test_bpb"]) and up["test_bpb"] != up["converted_test_bpb"]
+    assert load_checkpoint(corpus_home / up["checkpoint"])[1]["step"] == 3
     assert train.run(up_cfg, name="pretrain-gqa-uptrained", progress=False) == up  # finished: returned as is
     assert runs.read_summary(folder(corpus_home, "pretrain-mha"))["config"]["uptrain_fraction"] == 0.3
+
+
+def test_uptraining_continues_the_source_schedule_and_optimizer(corpus_home: Path):
+    """As the GQA paper uptrains: the source's learning rate where its schedule ended (no restart at the peak),
+    its AdamW moments (K/V pooled like the weights), at least 5 evaluations, the last step reported."""
+    from nblib.convert import convert_kv_heads, convert_kv_moments
+
+    cfg = tiny(max_steps=20, warmup_steps=4, eval_interval=10, uptrain_fraction=0.25, patience=1)
+    mha = train.run(cfg, progress=False)
+    best = torch.load(corpus_home / mha["checkpoint"], weights_only=True)
+    assert best["optimizer"]["state"] and mha["final_lr"] == pytest.approx(cfg["min_lr"])
+    up_cfg = train.variant_settings(cfg, "gqa-uptrained")
+    up = train.run(up_cfg, name="pretrain-gqa-uptrained", progress=False)
+    rows = read_jsonl(folder(corpus_home, "pretrain-gqa-uptrained") / "metrics.jsonl")
+    evals = [r for r in rows if r["kind"] == "eval"]
+    # step 0's row logs the rate of the first uptraining step
+    assert evals[0]["step"] == 0 and 0 < evals[0]["lr"] <= 1.5 * mha["final_lr"]
+    assert max(r["lr"] for r in rows) <= 1.5 * mha["final_lr"]
+    assert len([r for r in evals if r["step"] > 0]) >= 5 and up["steps"] == 5
+    assert up["best_step"] == 5 and up["stop_reason"] == "done"  # patience never stops a converted run
+    # the optimizer moments of the converted model: K/V pooled, everything else the source's
+    ckpt = {"model": best["model"], "optimizer": best["optimizer"]}
+    source, _ = load_checkpoint(corpus_home / mha["checkpoint"])
+    converted = convert_kv_heads(source, 2, "mean")
+    names = [n for g in optim.names(source) for n in g]
+    moments = convert_kv_moments(ckpt["optimizer"], names, source.config, 2, "mean")
+    opt = optim.configure(converted, up_cfg, torch.device("cpu"))
+    opt.load_state_dict(moments)  # shapes fit the converted model
+    i = names.index("transformer.h.0.attn.c_attn.weight")
+    src_m, new_m = ckpt["optimizer"]["state"][i]["exp_avg"], opt.state_dict()["state"][i]["exp_avg"]
+    hd = source.config.head_dim
+    assert torch.equal(new_m[: 4 * hd], src_m[: 4 * hd])  # query rows kept
+    torch.testing.assert_close(new_m[4 * hd : 5 * hd], src_m[4 * hd : 6 * hd].view(2, hd, -1).mean(0))  # K heads 0+1
 
 
 def test_equal_parameter_gqa_widens_the_mlp_to_mha_parameters_and_says_so(corpus_home: Path):

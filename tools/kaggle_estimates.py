@@ -30,7 +30,7 @@ def _peak(key: str) -> float:
 
 def pretrain_flops(preset: str | None, key: str, train_tokens: int) -> tuple[float, int]:
     """``(FLOPs, steps)`` of one full-profile pretraining run of variant ``key``: its steps plus its
-    evaluations. A converted variant runs ``uptrain_fraction`` of its source's steps (and is counted
+    evaluations. A converted variant runs its alpha of its source's steps (and is counted
     alone: its source run is a row of its own)."""
     cfg = train.variant_settings(config.settings("train", "full", preset), key)
     per_token = GPT(train.model_config(cfg, attention.get(key))).flops_per_token()  # gqa-params: its wider MLP
@@ -38,17 +38,20 @@ def pretrain_flops(preset: str | None, key: str, train_tokens: int) -> tuple[flo
     if attention.get(key).converted:
         steps = max(1, math.ceil(round(cfg["uptrain_fraction"] * steps, 9)))
     tokens = steps * cfg["batch_size"] * cfg["grad_accum_steps"] * cfg["context_length"]
-    evals = steps // cfg["eval_interval"] + 2
-    eval_tokens = evals * 2 * cfg["eval_batches"] * cfg["batch_size"] * cfg["context_length"]
+    evals = steps // train.eval_interval(cfg, steps, attention.get(key).converted) + 2
+    # two eval sets per evaluation, and the test split once (at most 4 x eval_batches batches, nblib.train.test_loss)
+    eval_tokens = (evals * 2 + 4) * cfg["eval_batches"] * cfg["batch_size"] * cfg["context_length"]
     return per_token * tokens + per_token / 3 * eval_tokens, steps
 
 
-def finetune_flops(lora: bool) -> float:
-    """FLOPs of one full-profile fine-tune of GPT-2 small (124M), batches padded to ``max_length``."""
+def finetune_flops(lora: bool, steps: int | None = None) -> float:
+    """FLOPs of one full-profile fine-tune of GPT-2 small (124M) of ``steps`` (default the profile's),
+    batches padded to ``max_length``."""
     cfg = config.settings("finetune", "full")
+    steps = steps or cfg["steps"]
     n = 124_439_808 - 1024 * 768  # GPT-2 small's weights that take part in matmuls (all but the position table)
-    tokens = cfg["steps"] * cfg["batch_size"] * cfg["grad_accum"] * cfg["max_length"]
-    eval_tokens = (cfg["steps"] // cfg["eval_steps"] + 3) * cfg["eval_dialogues"] * cfg["max_length"]
+    tokens = steps * cfg["batch_size"] * cfg["grad_accum"] * cfg["max_length"]
+    eval_tokens = (steps // cfg["eval_steps"] + 3) * cfg["eval_dialogues"] * cfg["max_length"]
     return (6 if lora else 8) * n * tokens + 2 * n * eval_tokens
 
 
@@ -71,10 +74,15 @@ def rows(train_tokens: int = TRAIN_TOKENS, mfu: float = 0.3) -> list[list[str]]:
         flops, steps = pretrain_flops(preset, key, train_tokens)
         out.append((label, f"{steps} steps", runs, flops, minutes(flops, None)))
     ft = config.settings("finetune", "full")
+    rates = len(ft["lr_sweep"])
     for label, lora in (("fine-tune LoRA (8-bit or 32-bit base)", True), ("fine-tune full", False)):
         flops = finetune_flops(lora)
         runs = len(ft["seeds"]) * (2 if lora else 1)
         out.append((label, f"{ft['steps']} steps", runs, flops, minutes(flops, 1)))
+        if rates:  # nblib.ftsweep: the first seed at each rate, before the seeds train at the best
+            flops = finetune_flops(lora, ft["sweep_steps"])
+            out.append((f"{label.replace('fine-tune', 'learning-rate sweep,')}", f"{ft['sweep_steps']} steps", rates * runs // len(ft["seeds"]),
+                        flops, minutes(flops, 1)))
     return [[label, what, str(runs), f"{flops / 1e15:.1f}",
              *(f"{_minutes(m)} ({_minutes(m * runs)})" for m in mins)] for label, what, runs, flops, mins in out]
 

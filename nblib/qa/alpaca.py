@@ -15,4 +15,4 @@ def convert(rec: dict[str, Any]) -> Turns:
 
 
 SOURCE = QASource("alpaca", "tatsu-lab/alpaca", ("instruction", "input", "output"), convert,
-                  mirror_file="qa/alpaca_5000.json", task="free_form")
+                  mirror_file="qa/alpaca_5000.json", task="free_form", task_label="Alpaca (chat format)")

@@ -15,4 +15,4 @@ def convert(rec: dict[str, Any]) -> Turns:
 
 
 SOURCE = QASource("dolly", "databricks/databricks-dolly-15k", ("instruction", "context", "response", "category"),
-                  convert, task="free_form")
+                  convert, task="free_form", task_label="Dolly (chat format)")

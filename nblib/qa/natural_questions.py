@@ -6,12 +6,17 @@ records (``datasets``' decoding of a Sequence of dicts) ``annotations`` is colum
 lists with one entry per annotator, and each annotator's ``short_answers`` is itself a dict of
 lists (``text`` a list of strings). The full set is ~40 GB (each record carries its Wikipedia
 page), so it is streamed and only ``id``, ``question`` and ``annotations`` are kept.
+
+Scored twice (``nblib.qa_eval``): closed-book in the chat format (SQuAD's exact match and F1), and as
+lm-evaluation-harness' ``nq_open`` task (:data:`HARNESS`): its prompt, its stops, its exact match.
 """
 from __future__ import annotations
 
+import re
+import string
 from typing import Any
 
-from nblib.qa import QASource, Turns, pair
+from nblib.qa import HarnessTask, QASource, Turns, pair
 
 YES_NO = {0: "No.", 1: "Yes."}  # ClassLabel names ["NO", "YES"]; -1 means no yes/no answer
 
@@ -63,12 +68,53 @@ def convert(rec: dict[str, Any]) -> Turns | None:
 
 
 def eval_fields(rec: dict[str, Any]) -> dict[str, Any]:
-    """All reference answers: a generated answer is scored against the best-matching one (SQuAD's rule)."""
-    return {"answers": answers(rec.get("annotations"))}
+    """All reference answers (a generated answer is scored against the best-matching one, SQuAD's rule)
+    and the question as the dataset writes it (lower case, no ``?``), which ``nq_open``'s prompt uses."""
+    question = rec["question"]["text"] if isinstance(rec["question"], dict) else rec["question"]
+    return {"answers": answers(rec.get("annotations")), "question": question}
 
+
+# ---------------------------------------------------------------------------------------------
+# lm-evaluation-harness' nq_open (lm-eval 0.4.13, lm_eval/tasks/nq_open/nq_open.yaml)
+
+HARNESS_ARTICLES = re.compile(r"\b(?:The |the |An |A |The |a |an )")  # nq_open.yaml's regexes_to_ignore, verbatim
+_NO_PUNCTUATION = str.maketrans("", "", string.punctuation)
+OPEN_ANSWER_TOKENS = 5  # NQ-open keeps short answers of at most five tokens (Lee et al. 2019, ORQA)
+
+
+def harness_context(rec: dict[str, Any]) -> str:
+    """nq_open.yaml's ``description`` then its ``doc_to_text`` (``"Q: {{question}}?\nA:"``), 0-shot as
+    the YAML sets no ``num_fewshot``: with no examples the description is followed by the question alone."""
+    return f"Answer these questions:\n\nQ: {rec['question']}?\nA:"
+
+
+def open_answers(references: list[str]) -> list[str]:
+    """The references NQ-open would keep: short answers of at most five tokens, not yes/no ones (the
+    ``nq_open`` dataset holds these only); a question with none is not an ``nq_open`` item."""
+    return [a for a in references if len(a.split()) <= OPEN_ANSWER_TOKENS and a not in YES_NO.values()]
+
+
+def harness_normalize(text: str) -> str:
+    """``exact_match_hf_evaluate`` (lm_eval/api/metrics.py) with nq_open.yaml's options, in its order:
+    the articles' regex removed, then lower case (``ignore_case``), then ``string.punctuation`` removed
+    (``ignore_punctuation``); spaces are kept, and trailing NULs go as numpy's str arrays drop them."""
+    return HARNESS_ARTICLES.sub("", text).lower().translate(_NO_PUNCTUATION).rstrip("\x00")
+
+
+def harness_exact_match(prediction: str, references: list[str]) -> float:
+    """1.0 when the normalised prediction equals any normalised reference (``ConfigurableTask.
+    process_results`` with several targets: the mean over the references above 0)."""
+    return float(any(harness_normalize(prediction) == harness_normalize(r) for r in references))
+
+
+# generation_kwargs: until ["\n", ".", ","], do_sample false; the filter remove_whitespace strips the answer
+HARNESS = HarnessTask(
+    "nq_open", "NQ (lm-eval `nq_open`)", "generate_until", ("exact_match",), ("question", "answers"),
+    harness_context, gold=lambda rec: open_answers(rec["answers"]), until=("\n", ".", ","), match=harness_exact_match,
+)
 
 SOURCE = QASource(
     "natural_questions", "google-research-datasets/natural_questions", ("question", "annotations"), convert,
     config="default", streaming=True, keep=("id", "question", "annotations"), task="short_answer",
-    eval_fields=eval_fields,
+    eval_fields=eval_fields, task_label="NQ (closed-book, chat format)", harness=HARNESS,
 )

@@ -2,7 +2,8 @@
 
 - ``loading``: the runs to compare (every seed of every variant), refusing unmatched pairs;
 - ``tables``: tables addressed by metric keys, cells carrying their spread (``Stat``);
-- ``glance``: the at-a-glance lines, the verdicts and the details below the tables, with the evidence and the noise rule;
+- ``glance``: the at-a-glance lines, the verdicts and the details below the tables, each verdict an interval
+  corrected over all the report's comparisons at once (``report_calls``, with ``nblib.stats``);
 - ``figures``: the report's plots (drawn by ``nblib.plots``);
 - ``render``: HTML (inline ``style.css``), Markdown and CSV;
 - ``compose``: the whole report from the pieces.
@@ -12,7 +13,7 @@ cost at real scale) come from ``nblib.measure``. ``python -m nblib.report --publ
 copies ``reports/compare.*`` to the committed example.
 """
 from nblib.report.compose import compose
-from nblib.report.glance import Difference, at_a_glance, details, paired, verdict, verdict_lines
+from nblib.report.glance import Calls, at_a_glance, details, paired, report_calls, verdict_lines
 from nblib.report.loading import Comparison, Group, MismatchError, MissingRunError, Run, load, load_group
 from nblib.report.render import Report, new_report
 from nblib.report.tables import (
@@ -21,8 +22,8 @@ from nblib.report.tables import (
 )
 
 __all__ = [
-    "EMPTY_ANSWER", "LABELS", "Comparison", "Difference", "Group", "MismatchError", "MissingRunError", "Report", "Run",
+    "Calls", "EMPTY_ANSWER", "LABELS", "Comparison", "Group", "MismatchError", "MissingRunError", "Report", "Run",
     "Stat", "at_a_glance", "compose", "conversion_table", "cost_table", "details", "finetune_samples", "finetune_table", "format_table",
-    "format_value", "load", "load_group", "measured_rows", "new_report", "paired", "paper_table", "pretrain_table", "runs_overview",
-    "verdict", "verdict_lines", "with_ratios",
+    "format_value", "load", "load_group", "measured_rows", "new_report", "paired", "paper_table", "pretrain_table", "report_calls",
+    "runs_overview", "verdict_lines", "with_ratios",
 ]

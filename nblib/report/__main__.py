@@ -17,7 +17,7 @@ def publish_example(home: str | Path | None = None, dest: str | Path | None = No
     dest = Path(dest) if dest is not None else EXAMPLES
     missing = [f"compare.{ext}" for ext in ("html", "md", "csv") if not (src / f"compare.{ext}").is_file()]
     if missing:
-        raise FileNotFoundError(
+        raise config.MissingInput(
             f"{', '.join(missing)} not found in {src}: run the pipeline (python -m nblib.pipeline --profile smoke) "
             "or notebook 06_compare first"
         )
@@ -35,11 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.publish_example:
         parser.print_help()
         return 2
-    try:
-        written = publish_example(args.home, label=args.label)
-    except FileNotFoundError as e:
-        print(f"nothing published: {e}", file=sys.stderr)
-        return 1
+    written = publish_example(args.home, label=args.label)  # nothing there: config.cli says what, exit 2
     for path in written:
         print(f"wrote {path.name}")
     return 0

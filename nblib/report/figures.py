@@ -4,11 +4,13 @@ from __future__ import annotations
 from matplotlib.figure import Figure
 import pandas as pd
 
-from nblib import attention, plots
+from nblib import attention, plots, qa
+from nblib.convert import KV_CONVERSIONS
 from nblib.report.glance import QUALITY, kv_per_token
 from nblib.report.loading import Comparison, Group, Run
-from nblib.report.tables import (MIB, RATIO, TASK_METRICS, Stat, decode_key, eval_sources, kv_bytes_per_token, label,
-                                  nested_stat, source_name, spread, task_sources)
+from nblib.plots import Spread
+from nblib.report.tables import (BASELINE, MIB, RATIO, TASK_METRICS, Stat, decode_key, eval_sources,
+                                  kv_bytes_per_token, label, nested_stat, scratch_twin, source_name, spread, task_sources)
 
 
 def colour(g: Group) -> str | None:
@@ -22,14 +24,51 @@ def colours(comparison: Comparison) -> dict[str, str]:
     return {lab: c for lab, g in comparison.pretrain.items() if (c := colour(g))}
 
 
+def _behind(run: Run) -> list[dict]:
+    """A run's metrics rows with ``tokens`` counting its source run's too (the tokens behind its weights)."""
+    offset = run.summary.get("total_tokens", run.summary["tokens_seen"]) - run.summary["tokens_seen"]
+    return [{**r, "tokens": r["tokens"] + offset} if "tokens" in r else r for r in run.metrics] if offset else run.metrics
+
+
 def val_loss(comparison: Comparison) -> Figure:
     """Validation loss of every pretraining variant, mean over seeds with their range; a converted
-    variant's tokens count its source run's too (the tokens behind its weights)."""
-    def behind(run: Run) -> list[dict]:
-        offset = run.summary.get("total_tokens", run.summary["tokens_seen"]) - run.summary["tokens_seen"]
-        return [{**r, "tokens": r["tokens"] + offset} if "tokens" in r else r for r in run.metrics] if offset else run.metrics
+    variant's tokens count its source run's too."""
+    return plots.val_loss({lab: [_behind(r) for r in g.runs] for lab, g in comparison.pretrain.items()}, colours(comparison))
 
-    return plots.val_loss({lab: [behind(r) for r in g.runs] for lab, g in comparison.pretrain.items()}, colours(comparison))
+
+def alpha_sweep(comparison: Comparison) -> Figure | None:
+    """Test bits per byte against alpha for each family of mean-pooled conversions (same source and KV heads),
+    alpha = 0 the converted model; its source and scratch twin as references. ``None`` without conversions."""
+    families: dict[tuple[str, int], dict[float, Spread]] = {}
+    refs: dict[str, float] = {}
+    for g in comparison.pretrain.values():
+        s = g.summary
+        if s.get("init") != "convert" or s["conversion_method"] != KV_CONVERSIONS[0]:
+            continue
+        family = families.setdefault((s["source_run"].rsplit("/", 1)[0], s["n_kv_head"]), {})
+        family[0.0] = spread(Stat.of(g.values("converted_test_bpb")))
+        family[s["uptrain_fraction"]] = spread(Stat.of(g.values("test_bpb")))
+        for ref in (comparison.pretrain.get(BASELINE), scratch_twin(comparison, g)):
+            if ref is not None:
+                refs[f"{ref.label} (from scratch)"] = spread(Stat.of(ref.values("test_bpb")))[0]
+    if not families:
+        return None
+    curves = {f"{source.removeprefix('runs/pretrain-').upper()} → {kv} KV heads, mean-pooled": dict(sorted(points.items()))
+              for (source, kv), points in families.items()}
+    return plots.alpha_sweep(curves, refs, "test bits per byte (test split)")
+
+
+def learning_rates(comparison: Comparison) -> Figure:
+    """Learning rate against the tokens behind the weights: each converted variant's first seed beside its source's."""
+    runs = {}
+    for lab, g in comparison.pretrain.items():
+        if g.summary.get("init") == "convert":
+            source = next((s for s in comparison.pretrain.values()
+                           if s.name == g.summary["source_run"].rsplit("/", 1)[0].removeprefix("runs/")), None)
+            if source is not None:
+                runs.setdefault(source.label, _behind(source.runs[0]))
+            runs[lab] = _behind(g.runs[0])
+    return plots.learning_rates(runs, colours(comparison))
 
 
 def kv_cache(comparison: Comparison) -> Figure:
@@ -48,7 +87,7 @@ def speed(table: pd.DataFrame) -> Figure:
 
 def frontier(comparison: Comparison, table: pd.DataFrame | None = None, sweep: pd.DataFrame | None = None,
              context: int = 2048) -> Figure:
-    """Every pretraining variant as a point: val bits per byte (mean, min–max over seeds) against KV
+    """Every pretraining variant as a point: test bits per byte (mean, min–max over seeds) against KV
     bytes per token, against decode tokens/s measured here at the run's shape (``table``'s largest
     batch) and, with a ``sweep``, at its largest shape, where a variant sits at the sweep's variant
     of its from-scratch label (a converted variant decodes as its from-scratch twin: same shape)."""
@@ -96,26 +135,26 @@ def finetune_memory(table: pd.DataFrame) -> Figure:
 
 
 def finetune_by_source(comparison: Comparison) -> Figure | None:
-    """Eval bits per byte on the test split per source: each variant's base beside it after fine-tuning
+    """Test bits per byte per source: each variant's base beside it after fine-tuning
     (mean, min–max over seeds); ``None`` when no run scored by source."""
     sources = eval_sources(comparison)
     if not sources:
         return None
-    panels = {f"{source_name(src)}: eval bits per byte, test split": {
+    panels = {f"{source_name(src)}: test bits per byte": {
         lab: (spread(nested_stat(g, "base_by_source", src, "bpb")), spread(nested_stat(g, "by_source", src, "bpb")))
         for lab, g in comparison.finetune.items()} for src in sources}
     return plots.before_after(panels, "bits per byte (lower is better)")
 
 
 def finetune_cost_quality(comparison: Comparison, finetune_cost: pd.DataFrame | None = None) -> Figure | None:
-    """Every fine-tune variant as a point: eval loss and each task's first metric (mean, min–max over
+    """Every fine-tune variant as a point: test loss and each task's first metric (mean, min–max over
     seeds) against the run's peak training memory and seconds per step, and, from ``finetune_cost``
     (``measure.finetune_cost``: GPT-2 small, timed here side by side), against GPT-2 small's."""
     if not comparison.finetune:
         return None
     tasks = {src: TASK_METRICS[task][0] for src, task in task_sources(comparison).items()}
-    qualities = {"eval_loss": "eval loss (nats/assistant token, lower is better)",
-                 **{f"{key}:{src}": f"{source_name(src)}: {what} (higher is better)" for src, (key, what) in tasks.items()}}
+    qualities = {"test_loss": "test loss (nats/assistant token, lower is better)",
+                 **{f"{key}:{src}": f"{qa.get(src).task_label}: {what} (higher is better)" for src, (key, what) in tasks.items()}}
     costs = {"peak_memory_mib": "peak training memory (MiB)",
              "step_seconds": "seconds per training step (a run's: its train time, evaluations included, / steps)"}
     points = []
@@ -124,7 +163,7 @@ def finetune_cost_quality(comparison: Comparison, finetune_cost: pd.DataFrame | 
                  else None for r in g.runs]
         points.append({
             "label": lab,
-            "quality": {"eval_loss": spread(Stat.of(g.values("eval_loss"))),
+            "quality": {"test_loss": spread(Stat.of(g.values("test_loss"))),
                         **{f"{key}:{src}": spread(nested_stat(g, "tasks", src, key)) for src, (key, _) in tasks.items()}},
             "cost": {"peak_memory_mib": spread(Stat.of(v / MIB if v else None for v in g.values("peak_memory_bytes"))),
                      "step_seconds": spread(Stat.of(steps))},

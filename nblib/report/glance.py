@@ -2,11 +2,12 @@
 headline a verdict with its evidence), and the verdicts and details shown below the tables.
 
 Quality differences are paired by seed (variant minus baseline, seed by seed: the two share the
-seed, hence the data order). A difference is called only when there are at least two seeds,
-every seed's difference has the same sign, and the mean difference exceeds twice its standard
-error; otherwise the sentence says no difference can be called at this size. One seed never
-makes an effect. Speed ratios were measured side by side here and carry the range over the
-interleaved repetitions.
+seed, hence the data order) and tested by ``nblib.stats.paired``; every comparison the report
+states a verdict on (:func:`comparisons`) is corrected together by ``nblib.stats.holm`` into one
+:class:`Calls`, built once per report, and each is written as its mean with the corrected
+interval and unit. A difference is called only when that interval excludes 0; one seed never
+calls. Speed ratios were measured side by side here and carry the range over the interleaved
+repetitions.
 """
 from __future__ import annotations
 
@@ -17,70 +18,98 @@ from typing import Any
 
 import pandas as pd
 
+from nblib import qa, stats
 from nblib.convert import KV_CONVERSIONS
 from nblib.plots import context_label
-from nblib.report.loading import Comparison, Group
-from nblib.report.tables import (BASELINE, RATIO, TASK_METRICS, Stat, decode_key, kv_bytes_per_token, label, mid,
+from nblib.report.loading import Comparison, Group, pairs
+from nblib.report.tables import (BASELINE, HARNESS, RATIO, TASK_METRICS, Stat, decode_key, kv_bytes_per_token, label, mid,
                                  scratch_twin)
 
 MIB = 2**20
-QUALITY = "best_val_bpb"  # the quality figure of the frontier, Table 1 and the verdicts (bits per byte)
+QUALITY = "test_bpb"  # the quality figure of the frontier, Table 1 and the verdicts (bits per byte, test split)
+FT_QUALITY = "test_loss"  # a fine-tune's: nats per assistant token on the test dialogues (the val ones pick its checkpoint)
+UNITS = {QUALITY: "bpb", FT_QUALITY: "nats/token"}  # the unit each verdict's interval is written in
+Pair = tuple[Group, Group, str]  # one comparison: (base, other, summary key), read as other - base
+
+
+def seed_values(base: Group, other: Group, key: str) -> tuple[list[float], list[float]]:
+    """``summary[key]`` of ``base`` and of ``other`` for each seed both measured, in seed order."""
+    a = {r.seed: r.summary.get(key) for r in base.runs}
+    b = {r.seed: r.summary.get(key) for r in other.runs}
+    seeds = [s for s in sorted(set(a) & set(b)) if a[s] is not None and b[s] is not None]
+    return [float(a[s]) for s in seeds], [float(b[s]) for s in seeds]
+
+
+def paired(base: Group, other: Group, key: str) -> stats.Verdict:
+    """``other - base`` of ``summary[key]`` paired by seed (lower is better), before any correction; a
+    task key (:func:`task_key`) pairs by seed and by test item (higher is better)."""
+    if key.startswith(ITEMS):
+        return stats.paired_items(*item_tables(base, other, key), higher_is_better=True)
+    return stats.paired(*seed_values(base, other, key))
+
+
+ITEMS = "items:"  # a verdict key on per-item task scores: items:<summary field>:<source>:<metric>
+
+
+def task_key(field: str, source: str, metric: str) -> str:
+    return f"{ITEMS}{field}:{source}:{metric}"
+
+
+def item_tables(base: Group, other: Group, key: str) -> tuple[list[list[float]], list[list[float]]]:
+    """Seeds x items tables of a task score for the seeds both scored, keeping the items every run scored."""
+    field, source, metric = key.removeprefix(ITEMS).split(":")
+
+    def items(g: Group) -> dict[int, list[float | None]]:
+        return {r.seed: r.summary.get(field, {}).get(source, {}).get("items", {}).get(metric) for r in g.runs}
+
+    a, b = items(base), items(other)
+    seeds = [s for s in sorted(set(a) & set(b)) if a[s] is not None and b[s] is not None and len(a[s]) == len(b[s])]
+    keep = [i for i in range(len(a[seeds[0]]) if seeds else 0)
+            if all(a[s][i] is not None and b[s][i] is not None for s in seeds)]
+    return [[float(a[s][i]) for i in keep] for s in seeds], [[float(b[s][i]) for i in keep] for s in seeds]
+
+
+def task_keys(base: Group, other: Group) -> list[str]:
+    """The harness tasks both fine-tunes scored item by item, each by its first metric (nblib.qa)."""
+    scored = [{src for src, v in r.summary.get("harness", {}).items() if v.get("items", {}).get(qa.get(src).harness.metrics[0])}
+              for g in (base, other) for r in g.runs]
+    common = set.intersection(*scored) if scored else set()
+    return [task_key("harness", src, qa.get(src).harness.metrics[0]) for src in sorted(common)]
+
+
+def key_label(key: str) -> str:
+    """How a verdict key reads in a sentence: ``test loss`` or ``SciQ (lm-eval `sciq`) acc``."""
+    if not key.startswith(ITEMS):
+        return {FT_QUALITY: "test loss", QUALITY: "test bits per byte"}[key]
+    _, source, metric = key.removeprefix(ITEMS).split(":")
+    return f"{qa.get(source).harness.label} {metric}"
 
 
 @dataclass(frozen=True)
-class Difference:
-    """Paired per-seed differences ``variant - baseline`` of one figure."""
+class Calls:
+    """Every verdict of one report, Holm-corrected together (:func:`report_calls`), by comparison."""
 
-    values: tuple[float, ...]
+    verdicts: dict[tuple[str, str, str], stats.Verdict]
 
-    @property
-    def n(self) -> int:
-        return len(self.values)
-
-    @property
-    def mean(self) -> float:
-        return statistics.fmean(self.values)
+    def __getitem__(self, pair: Pair) -> stats.Verdict:
+        base, other, key = pair
+        return self.verdicts[base.name, other.name, key]
 
     @property
-    def sem(self) -> float:
-        return statistics.stdev(self.values) / math.sqrt(self.n) if self.n > 1 else math.inf
+    def family(self) -> int:
+        """How many comparisons the correction covered (those with two or more seeds)."""
+        return sum(v.n >= 2 for v in self.verdicts.values())
 
-    @property
-    def called(self) -> bool:
-        """Whether the difference is larger than the seeds' noise (see the module docstring)."""
-        same_sign = all(v > 0 for v in self.values) or all(v < 0 for v in self.values)
-        return self.n >= 2 and same_sign and abs(self.mean) > 2 * self.sem
-
-
-def paired(base: Group, other: Group, key: str) -> Difference:
-    """``other - base`` of ``summary[key]`` for each seed both have."""
-    a = {r.seed: r.summary[key] for r in base.runs}
-    b = {r.seed: r.summary[key] for r in other.runs}
-    return Difference(tuple(float(b[s]) - float(a[s]) for s in sorted(set(a) & set(b))
-                            if a[s] is not None and b[s] is not None))
+    def says(self, base: Group, other: Group, key: str) -> str:
+        """The corrected verdict in one line: mean, interval and unit, called or not, seeds."""
+        return stats.format_interval(self[base, other, key], UNITS.get(key, ""))
 
 
-def verdict(d: Difference, lower_is_better: bool = True) -> str:
-    """The difference in words, with its evidence."""
-    if d.n == 0:
-        return "not measured"
-    if d.n == 1:
-        return f"{d.mean:+.3f} with one seed: no difference can be called (run several seeds to measure the spread)"
-    evidence = f"{d.mean:+.3f} (per seed {min(d.values):+.3f} to {max(d.values):+.3f}, ±{d.sem:.3f} s.e., {d.n} seeds)"
-    if not d.called:
-        return f"{evidence}: no difference at this size"
-    worse = (d.mean > 0) == lower_is_better
-    return f"{evidence}: clearly {'worse' if worse else 'better'}"
-
-
-def brief(d: Difference) -> str:
-    """A difference with its evidence in a few words, for the at-a-glance lines (one seed calls nothing)."""
-    if d.n == 0:
-        return "not measured"
-    if d.n == 1:
-        return f"{d.mean:+.3f} (one seed: no difference can be called)"
-    call = ("clearly worse" if d.mean > 0 else "clearly better") if d.called else "no difference at this size"
-    return f"{d.mean:+.3f} (±{d.sem:.3f} s.e., {d.n} seeds: {call})"
+def report_calls(comparison: Comparison) -> Calls:
+    """The verdicts of every comparison the report states, corrected once over all of them."""
+    family = comparisons(comparison)
+    corrected = stats.holm([paired(*pair) for pair in family])
+    return Calls({(b.name, o.name, k): v for (b, o, k), v in zip(family, corrected)})
 
 
 def _x(r: Any) -> str:
@@ -96,8 +125,8 @@ def _range(table: pd.DataFrame, row: str, v: str, base: str) -> str:
     return _x(mid(a) / mid(b) if mid(b) else math.nan)
 
 
-def pretrain_lines(comparison: Comparison, table: pd.DataFrame) -> list[str]:
-    """Per non-MHA variant: cache and parameters, quality verdicts, speed measured here."""
+def pretrain_lines(comparison: Comparison, table: pd.DataFrame, calls: Calls) -> list[str]:
+    """Per non-MHA variant: cache and parameters, the quality verdict, speed measured here."""
     pre = comparison.pretrain
     lines: list[str] = []
     if BASELINE not in pre:
@@ -116,8 +145,8 @@ def pretrain_lines(comparison: Comparison, table: pd.DataFrame) -> list[str]:
             f"{mid(table.loc[kv, BASELINE]):.3g} MiB per sequence at {label(kv).split()[3]} context (fp32), with "
             f"{_x(r['params'])} the parameters."
         )
-        lines.append(f"**{v} − MHA** best val loss {verdict(paired(base, g, 'best_val_loss'))}; "
-                     f"bits per byte {paired(base, g, 'best_val_bpb').mean:+.4f}.")
+        lines.append(f"**{v} − MHA** test bits per byte {calls.says(base, g, QUALITY)}; test loss "
+                     f"{paired(base, g, 'test_loss').mean:+.3f} nats/token (mean over seeds).")
         gen = [k for k in table.index if str(k).startswith("gen_tokens_per_s_b")]
         parts = [f"generation batch {k.removeprefix('gen_tokens_per_s_b')} {_range(table, k, v, BASELINE)}" for k in gen]
         if "train_tokens_per_s" in table.index:
@@ -154,7 +183,7 @@ def cost_lines(sweep: pd.DataFrame | None, context: int = 2048) -> list[str]:
     return lines
 
 
-def finetune_lines(comparison: Comparison, table: pd.DataFrame | None) -> list[str]:
+def finetune_lines(comparison: Comparison, table: pd.DataFrame | None, calls: Calls) -> list[str]:
     """Per variant: what it trains and costs; against each baseline, footprint, memory, speed and a loss verdict."""
     if table is None:
         return []
@@ -164,9 +193,9 @@ def finetune_lines(comparison: Comparison, table: pd.DataFrame | None) -> list[s
         c = table[g.label]
         lines.append(
             f"**{g.label}** trains {mid(c['trainable_params']):,.0f} parameters ({mid(c['trainable_share']):.3g}% of the model) "
-            f"in {c['compute_dtype']}; model footprint {mid(c['footprint_mib']):.3g} MiB; eval loss "
-            f"{mid(c['eval_loss']):.3f} (base model {mid(c['base_eval_loss']):.3f}, merged model "
-            f"{mid(c['merged_eval_loss']):.3f})."
+            f"in {c['compute_dtype']} at learning rate {c['learning_rate']:g}; model footprint {mid(c['footprint_mib']):.3g} MiB; "
+            f"test loss {mid(c['ft_test_loss']):.3f} (base model {mid(c['base_test_loss']):.3f}); val loss, which chose the "
+            f"checkpoint, {mid(c['eval_loss']):.3f} (merged model {mid(c['merged_eval_loss']):.3f})."
         )
         for b in g.summary["baselines"]:
             if b not in ft:
@@ -176,7 +205,9 @@ def finetune_lines(comparison: Comparison, table: pd.DataFrame | None) -> list[s
             ratio = lambda k: mid(c[k]) / mid(bc[k]) if mid(bc[k]) else math.nan  # noqa: E731
             lines.append(
                 f"**{g.label}** against {base.label}: {ratio('footprint_mib'):.2f}× the footprint, "
-                f"{ratio('peak_memory_mib'):.2f}× the peak memory; eval loss {verdict(paired(base, g, 'eval_loss'))}."
+                f"{ratio('peak_memory_mib'):.2f}× the peak memory; test loss {calls.says(base, g, FT_QUALITY)}"
+                + "".join(f"; {key_label(k)} {calls.says(base, g, k)} (paired by seed and test item)"
+                          for k in task_keys(base, g)) + "."
             )
     return lines
 
@@ -185,7 +216,8 @@ def finetune_task_lines(table: pd.DataFrame | None) -> list[str]:
     """Per variant: each source's bits per byte and task metrics on the test split, beside its base model's."""
     if table is None:
         return []
-    metrics = ("bpb", *(key for keys in TASK_METRICS.values() for key, _ in keys), "chance")
+    metrics = ("bpb", *(key for keys in TASK_METRICS.values() for key, _ in keys), "chance",
+               *(f"{HARNESS}{m}" for src in qa.sources().values() if src.harness for m in src.harness.metrics))
     rows = [k for k in table.index if str(k).split(":", 1)[0] in metrics]
     lines = []
     for col in table.columns:
@@ -217,11 +249,14 @@ def finetune_cost_lines(cost: pd.DataFrame | None) -> list[str]:
 
 
 def details(comparison: Comparison, pretrain: pd.DataFrame | None, finetune: pd.DataFrame | None,
-            sweep: pd.DataFrame | None = None, finetune_cost: pd.DataFrame | None = None) -> list[str]:
-    """Every headline sentence behind the at-a-glance lines, pretraining first."""
-    lines = pretrain_lines(comparison, pretrain) if pretrain is not None else []
+            sweep: pd.DataFrame | None = None, finetune_cost: pd.DataFrame | None = None,
+            calls: Calls | None = None) -> list[str]:
+    """Every headline sentence behind the at-a-glance lines, pretraining first (``calls``: the
+    report's corrected verdicts, :func:`report_calls` of ``comparison`` when not given)."""
+    calls = calls or report_calls(comparison)
+    lines = pretrain_lines(comparison, pretrain, calls) if pretrain is not None else []
     lines += cost_lines(sweep)
-    lines += finetune_lines(comparison, finetune)
+    lines += finetune_lines(comparison, finetune, calls)
     lines += finetune_task_lines(finetune)
     lines += finetune_cost_lines(finetune_cost)
     return [line for line in lines if line]
@@ -259,50 +294,65 @@ def savings_line(comparison: Comparison, table: pd.DataFrame | None) -> str:
     return f"**What fewer KV heads save** (against MHA{how}): {'; '.join(parts)}."
 
 
-def quality_line(comparison: Comparison) -> str:
-    """What each from-scratch KV-head step costs in val bits per byte, paired by seed."""
+def _scratch(comparison: Comparison) -> list[Group]:
+    """The pretraining variants trained from scratch, MHA aside."""
+    return [g for v, g in comparison.pretrain.items() if v != BASELINE and g.summary.get("init") != "convert"]
+
+
+def quality_line(comparison: Comparison, calls: Calls) -> str:
+    """What each from-scratch KV-head step costs in test bits per byte, paired by seed."""
     pre = comparison.pretrain
     if BASELINE not in pre:
         return ""
-    parts = [f"{v} {brief(paired(pre[BASELINE], g, QUALITY))}" for v, g in pre.items()
-             if v != BASELINE and g.summary.get("init") != "convert"]
-    return f"**What it costs in quality** (val bits per byte minus MHA's, paired by seed): {'; '.join(parts)}." if parts else ""
+    parts = [f"{g.label} {calls.says(pre[BASELINE], g, QUALITY)}" for g in _scratch(comparison)]
+    return f"**What it costs in quality** (test bits per byte minus MHA's, paired by seed): {'; '.join(parts)}." if parts else ""
 
 
-def uptrained_line(comparison: Comparison) -> str:
+def _uptrained(comparison: Comparison) -> list[tuple[Group, Group]]:
+    """``(variant, its from-scratch twin)`` for each variant converted from MHA by the paper's best method."""
+    if BASELINE not in comparison.pretrain:
+        return []
+    twins = [(g, scratch_twin(comparison, g)) for g in _converted(comparison)
+             if g.summary["conversion_method"] == KV_CONVERSIONS[0]]
+    return [(g, twin) for g, twin in twins if twin is not None]
+
+
+def uptrained_line(comparison: Comparison, calls: Calls) -> str:
     """Mean-pooled uptrained variants against the same KV heads from scratch and against MHA."""
-    pre = comparison.pretrain
     parts = []
-    for g in _converted(comparison):
-        twin, s = scratch_twin(comparison, g), g.summary
-        if twin is None or BASELINE not in pre or s["conversion_method"] != KV_CONVERSIONS[0]:
-            continue
-        parts.append(f"{g.label} (converted from MHA, alpha = {s['uptrain_fraction']:g}) {brief(paired(twin, g, QUALITY))} "
-                     f"against {twin.label} from scratch and {brief(paired(pre[BASELINE], g, QUALITY))} against MHA, "
+    for g, twin in _uptrained(comparison):
+        parts.append(f"{g.label} (converted from MHA, alpha = {g.summary['uptrain_fraction']:g}) "
+                     f"{calls.says(twin, g, QUALITY)} against {twin.label} from scratch and "
+                     f"{calls.says(comparison.pretrain[BASELINE], g, QUALITY)} against MHA, "
                      f"with {_tokens(g) / _tokens(twin):.2f}× the training tokens of {twin.label} (MHA's counted)")
-    return f"**Uptrained vs from scratch** (val bits per byte, paired by seed): {'; '.join(parts)}." if parts else ""
+    return f"**Uptrained vs from scratch** (test bits per byte, paired by seed): {'; '.join(parts)}." if parts else ""
 
 
-def finetune_line(comparison: Comparison, table: pd.DataFrame | None, cost: pd.DataFrame | None) -> str:
-    """Each LoRA variant against the full fine-tune: what it trains and takes, its eval loss, and its memory at GPT-2 small."""
-    ft = list(comparison.finetune.values())
-    full = next((g for g in ft if not g.summary["lora"]), None)
+def _full(comparison: Comparison) -> Group | None:
+    """The full fine-tune, the variant every LoRA one is set against in the at-a-glance line."""
+    return next((g for g in comparison.finetune.values() if not g.summary["lora"]), None)
+
+
+def finetune_line(comparison: Comparison, table: pd.DataFrame | None, cost: pd.DataFrame | None, calls: Calls) -> str:
+    """Each LoRA variant against the full fine-tune: what it trains and takes, its test loss, and its memory at GPT-2 small."""
+    full = _full(comparison)
     if table is None or full is None:
         return ""
     parts = []
-    for g in ft:
+    for g in comparison.finetune.values():
         if g is full:
             continue
         c, f = table[g.label], table[full.label]
         part = (f"{g.label} trains {mid(c['trainable_share']):.3g}% of the parameters with "
-                f"{mid(c['footprint_mib']) / mid(f['footprint_mib']):.2f}× the footprint here, eval loss "
-                f"{brief(paired(full, g, 'eval_loss'))}")
+                f"{mid(c['footprint_mib']) / mid(f['footprint_mib']):.2f}× the footprint here, test loss "
+                f"{calls.says(full, g, FT_QUALITY)}")
         if cost is not None and g.label in cost.columns and full.label in cost.columns:
             part += (f"; on GPT-2 small {cost.loc['footprint_mib', g.label] / cost.loc['footprint_mib', full.label]:.2f}× "
                      f"the footprint, {cost.loc['peak_memory_mib', g.label] / cost.loc['peak_memory_mib', full.label]:.2f}× "
                      "a training step's peak memory")
         parts.append(part)
-    return (f"**Fine-tuning trade-off** (against {full.label}; eval loss in nats per assistant token, paired by seed): "
+    return (f"**Fine-tuning trade-off** (against {full.label}, each at its own learning rate; test loss in nats per "
+            "assistant token, paired by seed): "
             f"{'; '.join(parts)}.") if parts else ""
 
 
@@ -344,42 +394,64 @@ def real_scale_line(sweep: pd.DataFrame | None, context: int = 2048) -> str:
 
 
 def at_a_glance(comparison: Comparison, pretrain: pd.DataFrame | None, finetune: pd.DataFrame | None,
-                sweep: pd.DataFrame | None = None, finetune_cost: pd.DataFrame | None = None) -> list[str]:
+                sweep: pd.DataFrame | None = None, finetune_cost: pd.DataFrame | None = None,
+                calls: Calls | None = None) -> list[str]:
     """The reader's questions, one line each (six at most, with the unmatched-pairs warning): what fewer KV
     heads save and cost, uptrained vs from scratch, the fine-tuning trade-off, the cost at real scale
-    (the sentences behind them: :func:`details`)."""
-    lines = [savings_line(comparison, pretrain), quality_line(comparison), uptrained_line(comparison),
-             finetune_line(comparison, finetune, finetune_cost), real_scale_line(sweep)]
+    (the sentences behind them: :func:`details`; ``calls`` as there)."""
+    calls = calls or report_calls(comparison)
+    lines = [savings_line(comparison, pretrain), quality_line(comparison, calls), uptrained_line(comparison, calls),
+             finetune_line(comparison, finetune, finetune_cost, calls), real_scale_line(sweep)]
     if comparison.mismatches:
         lines.insert(0, f"**Warning**: {len(comparison.mismatches)} compared pair(s) are not matched (see the red "
                         "section): their differences mix the compared setting with others.")
     return [line for line in lines if line]
 
 
-def verdict_lines(comparison: Comparison) -> list[str]:
-    """Quality verdicts with the seed spread: each from-scratch variant against MHA; per family of
-    conversions (same source, KV heads and alpha) its best method by the paper's ranking against MHA
-    and against the same KV heads from scratch (with the compute each saw), the other methods against it."""
+def _quality_claims(comparison: Comparison) -> list[tuple[Pair, str]]:
+    """The quality comparisons of the verdicts section, each with its title: each from-scratch variant
+    against MHA; per family of conversions (same source, KV heads and alpha) its best method by the
+    paper's ranking against MHA and against the same KV heads from scratch (with the compute each
+    saw), the other methods against it."""
     pre = comparison.pretrain
     if BASELINE not in pre:
         return []
-    unit = "val bits per byte"
-    lines = [f"**{v} − MHA** {unit}: {verdict(paired(pre[BASELINE], g, QUALITY))}." for v, g in pre.items()
-             if v != BASELINE and g.summary.get("init") != "convert"]
+    claims = [((pre[BASELINE], g, QUALITY), f"**{g.label} − MHA**") for g in _scratch(comparison)]
     families: dict[tuple, list[Group]] = {}
     for g in _converted(comparison):
         s = g.summary
         families.setdefault((s["source_run"].rsplit("/", 1)[0], s["n_kv_head"], s["uptrain_fraction"]), []).append(g)
     for family in families.values():
         ref, *others = sorted(family, key=lambda g: (KV_CONVERSIONS + (g.summary["conversion_method"],)).index(g.summary["conversion_method"]))
-        lines.append(f"**{ref.label} − MHA** {unit}: {verdict(paired(pre[BASELINE], ref, QUALITY))}.")
+        claims.append(((pre[BASELINE], ref, QUALITY), f"**{ref.label} − MHA**"))
         twin = scratch_twin(comparison, ref)
         if twin is not None:
-            lines.append(f"**{ref.label} − {twin.label}** (uptrained vs from scratch, after {_tokens(ref):,.0f} vs "
-                         f"{_tokens(twin):,.0f} training tokens, MHA's counted) {unit}: {verdict(paired(twin, ref, QUALITY))}.")
-        lines += [f"**{g.label} − {ref.label}** (K/V heads by {g.summary['conversion_method']} vs "
-                  f"{ref.summary['conversion_method']}) {unit}: {verdict(paired(ref, g, QUALITY))}." for g in others]
-    return lines
+            claims.append(((twin, ref, QUALITY), f"**{ref.label} − {twin.label}** (uptrained vs from scratch, after "
+                                                 f"{_tokens(ref):,.0f} vs {_tokens(twin):,.0f} training tokens, MHA's counted)"))
+        claims += [((ref, g, QUALITY), f"**{g.label} − {ref.label}** (K/V heads by {g.summary['conversion_method']} vs "
+                                       f"{ref.summary['conversion_method']})") for g in others]
+    return claims
+
+
+def comparisons(comparison: Comparison) -> list[Pair]:
+    """Every comparison the report states a verdict on, once each: the pretraining quality verdicts
+    (the verdicts section, the at-a-glance lines) and each fine-tune's test loss against its baselines."""
+    pre = comparison.pretrain
+    found = [pair for pair, _ in _quality_claims(comparison)]
+    found += [(twin, g, QUALITY) for g, twin in _uptrained(comparison)]
+    found += [(pre[BASELINE], g, QUALITY) for g, _ in _uptrained(comparison)]
+    ft_pairs = [(base, other) for base, other in pairs(comparison) if base.stage == "finetune"]
+    full = _full(comparison)
+    ft_pairs += [(full, g) for g in comparison.finetune.values() if full is not None and g is not full]
+    found += [(base, other, key) for base, other in ft_pairs for key in (FT_QUALITY, *task_keys(base, other))]
+    return list({(b.name, o.name, k): (b, o, k) for b, o, k in found}.values())
+
+
+def verdict_lines(comparison: Comparison, calls: Calls | None = None) -> list[str]:
+    """The quality verdicts (:func:`_quality_claims`), each as its corrected interval; ``calls`` as in
+    :func:`details`."""
+    calls = calls or report_calls(comparison)
+    return [f"{title} test bits per byte: {calls.says(*pair)}." for pair, title in _quality_claims(comparison)]
 
 
 def kv_per_token(comparison: Comparison) -> dict[str, float]:

@@ -11,6 +11,7 @@ refused with both runs and the differing keys named, or with ``allow_mismatch`` 
 """
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -110,14 +111,25 @@ def load_group(name: str, root: str | Path | None = None) -> Group:
     group = []
     for folder in folders:
         summary = runs.read_summary(folder)
-        where = config.relative(folder, config.paths(root).home)
-        if not summary["finished"]:
-            raise MissingRunError(
-                f"{where} is not finished (summary.json has finished=false): re-run notebook {runs.producer(name)}, "
-                "which resumes from its last checkpoint, and compare when it has finished"
-            )
+        _check_finished(summary, config.relative(folder, config.paths(root).home), name)
         group.append(Run(folder, summary, runs.read_metrics(folder)))
     return Group(name, sorted(group, key=lambda r: r.seed))
+
+
+def _check_finished(summary: dict[str, Any], where: str, name: str) -> None:
+    """Raise :class:`MissingRunError` for a seed that diverged (stopped so, or finished with results that are not
+    finite, as runs written before nblib stopped at a blow-up did) or that has not finished."""
+    blown = sorted(k for k, v in summary.items() if isinstance(v, float) and not math.isfinite(v))
+    if summary["stop_reason"] == "diverged" or blown:
+        how = ", ".join(blown) + " not finite" if blown else f"at step {summary.get('diverged_step')}"
+        afresh = runs.afresh(name) if summary["stage"] == "pretrain" else "resume=False"
+        raise MissingRunError(f"{where} diverged ({how}): re-run notebook {runs.producer(name)} with a lower "
+                              f"learning_rate and {afresh}")
+    if not summary["finished"]:
+        raise MissingRunError(
+            f"{where} is not finished (summary.json has finished=false): re-run notebook {runs.producer(name)}, "
+            "which resumes from its last checkpoint, and compare when it has finished"
+        )
 
 
 def _order(group: Group) -> tuple:

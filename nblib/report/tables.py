@@ -15,6 +15,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import pandas as pd
 
+from nblib import qa
 from nblib.plots import context_label
 from nblib.report.loading import Comparison, Group
 
@@ -86,25 +87,36 @@ LABELS: dict[str, str] = {
     "n_layer": "Layers", "n_head": "Query heads", "n_kv_head": "KV heads", "d_model": "d_model",
     "context_length": "Context length", "params": "Parameters", "seeds": "Seeds",
     "kv_per_token": "KV cache per token (bytes, fp32)",
-    "best_val_loss": "Best val loss (nats/token)", "best_val_ppl": "Best val perplexity",
-    "best_val_bpb": "Best val bits per byte", "tokens_seen": "Tokens seen",
+    "best_val_loss": "Val loss of the reported checkpoint (nats/token; val split: it chose the checkpoint)",
+    "best_val_bpb": "Val bits per byte of the reported checkpoint (val split)",
+    "selection": "Reported checkpoint", "best_step": "Its step",
+    "test_loss": "Test loss (nats/token; test split, nothing chosen on it)", "test_ppl": "Test perplexity (test split)",
+    "test_bpb": "Test bits per byte (test split)", "tokens_seen": "Tokens seen",
     "run_tokens_per_s": "Train tokens/s, as each run recorded it (its machine, its moment: to compare variants, read the side-by-side row)",
     "train_tokens_per_s": "Train tokens/s, measured here side by side",
     "peak_memory_mib": "Peak memory, training (MiB)", "wall_seconds": "Wall time, training (s)",
     "step_seconds": "Seconds per training step (measured here)",
     "compute_dtype": "Compute dtype",
     "mode": "Base precision", "lora": "LoRA", "learning_rate": "Learning rate",
-    "trainable_params": "Trainable parameters", "total_params": "Total parameters",
+    "recipe": "What trains", "trainable_params": "Trainable parameters",
+    "adapter_params": "of them, LoRA adapter matrices", "token_row_params": "of them, embedding rows",
+    "total_params": "Total parameters",
     "trainable_share": "Trainable share (%)", "footprint_mib": "Model footprint (MiB)",
-    "eval_loss": "Eval loss (nats/assistant token)", "eval_ppl": "Eval perplexity", "eval_bpb": "Eval bits per byte",
-    "merged_eval_loss": "Eval loss of the merged model (what chat loads)", "base_eval_loss": "Base model eval loss",
+    "ft_test_loss": "Test loss (nats/assistant token; test split, every source pooled)",
+    "base_test_loss": "Base model test loss (test split)",
+    "eval_loss": "Val loss (nats/assistant token; val split: it chose the checkpoint)", "eval_ppl": "Val perplexity (val split)",
+    "eval_bpb": "Val bits per byte (val split)",
+    "merged_eval_loss": "Val loss of the merged model (what chat loads; val split)", "base_eval_loss": "Base model val loss (val split)",
     "stop_rate_before": "Stop rate before", "stop_rate_after": "Stop rate after",
     "run_samples_per_s": "Train samples/s, as each run recorded it (its moment: the runs were not timed side by side)", "merged_weights": "Merged folder holds",
     "source_run": "Converted from", "conversion_method": "K/V heads pooled by",
     "uptrain_fraction": "Uptraining steps / the source's (alpha)",
-    "converted_val_loss": "Val loss right after conversion (alpha = 0)",
-    "uptrained_val_loss": "Val loss after uptraining", "scratch_variant": "Same KV heads from scratch",
-    "scratch_val_loss": "Its final val loss", "uptrain_steps": "Uptraining steps",
+    "converted_val_loss": "Val loss right after conversion (alpha = 0; val split)",
+    "uptrained_val_loss": "Val loss after uptraining (its last step; val split)",
+    "converted_test_bpb": "Test bits per byte right after conversion (alpha = 0; test split)",
+    "uptrained_test_bpb": "Test bits per byte after uptraining (test split)", "scratch_variant": "Same KV heads from scratch",
+    "scratch_val_loss": "Its final val loss (val split)", "scratch_test_bpb": "Its test bits per byte (test split)",
+    "uptrain_steps": "Uptraining steps",
     "total_steps": "Steps behind the weights (source + uptraining)", "scratch_steps": "Its steps (from scratch)",
 }
 
@@ -165,7 +177,8 @@ def pretrain_table(comparison: Comparison, measured: pd.DataFrame | None = None,
         col["seeds"] = len(g.runs)
         col["kv_per_token"] = per_token
         col.update({kv_key(n): per_token * n / MIB for n in contexts})
-        col.update({k: _seed_stat(g, k) for k in ("best_val_loss", "best_val_ppl", "best_val_bpb")})
+        col.update({k: _seed_stat(g, k) for k in ("test_loss", "test_ppl", "test_bpb", "best_val_loss", "best_val_bpb")})
+        col["selection"] = s["selection"]
         col["tokens_seen"] = s["tokens_seen"]
         col["run_tokens_per_s"] = _seed_stat(g, "train_tokens_per_s")
         if measured is not None and lab in measured:
@@ -199,9 +212,11 @@ def conversion_table(comparison: Comparison) -> pd.DataFrame | None:
         cols[lab] = {
             "source_run": s["source_run"].rsplit("/", 1)[0], "conversion_method": s["conversion_method"],
             "uptrain_fraction": s["uptrain_fraction"], "n_kv_head": s["n_kv_head"],
+            "converted_test_bpb": _seed_stat(g, "converted_test_bpb"), "uptrained_test_bpb": _seed_stat(g, "test_bpb"),
             "converted_val_loss": _seed_stat(g, "converted_val_loss"),
             "uptrained_val_loss": _seed_stat(g, "uptrained_val_loss"),
             "scratch_variant": twin.label if twin else "none compared",
+            "scratch_test_bpb": _seed_stat(twin, "test_bpb") if twin else math.nan,
             "scratch_val_loss": _seed_stat(twin, "final_val_loss") if twin else math.nan,
             "uptrain_steps": s["steps"], "total_steps": s["total_steps"],
             "scratch_steps": twin.summary["steps"] if twin else math.nan,
@@ -227,12 +242,22 @@ def starts_from(summary: dict[str, Any]) -> str:
     return f"{source}, {summary['conversion_method']}-pooled K/V, alpha = {summary['uptrain_fraction']:g}"
 
 
+TEST_BPB = "Test bits per byte (test split)"
+
+
+def alpha_zero_label(summary: dict[str, Any]) -> str:
+    """The row of a converted model before uptraining (one per source, method and KV heads: every alpha shares it)."""
+    kv = f"{summary['n_kv_head']} KV head{'s' if summary['n_kv_head'] > 1 else ''}"
+    return f"Converted, not uptrained (alpha = 0; {summary['conversion_method']}-pooled, {kv})"
+
+
 def paper_table(comparison: Comparison, table: pd.DataFrame | None = None, new_tokens: int | None = None) -> pd.DataFrame:
     """Per variant, as in Table 1 of Ainslie et al. 2023: time per sample (``new_tokens`` decoded at
     the largest batch of ``table``'s generation rows, so amortised over the batch: median with the
-    repeats' range), quality (val bits per byte over seeds), KV bytes per token, training compute
+    repeats' range), quality (test bits per byte over seeds), KV bytes per token, training compute
     (tokens behind the weights, a converted variant's source run included) and whether it is
-    compared at equal width or equal parameters."""
+    compared at equal width or equal parameters. A converted model before uptraining (alpha = 0) is
+    a row of its own, timed as its uptrained variant (the same shape)."""
     key = decode_key(table) if new_tokens else None
     time_col = (f"Time per sample (s to decode {new_tokens} tokens, batch {key.removeprefix('gen_tokens_per_s_b')})"
                 if key else None)
@@ -245,11 +270,16 @@ def paper_table(comparison: Comparison, table: pd.DataFrame | None = None, new_t
             tps = table.loc[key, lab] if lab in table.columns else math.nan
             row[time_col] = (Stat.of((new_tokens / v for v in tps.values), "median") if isinstance(tps, Stat)
                              else new_tokens / mid(tps) if mid(tps) else math.nan)
-        row["Val bits per byte"] = _seed_stat(g, "best_val_bpb")
+        row[TEST_BPB] = _seed_stat(g, "test_bpb")
         row["KV cache per token (bytes, fp32)"] = kv_bytes_per_token(s)
         tokens = [r.summary.get("total_tokens", r.summary["tokens_seen"]) for r in g.runs]
         row["Training tokens (a converted run's source included)"] = tokens[0] if len(set(tokens)) == 1 else Stat.of(tokens)
         rows[lab] = row
+        if s.get("init") == "convert":
+            rows.setdefault(alpha_zero_label(s), {**row, "Starts from": starts_from(s).rsplit(",", 1)[0] + ", alpha = 0",
+                                                  TEST_BPB: _seed_stat(g, "converted_test_bpb"),
+                                                  "Training tokens (a converted run's source included)":
+                                                      s["total_tokens"] - s["tokens_seen"]})
     out = pd.DataFrame(rows).T
     out.index.name = "variant"
     return out
@@ -271,6 +301,16 @@ def measured_rows(generation: pd.DataFrame | None = None, training: pd.DataFrame
     return pd.DataFrame(rows).T
 
 
+def recipe(summary: dict[str, Any]) -> str:
+    """What a fine-tune trains, named: every weight, or LoRA with its rank and layers and the embedding rows beside it."""
+    cfg = summary["config"]
+    if not summary["lora"]:
+        return "every weight"
+    rows = f" + the rows of the markers, <|endoftext|> and the {cfg['lora_answer_rows']} most frequent answer tokens " \
+           "(lora_answer_rows: the smoke recipe)" if cfg["lora_answer_rows"] else " + the rows of the markers and <|endoftext|>"
+    return f"LoRA r={cfg['lora_r']} on {', '.join(cfg['lora_targets'])}{rows}"
+
+
 def finetune_table(comparison: Comparison) -> pd.DataFrame | None:
     """Fine-tune variants side by side (``None`` when there are none); quality over seeds."""
     if not comparison.finetune:
@@ -281,16 +321,19 @@ def finetune_table(comparison: Comparison) -> pd.DataFrame | None:
         cols[lab] = {
             "mode": s["mode"], "lora": "yes" if s["lora"] else "no", "compute_dtype": s["compute_dtype"],
             "learning_rate": s["learning_rate"], "seeds": len(g.runs),
-            "trainable_params": s["trainable_params"], "total_params": s["total_params"],
-            "trainable_share": 100 * s["trainable_params"] / s["total_params"],
+            "recipe": recipe(s), "trainable_params": s["trainable_params"],
+            "adapter_params": s["trainable_params"] - s["token_row_params"], "token_row_params": s["token_row_params"],
+            "total_params": s["total_params"], "trainable_share": 100 * s["trainable_params"] / s["total_params"],
             "footprint_mib": s["footprint_bytes"] / MIB,
             "peak_memory_mib": _seed_stat(g, "peak_memory_bytes", MIB),
+            "ft_test_loss": _seed_stat(g, "test_loss"), "base_test_loss": _seed_stat(g, "base_test_loss"),
             **{k: _seed_stat(g, k) for k in ("eval_loss", "eval_ppl", "eval_bpb", "merged_eval_loss", "base_eval_loss",
                                                "stop_rate_before", "stop_rate_after")},
             "run_samples_per_s": _seed_stat(g, "train_samples_per_s"),
             "wall_seconds": _seed_stat(g, "wall_seconds"),
             "merged_weights": s["merged_weights"] or "–",
             **by_source_rows(g, eval_sources(comparison)), **task_rows(g, task_sources(comparison)),
+            **harness_rows(g, harness_sources(comparison)),
         }
     table = pd.DataFrame(cols)
     table.index.name = "metric"
@@ -341,8 +384,8 @@ def by_source_rows(g: Group, sources: Sequence[str]) -> dict[str, Any]:
     rows: dict[str, Any] = {}
     for src in sources:
         name = source_name(src)
-        for key, what in (("loss", "eval loss (nats/assistant token)"), ("bpb", "eval bits per byte")):
-            LABELS.setdefault(f"{key}:{src}", f"{name}: {what}, test split")
+        for key, what in (("loss", "test loss (nats/assistant token)"), ("bpb", "test bits per byte")):
+            LABELS.setdefault(f"{key}:{src}", f"{name}: {what}")
             LABELS.setdefault(f"base_{key}:{src}", f"{name}: base model {what}")
             rows[f"{key}:{src}"] = nested_stat(g, "by_source", src, key)
             rows[f"base_{key}:{src}"] = nested_stat(g, "base_by_source", src, key)
@@ -351,12 +394,37 @@ def by_source_rows(g: Group, sources: Sequence[str]) -> dict[str, Any]:
     return rows
 
 
+def harness_sources(comparison: Comparison) -> list[str]:
+    """The sources some fine-tune run scored as an lm-evaluation-harness task (``nblib.lmeval``)."""
+    return list(dict.fromkeys(src for g in comparison.finetune.values() for r in g.runs
+                              for src in r.summary.get("harness", {})))
+
+
+HARNESS = "lm_"  # the row-key prefix of a harness metric: lm_acc:sciq
+
+
+def harness_rows(g: Group, sources: Sequence[str]) -> dict[str, Any]:
+    """Per source scored as a harness task: each of its metrics (lm-evaluation-harness definitions) for the
+    trained model beside the base's, and the items scored."""
+    rows: dict[str, Any] = {}
+    for src in sources:
+        task = qa.get(src).harness
+        for metric in task.metrics:
+            LABELS.setdefault(f"{HARNESS}{metric}:{src}", f"{task.label}: {metric}")
+            LABELS.setdefault(f"base_{HARNESS}{metric}:{src}", f"{task.label}: base model {metric}")
+            rows[f"{HARNESS}{metric}:{src}"] = nested_stat(g, "harness", src, metric)
+            rows[f"base_{HARNESS}{metric}:{src}"] = nested_stat(g, "base_harness", src, metric)
+        LABELS.setdefault(f"lm_n:{src}", f"{task.label}: items scored")
+        rows[f"lm_n:{src}"] = _data_figure(g, "harness", src)
+    return rows
+
+
 def task_rows(g: Group, sources: Mapping[str, str]) -> dict[str, Any]:
-    """Per source with a task: its metrics for the trained model, each beside the base's (SciQ with
-    chance level), and the examples scored."""
+    """Per source with a task: its metrics for the trained model in the chat format, each beside the
+    base's (SciQ with chance level), and the examples scored."""
     rows: dict[str, Any] = {}
     for src, task in sources.items():
-        name = source_name(src)
+        name = qa.get(src).task_label or source_name(src)
         for key, what in TASK_METRICS[task]:
             LABELS.setdefault(f"{key}:{src}", f"{name}: {what}")
             LABELS.setdefault(f"base_{key}:{src}", f"{name}: base model {what}")
@@ -381,7 +449,6 @@ def absent_tasks_note(comparison: Comparison) -> str:
     if not eval_sources(comparison):
         return ("These fine-tune runs were written before the per-source and task evaluation: re-run notebook "
                 "05_finetune_lora_8bit (resume=False) to add the test split's rows by source and by task.")
-    from nblib import qa
 
     scored = task_sources(comparison)
     absent = [source_name(name) for name, src in qa.sources().items() if src.task and name not in scored]
