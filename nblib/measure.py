@@ -332,7 +332,8 @@ def training_steps(configs: dict[str, dict[str, Any]], steps: int = 3, repeats: 
     ``batch_size x context_length`` per repeat, after one untimed warm-up step; repeats alternate
     the order. One row per variant and repeat: ``variant, repeat, seconds, tokens_per_s``.
     """
-    from nblib.train import configure_optimizer, model_config
+    from nblib.optim import configure
+    from nblib.train import model_config
 
     dev = machine.detect(device)
     policies, setups = {}, {}
@@ -343,7 +344,7 @@ def training_steps(configs: dict[str, dict[str, Any]], steps: int = 3, repeats: 
         policy = machine.policy(cfg["dtype"], False, dev)
         gen = torch.Generator().manual_seed(seed)
         x = torch.randint(0, model.config.vocab_size, (cfg["batch_size"], cfg["context_length"] + 1), generator=gen).to(dev.torch)
-        setups[label] = (model, configure_optimizer(model, cfg, dev.torch), x[:, :-1], x[:, 1:], policy.grad_scaler())
+        setups[label] = (model, configure(model, cfg, dev.torch), x[:, :-1], x[:, 1:], policy.grad_scaler())
         policies[label] = policy
 
     def step(label: str) -> None:
