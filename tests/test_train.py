@@ -44,6 +44,19 @@ def losses(rows: list[dict]) -> list[tuple]:
             else (r["kind"], r["step"], r["train_loss"], r["val_loss"], r["sample"]) for r in rows]
 
 
+def same_losses_across_processes(a: list[dict], b: list[dict]) -> None:
+    """Two runs' losses where part of one ran in another process: the same steps and samples, losses
+    equal to float noise. A process may take another BLAS kernel path for the same matmul (the BLAS can
+    choose by buffer alignment, which each process's allocations decide: first losses ~1e-7 apart were
+    seen), so bit-equality is asserted only within one process
+    (test_resume_reaches_the_same_losses_as_an_uninterrupted_run)."""
+    la, lb = losses(a), losses(b)
+    assert [tuple(x for x in r if not isinstance(x, float)) for r in la] == \
+        [tuple(x for x in r if not isinstance(x, float)) for r in lb]
+    for ra, rb in zip(la, lb):
+        assert [x for x in ra if isinstance(x, float)] == pytest.approx([x for x in rb if isinstance(x, float)], rel=1e-4), (ra, rb)
+
+
 def test_lr_warmup_then_cosine():
     f = [optim.lr_factor(s, 10, 110, 0.1) for s in range(111)]
     assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
@@ -601,7 +614,7 @@ def test_sigterm_stops_between_steps_with_a_checkpoint_and_resumes_exactly(corpu
     final = train.run(tiny(**settings), name="stopped", progress=False)
     whole = train.run(tiny(**settings), name="whole", progress=False)
     assert final["finished"] and final["steps"] == 60
-    assert losses(read_jsonl(run / "metrics.jsonl")) == losses(read_jsonl(folder(corpus_home, "whole") / "metrics.jsonl"))
+    same_losses_across_processes(read_jsonl(run / "metrics.jsonl"), read_jsonl(folder(corpus_home, "whole") / "metrics.jsonl"))
 
 
 def test_kill_9_at_any_moment_loses_nothing(corpus_home: Path):
@@ -622,8 +635,8 @@ def test_kill_9_at_any_moment_loses_nothing(corpus_home: Path):
     final = train.run(tiny(**settings), name="killed", progress=False)
     assert not list(run.glob(".*.tmp")) and not list(run.glob(".*tmp-*"))
     assert final["finished"] and final["steps"] == 40
-    assert losses(read_jsonl(run / "metrics.jsonl")) == losses(read_jsonl(folder(corpus_home, "whole") / "metrics.jsonl"))
-    assert final["best_val_loss"] == whole["best_val_loss"]
+    same_losses_across_processes(read_jsonl(run / "metrics.jsonl"), read_jsonl(folder(corpus_home, "whole") / "metrics.jsonl"))
+    assert final["best_val_loss"] == pytest.approx(whole["best_val_loss"], rel=1e-4)
 
 
 # --- nblib.lifecycle: what both trainers share ---------------------------------------------------
