@@ -255,7 +255,7 @@ class Session:
 
 def identity(cfg: Mapping[str, Any], seed: int | None, name: str | None) -> tuple[int, str]:
     """The seed (default: the first of ``seeds``) and run name (default: ``pretrain-<variant>``) of a run."""
-    return (cfg["seeds"][0] if seed is None else int(seed)), (name or default_name(cfg))
+    return (cfg["seeds"][0] if seed is None else int(seed)), (default_name(cfg) if name is None else name)
 
 
 def run(

@@ -38,7 +38,7 @@ def _important(folder: Path) -> Path:
     return folder / "important.txt"
 
 
-@pytest.mark.parametrize("name", ["../../escaped", "a/b", "..", ".hidden", "back\\slash", " "])
+@pytest.mark.parametrize("name", ["../../escaped", "a/b", "..", ".hidden", "back\\slash", " ", ""])
 def test_train_cli_refuses_a_name_that_is_not_one_folder(home, tmp_path, capsys, name):
     assert train.main(["--profile", "smoke", "--name", name, "-p", "wandb=false"]) == 2
     err = capsys.readouterr().err
