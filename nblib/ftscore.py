@@ -110,16 +110,11 @@ def assistant_loss(model: Any, examples: list[dict], pad_id: int, batch_size: in
 # greedy answers
 
 
-def prompt_as_ids(prompt: str | list[int], tokenizer: Any) -> list[int]:
-    """``prompt``'s token ids: itself when given as ids (:func:`nblib.dialogue.prompt_ids` builds them, with
-    markers only where it puts them), else those of a rendered text whose markers its caller wrote."""
-    return list(prompt) if not isinstance(prompt, str) else tokenizer.encode(prompt, add_special_tokens=False)
-
-
 @torch.no_grad()
-def greedy(model: Any, tokenizer: Any, prompts: Sequence[str | list[int]], max_new_tokens: int, batch_size: int,
+def greedy(model: Any, tokenizer: Any, prompts: Sequence[list[int]], max_new_tokens: int, batch_size: int,
            stopping: Any = None) -> list[list[int] | None]:
-    """The new token ids of greedy continuations of ``prompts`` (:func:`prompt_as_ids`), batched (left-padded,
+    """The new token ids of greedy continuations of ``prompts`` (token ids, e.g. :func:`nblib.dialogue.prompt_ids`),
+    batched (left-padded,
     prompts of similar length together); each row ends at ``<|endoftext|>`` (padded with it after) or at
     ``stopping(prompt_length)``'s criterion (e.g. ``nblib.generate.StopOnStrings``). A batch's budget
     is ``max_new_tokens`` or the room its longest prompt leaves, whichever is less; ``None`` for a
@@ -127,7 +122,7 @@ def greedy(model: Any, tokenizer: Any, prompts: Sequence[str | list[int]], max_n
     was_training = model.training
     model.eval()
     room, eot = context_length(model), tokenizer.convert_tokens_to_ids(EOT)
-    ids = [prompt_as_ids(p, tokenizer) for p in prompts]
+    ids = [list(p) for p in prompts]
     fits = sorted((i for i in range(len(ids)) if len(ids[i]) < room), key=lambda i: len(ids[i]))
     out: list[list[int] | None] = [None] * len(prompts)
     for k in range(0, len(fits), batch_size):

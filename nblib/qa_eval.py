@@ -95,7 +95,7 @@ def option_text(option: str) -> str:
 
 
 @torch.no_grad()
-def option_logprobs(model: Any, tokenizer: Any, prompts: Sequence[str | list[int]], options: Sequence[Sequence[str]],
+def option_logprobs(model: Any, tokenizer: Any, prompts: Sequence[list[int]], options: Sequence[Sequence[str]],
                     batch_size: int) -> list[list[float] | None]:
     """Summed log-probability of each option's tokens after its prompt, per prompt (``None``: an
     option longer than the context). A prompt too long for the context loses its first tokens, as
@@ -105,7 +105,7 @@ def option_logprobs(model: Any, tokenizer: Any, prompts: Sequence[str | list[int
     room = context_length(model)
     rows, where = [], []  # {"input_ids", "labels"} per pair: labels only on the option's tokens
     for i, (p, opts) in enumerate(zip(prompts, options)):
-        context = ftscore.prompt_as_ids(p, tokenizer)
+        context = list(p)
         for j, option in enumerate(opts):
             cont = encode_text(option_text(option), tokenizer)
             if len(cont) < room:
@@ -128,9 +128,9 @@ def option_logprobs(model: Any, tokenizer: Any, prompts: Sequence[str | list[int
     return [s if counted[i] == len(options[i]) else None for i, s in enumerate(scores)]
 
 
-def greedy_answers(model: Any, tokenizer: Any, prompts: Sequence[str | list[int]], max_new_tokens: int,
+def greedy_answers(model: Any, tokenizer: Any, prompts: Sequence[list[int]], max_new_tokens: int,
                    batch_size: int) -> list[str | None]:
-    """Greedy answers to prompts (token ids or rendered text; :func:`nblib.ftscore.greedy`, batched), each
+    """Greedy answers to prompts (token ids: :func:`prompt`; :func:`nblib.ftscore.greedy`, batched), each
     ended by the first chat stop string (:data:`nblib.generate.CHAT_STOPS`) or, at the token budget, before its
     unfinished last word (:func:`nblib.generate.trim`). ``None`` for a prompt that leaves no room."""
     decode = hf_decoder(tokenizer)

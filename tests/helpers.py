@@ -85,3 +85,21 @@ def save_chat_model(path: Path, tok, model) -> Path:
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+def tiny_finetune_root(root: Path, mirror: Path, base: str) -> None:
+    """A tiny random GPT-2 (and GPT-2's tokenizer) at ``root/base`` and 200 short Alpaca dialogues split
+    under ``root/data/processed/dialogues``: what a fine-tune test needs in seconds."""
+    import json
+
+    from nblib import dialogue
+    from nblib.files import write_jsonl
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=2, n_positions=64, vocab_size=50257))
+    model.save_pretrained(root / base)
+    hf_tokenizer().save_pretrained(root / base)
+    alpaca = json.loads((mirror / "qa" / "alpaca_5000.json").read_text(encoding="utf-8"))
+    write_jsonl(root / "data/raw/qa/alpaca.jsonl", alpaca[:1000])
+    settings = {"targets": {"alpaca": 200}, "val_fraction": 0.1, "test_fraction": 0.1, "max_chars": 300, "seed": 1}
+    dialogue.prepare(root / "data/raw/qa", root / "data/processed/dialogues", settings)

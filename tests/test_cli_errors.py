@@ -20,11 +20,9 @@ from typing import Callable
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel
 
-from nblib import config, dialogue, finetune
-from nblib.files import write_jsonl
-from nblib.tokenizer import hf_tokenizer
+from nblib import config, finetune
+from helpers import tiny_finetune_root
 
 BASE = "models/tiny"
 # a tiny full fine-tune: the settings the in-process set-up and the command line share
@@ -74,14 +72,7 @@ def malicious(path: Path) -> None:
 
 def make_root(root: Path, mirror: Path) -> None:
     """A tiny GPT-2 base, 200 Alpaca dialogues, and a full fine-tune with FT whose checkpoint-2 is kept aside."""
-    torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=2, n_positions=64, vocab_size=50257))
-    model.save_pretrained(root / BASE)
-    hf_tokenizer().save_pretrained(root / BASE)
-    alpaca = json.loads((mirror / "qa" / "alpaca_5000.json").read_text(encoding="utf-8"))
-    write_jsonl(root / "data/raw/qa/alpaca.jsonl", alpaca[:1000])
-    dialogue.prepare(root / "data/raw/qa", root / "data/processed/dialogues",
-                     {"targets": {"alpaca": 200}, "val_fraction": 0.1, "test_fraction": 0.1, "max_chars": 300, "seed": 1})
+    tiny_finetune_root(root, mirror, BASE)
     s = finetune.setup(config.settings("finetune", "smoke", variant="full", **FT))
     finetune.train(s)
     shutil.copytree(s.run_dir / "checkpoints" / "checkpoint-2", root / "checkpoint-2")

@@ -12,11 +12,12 @@ import bitsandbytes as bnb
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
+from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2LMHeadModel
 
 from nblib import config, dialogue, finetune, ftmethods, ftscore, plots, runs
-from nblib.files import read_json, read_jsonl, write_jsonl
+from nblib.files import read_json, read_jsonl
 from nblib.tokenizer import EOT, EOT_ID, hf_tokenizer
+from helpers import tiny_finetune_root
 
 BASE = "runs/pretrain-mha/hf"
 QUESTIONS = ["What is the capital of France?", "Name a fruit."]
@@ -52,14 +53,7 @@ def root(tmp_path_factory, mirror):
             mp.setenv(var, "offline" if var == "WANDB_MODE" else "x")
         mp.setenv("WANDB_SILENT", "true")
         mp.delenv("WANDB_API_KEY", raising=False)
-        torch.manual_seed(0)
-        model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=2, n_positions=64, vocab_size=50257))
-        model.save_pretrained(root / BASE)
-        hf_tokenizer().save_pretrained(root / BASE)
-        alpaca = json.loads((mirror / "qa" / "alpaca_5000.json").read_text(encoding="utf-8"))
-        write_jsonl(root / "data/raw/qa/alpaca.jsonl", alpaca[:1000])
-        settings = {"targets": {"alpaca": 200}, "val_fraction": 0.1, "test_fraction": 0.1, "max_chars": 300, "seed": 1}
-        dialogue.prepare(root / "data/raw/qa", root / "data/processed/dialogues", settings)
+        tiny_finetune_root(root, mirror, BASE)
         yield root
 
 

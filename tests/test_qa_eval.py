@@ -51,14 +51,15 @@ def test_rouge_l_is_the_librarys_and_the_hand_computed_lcs():
 
 
 def test_the_option_the_model_makes_most_likely_wins(tok, model):
-    prompts = [f"{USER} {TWO_PLUS_TWO}\n{ASSISTANT}", f"{USER} {COLOR}\n{ASSISTANT}"]
+    texts = [f"{USER} {TWO_PLUS_TWO}\n{ASSISTANT}", f"{USER} {COLOR}\n{ASSISTANT}"]
+    prompts = [tok.encode(t, add_special_tokens=False) for t in texts]
     options = [["blue is a color", "three plus two is five", "two plus two is four"],  # memorised answer last
                ["blue is a color", "red is another one", "two plus two is four", "and three?"]]  # ... and first
     scores = qa_eval.option_logprobs(model, tok, prompts, options, batch_size=3)  # pairs split across batches
     assert max(range(3), key=scores[0].__getitem__) == 2
     assert max(range(4), key=scores[1].__getitem__) == 0
     # each score is the summed log-probability of the option's tokens, as one unpadded forward computes it
-    ids = tok.encode(prompts[1], add_special_tokens=False)
+    ids = prompts[1]
     cont = tok.encode(" Red is another one", add_special_tokens=False)
     with torch.no_grad():
         logp = torch.log_softmax(model(torch.tensor([ids + cont])).logits[0].float(), -1)
@@ -67,13 +68,14 @@ def test_the_option_the_model_makes_most_likely_wins(tok, model):
 
 
 def test_batched_greedy_answers_equal_the_chat_loops(tok, model):
-    prompts = [f"{USER} {COLOR}\n{ASSISTANT}", f"{USER} {TWO_PLUS_TWO}\n{ASSISTANT}"]  # different lengths: left padding
+    texts = [f"{USER} {COLOR}\n{ASSISTANT}", f"{USER} {TWO_PLUS_TWO}\n{ASSISTANT}"]  # different lengths: left padding
+    prompts = [tok.encode(t, add_special_tokens=False) for t in texts]
     batched = qa_eval.greedy_answers(model, tok, prompts, max_new_tokens=20, batch_size=2)
     assert batched == ["Blue is a color.", "Two plus two is four."]  # ended at the "<|user|>" the model writes next
-    one = [generate(model, tok, p, max_new_tokens=20, temperature=0, stops=(EOT, USER, ASSISTANT)).text.strip()
-           for p in prompts]
+    one = [generate(model, tok, t, max_new_tokens=20, temperature=0, stops=(EOT, USER, ASSISTANT)).text.strip()
+           for t in texts]
     assert batched == one
-    too_long = f"{USER} {'word ' * 70}\n{ASSISTANT}"  # over the 64-token context
+    too_long = tok.encode(f"{USER} {'word ' * 70}\n{ASSISTANT}", add_special_tokens=False)  # over the 64-token context
     assert qa_eval.greedy_answers(model, tok, [too_long, prompts[0]], 20, 2) == [None, "Blue is a color."]
 
 

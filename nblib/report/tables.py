@@ -379,16 +379,23 @@ def _data_figure(g: Group, field: str, source: str, key: str = "n") -> Any:
     return values[0] if len(set(values)) == 1 else Stat.of(values)
 
 
+def _beside_base(rows: dict[str, Any], g: Group, key: str, label: str, field: str, source: str, metric: str) -> None:
+    """Rows ``key`` and ``base_key``: ``summary[field][source][metric]`` of the trained model and of its base
+    (``base_<field>``) over seeds, labelled ``label`` and ``label`` with "base model" in it."""
+    name, what = label.split(": ", 1)
+    LABELS.setdefault(key, label)
+    LABELS.setdefault(f"base_{key}", f"{name}: base model {what}")
+    rows[key] = nested_stat(g, field, source, metric)
+    rows[f"base_{key}"] = nested_stat(g, f"base_{field}", source, metric)
+
+
 def by_source_rows(g: Group, sources: Sequence[str]) -> dict[str, Any]:
     """Per source: eval loss and bits per byte of the trained model, each beside the base's, and n."""
     rows: dict[str, Any] = {}
     for src in sources:
         name = source_name(src)
         for key, what in (("loss", "test loss (nats/assistant token)"), ("bpb", "test bits per byte")):
-            LABELS.setdefault(f"{key}:{src}", f"{name}: {what}")
-            LABELS.setdefault(f"base_{key}:{src}", f"{name}: base model {what}")
-            rows[f"{key}:{src}"] = nested_stat(g, "by_source", src, key)
-            rows[f"base_{key}:{src}"] = nested_stat(g, "base_by_source", src, key)
+            _beside_base(rows, g, f"{key}:{src}", f"{name}: {what}", "by_source", src, key)
         LABELS.setdefault(f"n:{src}", f"{name}: test dialogues scored")
         rows[f"n:{src}"] = _data_figure(g, "by_source", src)
     return rows
@@ -410,10 +417,7 @@ def harness_rows(g: Group, sources: Sequence[str]) -> dict[str, Any]:
     for src in sources:
         task = qa.get(src).harness
         for metric in task.metrics:
-            LABELS.setdefault(f"{HARNESS}{metric}:{src}", f"{task.label}: {metric}")
-            LABELS.setdefault(f"base_{HARNESS}{metric}:{src}", f"{task.label}: base model {metric}")
-            rows[f"{HARNESS}{metric}:{src}"] = nested_stat(g, "harness", src, metric)
-            rows[f"base_{HARNESS}{metric}:{src}"] = nested_stat(g, "base_harness", src, metric)
+            _beside_base(rows, g, f"{HARNESS}{metric}:{src}", f"{task.label}: {metric}", "harness", src, metric)
         LABELS.setdefault(f"lm_n:{src}", f"{task.label}: items scored")
         rows[f"lm_n:{src}"] = _data_figure(g, "harness", src)
     return rows
@@ -426,10 +430,7 @@ def task_rows(g: Group, sources: Mapping[str, str]) -> dict[str, Any]:
     for src, task in sources.items():
         name = qa.get(src).task_label or source_name(src)
         for key, what in TASK_METRICS[task]:
-            LABELS.setdefault(f"{key}:{src}", f"{name}: {what}")
-            LABELS.setdefault(f"base_{key}:{src}", f"{name}: base model {what}")
-            rows[f"{key}:{src}"] = nested_stat(g, "tasks", src, key)
-            rows[f"base_{key}:{src}"] = nested_stat(g, "base_tasks", src, key)
+            _beside_base(rows, g, f"{key}:{src}", f"{name}: {what}", "tasks", src, key)
         if task == "choice":
             LABELS.setdefault(f"chance:{src}", f"{name}: chance level (1 / options)")
             rows[f"chance:{src}"] = _data_figure(g, "tasks", src, "chance")
