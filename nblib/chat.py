@@ -119,6 +119,33 @@ def _check_chat_model(model: Any, tokenizer: Any, path: Path) -> None:
         )
 
 
+def _summary(folder: Path) -> dict[str, Any]:
+    """The ``summary.json`` of the run that wrote a model folder (it sits one level up), or ``{}``."""
+    path = folder.parent / "summary.json"
+    try:
+        return read_json(path) if path.is_file() else {}
+    except ValueError:
+        return {}
+
+
+def about(model: Any, folder: Path) -> str:
+    """One line on what the model is: its fine-tune and base, parameters, pretraining tokens and profile;
+    for a smoke model, that its answers are not expected to make sense."""
+    params = sum(p.numel() for p in model.parameters())
+    run = _summary(folder)
+    if not run:
+        return f"{config.relative(folder)}: {params / 1e6:.1f}M parameters (no run summary beside it to say more)"
+    base = str(run.get("config", {}).get("base_model", "?"))
+    pretrained = _summary(config.resolve(base)) if config.resolve(base).is_dir() else {}
+    tokens = f", pretrained on {pretrained['tokens_seen'] / 1e6:.2f}M tokens" if pretrained.get("tokens_seen") else ""
+    line = (f"{run.get('label', 'a fine-tune')} of {base} ({params / 1e6:.1f}M parameters{tokens}), "
+            f"{run.get('profile', '?')} profile")
+    if run.get("profile") == "smoke":
+        line += (": a tiny model trained for minutes on a CPU to test the pipeline — its answers are not expected "
+                 "to make sense (the full profile trains GPT-2 small on a GPU)")
+    return line
+
+
 def session(model: Any, tokenizer: Any, cfg: dict[str, Any]) -> ChatSession:
     """A :class:`ChatSession` with the generation settings of ``cfg`` (a ``chat`` profile)."""
     return ChatSession(model, tokenizer, **{k: cfg[k] for k in GENERATION_KEYS})
@@ -330,10 +357,12 @@ def _row(conversation: int, message: str, reply: Reply) -> dict[str, Any]:
     }
 
 
-def transcript(rows: list[dict[str, Any]], model_dir: str, cfg: dict[str, Any]) -> str:
-    """The conversation as Markdown: settings, then each exchange with how the answer ended."""
+def transcript(rows: list[dict[str, Any]], model_dir: str, cfg: dict[str, Any], described: str = "") -> str:
+    """The conversation as Markdown: the model (``described``: :func:`about`), settings, then each
+    exchange with how the answer ended."""
     settings = ", ".join(f"{k}={cfg[k]}" for k in GENERATION_KEYS)
-    lines = ["# Chat transcript", "", f"- model: `{model_dir}`", f"- profile: {cfg['profile']}", f"- settings: {settings}"]
+    lines = ["# Chat transcript", "", f"- model: `{model_dir}`" + (f": {html.escape(described, quote=False)}" if described else ""),
+             f"- profile: {cfg['profile']}", f"- settings: {settings}"]
     conversation = None
     for row in rows:
         if row["conversation"] != conversation:
@@ -358,10 +387,11 @@ def transcript(rows: list[dict[str, Any]], model_dir: str, cfg: dict[str, Any]) 
     return "\n".join(lines) + "\n"
 
 
-def write_transcript(rows: list[dict[str, Any]], model_dir: str, cfg: dict[str, Any], path: Path | None = None) -> Path:
+def write_transcript(rows: list[dict[str, Any]], model_dir: str, cfg: dict[str, Any], path: Path | None = None,
+                     described: str = "") -> Path:
     """Write :func:`transcript` to ``reports/chat_transcript.md`` (or ``path``), atomically."""
     path = path or config.paths().reports / "chat_transcript.md"
-    return atomic_write_text(path, transcript(rows, model_dir, cfg))
+    return atomic_write_text(path, transcript(rows, model_dir, cfg, described))
 
 
 def interact(chat: ChatSession) -> Any:
@@ -415,7 +445,8 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as e:
         print(f"chat: {e}", file=sys.stderr)
         return 2
-    print(f"model {cfg['model']} ({budget(chat)}); /help for commands", flush=True)
+    print(f"model {cfg['model']}: {about(chat.model, resolve(cfg['model']))}", flush=True)
+    print(f"({budget(chat)}); /help for commands", flush=True)
     if isinstance(sys.stdin, io.TextIOWrapper):  # a user's bytes: one that is not UTF-8 reads as U+FFFD, never fatal
         sys.stdin.reconfigure(errors="replace")
     terminal = Terminal.stdin()

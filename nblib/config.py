@@ -396,6 +396,23 @@ def unwritable(e: OSError) -> str:
     return f"{where}: {e.strerror}; {fix}, or choose another working root (NBLIB_HOME, --home)"
 
 
+def python_command() -> str:
+    """This interpreter as the user's shell reaches it, for the commands the project prints: ``python``
+    when the first ``python`` on ``PATH`` is this one (an activated venv, Kaggle), else its path,
+    relative to the current folder when under it (``.venv/bin/python`` after ``make pipeline``)."""
+    import shlex
+    import shutil
+
+    here = Path(sys.executable).absolute()
+    found = shutil.which("python")
+    if found and Path(found).absolute().parent == here.parent:
+        return "python"
+    try:
+        return shlex.quote(str(here.relative_to(Path.cwd())))
+    except ValueError:
+        return shlex.quote(str(here))
+
+
 def cli(main: Callable[[list[str] | None], int]) -> Callable[[list[str] | None], int]:
     """A command's ``main`` that prints a user's mistake as one message on stderr and exits 2 (as
     argparse does for bad arguments), not a traceback: settings (:class:`SettingsError`), an earlier

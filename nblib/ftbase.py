@@ -121,8 +121,34 @@ def compute_dtype(mode: str, device: machine.Device) -> str:
     if device.type == "cuda":
         suffix = {"8bit": " (int8 matmul)", "4bit": " (nf4 weights)"}.get(mode, "")
         return f"{name(machine.auto_dtype(device))} autocast{suffix}"
+    half, compute = machine.half_dtype(device), machine.half_compute(device)
+    sixteen = name(half) if compute == half else f"{name(half)} storage, float32 compute (this CPU has no {name(half)} units)"
     return {"8bit": "int8 matmul, float16 inputs", "4bit": "nf4 weights, float32 compute",
-            "16bit": name(machine.half_dtype(device)), "32bit": "float32"}[mode]
+            "16bit": sixteen, "32bit": "float32"}[mode]
+
+
+class _AsFloat32(torch.nn.Module):
+    """A parametrization: the stored 16-bit tensor, read as float32 wherever the layer uses it."""
+
+    def forward(self, stored: torch.Tensor) -> torch.Tensor:
+        return stored.float()
+
+
+def compute_in_float32(model: Any, device: machine.Device) -> int:
+    """Where ``device`` cannot multiply the 16-bit base natively (:func:`nblib.machine.half_compute`),
+    read each frozen 16-bit weight of ``model`` as float32 at use: stored in 16 bits (the footprint
+    the variant is about), computed in 32. Returns how many tensors it did this for (0 elsewhere)."""
+    from torch.nn.utils import parametrize
+
+    if machine.half_compute(device) != torch.float32:
+        return 0
+    done = 0
+    for module in list(model.modules()):
+        for name, p in list(module.named_parameters(recurse=False)):
+            if p.dtype in (torch.bfloat16, torch.float16) and not p.requires_grad:
+                parametrize.register_parametrization(module, name, _AsFloat32(), unsafe=True)
+                done += 1
+    return done
 
 
 class _Noise(logging.Filter):

@@ -195,9 +195,13 @@ def _peft_reads_deprecated_alias() -> Iterator[None]:
 
 
 def wrap_lora(model: Any, cfg: dict[str, Any], token_ids: list[int], mode: str) -> Any:
-    """The base wrapped with LoRA (k-bit bases prepared first); trainable parameters kept in fp32."""
+    """The base wrapped with LoRA (k-bit bases prepared first); trainable parameters kept in fp32;
+    a 16-bit base computed in fp32 on a CPU without 16-bit units (:func:`nblib.ftbase.compute_in_float32`)."""
     import torch
     from peft import get_peft_model, prepare_model_for_kbit_training
+
+    from nblib import machine
+    from nblib.ftbase import compute_in_float32
 
     if mode in ("8bit", "4bit"):
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
@@ -206,6 +210,9 @@ def wrap_lora(model: Any, cfg: dict[str, Any], token_ids: list[int], mode: str) 
     for p in model.parameters():  # optimiser state and fp16 grad scaling want fp32 trainables
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()
+    device = next(model.parameters()).device
+    if mode == "16bit" and device.type == "cpu":
+        compute_in_float32(model, machine.detect("cpu"))
     return model
 
 

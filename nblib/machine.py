@@ -34,6 +34,14 @@ trained at 0.18x fp32's tokens/s (smoke shape, interleaved; ``benchmarks/bench_p
 section 6 measures it on any machine), so ``dtype="bfloat16"`` on a CPU is allowed (tests use it
 as the stand-in for a GPU's autocast) but never chosen for you.
 
+A CPU without 16-bit matmul units (x86 without AVX512-BF16/AMX, ARM without BF16) runs torch's
+bf16 and fp16 GEMMs on a fallback path: at a GPT-2-small MLP shape, bf16 took 4.7x fp32's time
+and fp16 201x on an AVX-512 Xeon without BF16, and 37x on an AVX2 EPYC (issue 32; ``benchmarks/bench_half.py``
+prints the ratio on any machine). There a ``16bit`` base is stored
+in 16 bits, the memory the comparison is about, and computed in float32 (:func:`half_compute`);
+the CPU's units are read from its flags (:func:`cpu_half_units`), so the choice is the same on
+every run of one machine.
+
 Peak FLOP/s are dense tensor-core figures per dtype from NVIDIA's data sheets (a T4 has no bf16
 units: its 65 TFLOP/s are fp16). MFU is achieved FLOP/s divided by that peak.
 """
@@ -113,6 +121,7 @@ class Device:
     memory_bytes: int | None = None
     count: int = 1  # visible GPUs of this kind
     index: int = 0
+    half_units: tuple[str, ...] = ()  # a CPU's 16-bit matmul units (:func:`cpu_half_units`); a GPU's follow its capability
 
     @property
     def torch(self) -> torch.device:
@@ -137,6 +146,28 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+# CPU flags (Linux /proc/cpuinfo: x86 "flags", ARM "Features") of units that multiply 16-bit
+# matrices natively; without one, torch's CPU GEMM in that type takes a slow fallback path
+CPU_HALF_FLAGS = {"bfloat16": ("avx512_bf16", "amx_bf16", "bf16"), "float16": ("avx512_fp16", "amx_fp16")}
+
+
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags from ``/proc/cpuinfo`` (empty where it cannot be read)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def cpu_half_units(flags: frozenset[str] | None = None) -> tuple[str, ...]:
+    """The 16-bit dtypes this CPU (or one with ``flags``) has matmul units for: ``bfloat16``, ``float16``."""
+    flags = cpu_flags() if flags is None else flags
+    return tuple(dtype for dtype, names in CPU_HALF_FLAGS.items() if flags & set(names))
+
+
 def detect(preference: str = "auto", local_rank: int = 0) -> Device:
     """The device to run on: ``auto`` is the CUDA GPU ``local_rank`` when there is one, else the CPU.
 
@@ -148,7 +179,7 @@ def detect(preference: str = "auto", local_rank: int = 0) -> Device:
     if preference == "cpu" or not torch.cuda.is_available():
         if preference == "cuda":
             raise HardwareError("device='cuda' was asked for but torch sees no CUDA GPU; use device='auto' or 'cpu'")
-        return Device("cpu", cpu_name())
+        return Device("cpu", cpu_name(), half_units=cpu_half_units())
     props = torch.cuda.get_device_properties(local_rank)
     device = Device("cuda", props.name, (props.major, props.minor), props.total_memory, torch.cuda.device_count(), local_rank)
     check_build(device)
@@ -346,6 +377,9 @@ def policy(dtype: str = "auto", compile: bool = False, device: Device | None = N
             )
     else:
         raise ValueError(f"dtype must be 'auto' or one of {', '.join(DTYPES)}, got {dtype!r}")
+    if device.type == "cpu" and chosen != torch.float32 and str(chosen).removeprefix("torch.") not in device.half_units:
+        notes.append(f"{device.name} has no {str(chosen).removeprefix('torch.')} matmul units: expect several times "
+                     "float32's step time (benchmarks/bench_half.py measures it)")
     use_compile = bool(compile)
     if use_compile and device.type == "cuda" and (device.capability or (0, 0)) < COMPILE_MIN_CAPABILITY:
         use_compile = False
@@ -357,9 +391,22 @@ def policy(dtype: str = "auto", compile: bool = False, device: Device | None = N
 
 
 def half_dtype(device: Device | None = None) -> torch.dtype:
-    """The 16-bit type a model is loaded in for ``16bit`` variants: bf16 where the device has it, else fp16."""
+    """The 16-bit type a model is stored in for ``16bit`` variants: bf16 where the device has it
+    (a GPU from compute capability 8.0; a CPU unless it has fp16 units alone), else fp16."""
     device = device or detect()
-    return torch.bfloat16 if auto_dtype(device) != torch.float16 else torch.float16
+    if device.type == "cuda":
+        return auto_dtype(device)
+    return torch.float16 if device.half_units == ("float16",) else torch.bfloat16
+
+
+def half_compute(device: Device | None = None) -> torch.dtype:
+    """What a ``16bit`` base computes in: its 16-bit type where the device multiplies it natively
+    (every GPU; a CPU with units for it), else float32 (stored in 16 bits, read as float32 at use)."""
+    device = device or detect()
+    half = half_dtype(device)
+    if device.type == "cuda" or str(half).removeprefix("torch.") in device.half_units:
+        return half
+    return torch.float32
 
 
 def check_8bit(device: Device | None = None) -> None:
@@ -420,6 +467,7 @@ def info(device: Device | None = None) -> dict[str, Any]:
     out: dict[str, Any] = {
         "cpu": cpu_name(),
         "cpu_cores": os.cpu_count(),
+        "cpu_half_units": list(cpu_half_units()),
         "load_average": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
         "gpu": None,
         "device": device.type,

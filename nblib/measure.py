@@ -29,6 +29,7 @@ import torch
 from nblib import attention, config, machine, runs, tokenizer
 from nblib.decode import DecodeStep
 from nblib.model import GPT, GPTConfig, KVCache, load_checkpoint, matched_d_mlp
+from nblib.progress import Progress
 
 def interleaved(calls: dict[str, Callable[[], Any]], repeats: int, device: torch.device, warmup: int = 1) -> tuple[dict[str, list[float]], dict[str, Any]]:
     """Time each of ``calls`` ``repeats`` times, the order reversed every other round, after ``warmup`` untimed rounds.
@@ -198,6 +199,7 @@ def decode_sweep(
     bandwidth: tuple[float, str] | None = None,
     log: Callable[[str], None] | None = None,
     prefill_cache: bool = True,
+    desc: str = "decode sweep",
 ) -> pd.DataFrame:
     """Prefill time, decode speed, KV-cache bytes and MBU for every variant x batch x context.
 
@@ -211,7 +213,7 @@ def decode_sweep(
     values instead of a real prefill (decode speed does not depend on them; ``prefill_s`` is then
     NaN), which keeps long contexts of large shapes affordable on a CPU. One row per variant x
     batch x context, with each repeat's decode tokens/s in ``decode_repeats``; the bandwidth
-    used is in ``df.attrs``.
+    used is in ``df.attrs``. Progress (``desc``, one unit per batch x context) shows as every stage's does.
     """
     device = torch.device(device or machine.detect().torch)
     dtype = dtype or machine.auto_dtype(machine.detect(device.type, device.index or 0))
@@ -223,7 +225,7 @@ def decode_sweep(
     models = {label: random_model(replace(c, context_length=max(contexts)), device, dtype) for label, c in variants.items()}
     vocab = min(c.vocab_size for c in variants.values())
     rows = []
-    with torch.inference_mode():
+    with torch.inference_mode(), Progress(desc, len(batches) * len(contexts), unit="batch x context") as bar:
         for model in models.values():  # warm up the code paths once
             cache = model.new_cache(1, min(contexts))
             warm = torch.zeros(1, min(contexts) - new_tokens, dtype=torch.long, device=device)
@@ -243,6 +245,7 @@ def decode_sweep(
                         log(f"{label} batch {batch} context {context}: prefill {r['prefill_s']:.2f} s, "
                             f"{r['decode_tokens_per_s']:,.0f} tok/s, MBU {r['mbu']:.2f}")
                 del caches
+                bar.update(1, batch=batch, context=context)
     df = pd.DataFrame(rows)
     df.attrs.update(peak_bandwidth_GBps=peak / 1e9, bandwidth_source=source)
     return df
@@ -291,6 +294,8 @@ def generation(models: dict[str, GPT], prompt: str, batch_sizes: Iterable[int] =
                 f"and the context {model.config.context_length}; use gen_new_tokens <= {room} or a shorter speed_prompt"
             )
     rows = []
+    batch_sizes = list(batch_sizes)
+    bar = Progress("generation speed", len(batch_sizes), unit="batch size")
     for batch in batch_sizes:
         idx = {label: torch.tensor([ids] * batch, device=next(m.parameters()).device) for label, m in models.items()}
         calls = {label: (lambda m=m, x=idx[label]: m.generate(x, new_tokens, temperature=0.0)) for label, m in models.items()}
@@ -301,6 +306,8 @@ def generation(models: dict[str, GPT], prompt: str, batch_sizes: Iterable[int] =
                       "tokens_per_s": batch * new_tokens / t, "cache_tokens": len(ids) + new_tokens,
                       "cache_bytes": model.kv_cache_bytes(batch, len(ids) + new_tokens, next(model.parameters()).dtype)}
                      for rep, t in enumerate(seconds)]
+        bar.update(1, batch=batch)
+    bar.close()
     return pd.DataFrame(rows)
 
 
@@ -311,6 +318,7 @@ def sample_generations(models: dict[str, GPT], prompts: Iterable[str], max_new_t
     enc = tokenizer.get_encoding()
     prompts = list(prompts)
     table: dict[str, list[str]] = {}
+    bar = Progress("sample continuations", len(models) * len(prompts), unit="sample")
     for label, model in models.items():
         device = next(model.parameters()).device
         outs = []
@@ -319,7 +327,9 @@ def sample_generations(models: dict[str, GPT], prompts: Iterable[str], max_new_t
             gen = torch.Generator(device).manual_seed(seed)
             out = model.generate(torch.tensor([ids], device=device), max_new_tokens, temperature, top_k, generator=gen)
             outs.append(enc.decode(out[0, len(ids):].tolist()))
+            bar.update(1)
         table[label] = outs
+    bar.close()
     return pd.DataFrame(table, index=pd.Index(prompts, name="prompt"))
 
 
@@ -386,7 +396,9 @@ def finetune_cost(cfg: dict[str, Any], variants: Sequence[str] | None, steps: in
     examples = [{"labels": row} for row in x.tolist()]  # the method's rows train as in a run (lora_answer_rows)
     with tempfile.TemporaryDirectory(prefix="nblib-gpt2-small-") as tmp:
         base = str(finetune.random_base(Path(tmp) / "gpt2-small"))
-        for name in finetune.PIPELINE if variants is None else variants:
+        out_names = finetune.PIPELINE if variants is None else tuple(variants)
+        bar = Progress("fine-tune cost on GPT-2 small", len(out_names), unit="variant")
+        for name in out_names:
             v = finetune.variant(name)
             model = finetune.load_base(base, v.mode, dev)
             tok = finetune.load_tokenizer(base)
@@ -396,10 +408,14 @@ def finetune_cost(cfg: dict[str, Any], variants: Sequence[str] | None, steps: in
             out[v.label] = {"footprint_mib": footprint / 2**20, "trainable_params": trainable, "total_params": total,
                             **_train_peak(model, dev, x, steps)}
             del model
+            bar.update(1, variant=v.label)
+        bar.close()
     table = pd.DataFrame(out)
     table.index.name = "metric"
+    computes = {finetune.variant(n).label: finetune.compute_dtype(finetune.variant(n).mode, dev) for n in out_names}
     table.attrs["note"] = (f"GPT-2 small (124M, random init) on {dev.name}: {steps} training step{'s' if steps != 1 else ''} of {batch_size} x "
-                           f"{length} tokens per variant, AdamW on the trainable parameters; peak memory of the steps alone.")
+                           f"{length} tokens per variant, AdamW on the trainable parameters; peak memory of the steps alone. "
+                           f"Compute: {'; '.join(f'{k} {v}' for k, v in computes.items())}.")
     return table
 
 
@@ -440,6 +456,7 @@ def cost_sweep(shapes: Sequence[str], contexts: Sequence[int], batch: int = 8, r
             raise ValueError(f"unknown shape {shape!r}; known: {', '.join(SHAPES)}")
         n_layer, n_head, d_model = SHAPES[shape]
         configs = attention_variants(n_layer, n_head, d_model, variants)
-        sweep = decode_sweep(configs, [batch], list(contexts), new_tokens, repeats, 1, dev, prefill_cache=False)
+        sweep = decode_sweep(configs, [batch], list(contexts), new_tokens, repeats, 1, dev, prefill_cache=False,
+                             desc=f"cost sweep {shape}")
         parts.append(sweep.assign(shape=f"{shape} ({n_layer}x{n_head}x{d_model})"))
     return pd.concat(parts, ignore_index=True)

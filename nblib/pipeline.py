@@ -32,7 +32,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, TextIO
 
-from nblib import attention, config, ftmethods, lock, progress
+from nblib import attention, config, freshness, ftmethods, lock, progress, reach
 from nblib.files import make_new_dir, write_json
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
@@ -257,7 +257,7 @@ class Watcher:
         while not self.stop.wait(self.interval):
             status = progress.read_status(self.path)
             elapsed = time.perf_counter() - self.started
-            text = f"  {self.label} {elapsed:.0f} s" + (f" | {progress.line(status)}" if status else "")
+            text = f"  {self.label} {elapsed:.0f} s | " + (progress.line(status) if status else STARTING)
             if text == self.shown:
                 continue
             self.shown = text
@@ -268,6 +268,7 @@ class Watcher:
             self.out.flush()
 
 
+STARTING = "starting: the notebook's kernel and its imports"  # before the stage's first progress line
 _WARNING = re.compile(r"(?:^.*?:\d+: )?(\w*Warning: .*|warning: .*)")
 
 
@@ -412,6 +413,7 @@ def run(
     check_user_params(stages, user, declared)
     check_settings([(s, stage_params(s, profile, user, declared[s.notebook])) for s in stages], profile)
     check_hardware([(s, stage_params(s, profile, user, declared[s.notebook])) for s in stages])
+    reach.check((s.name, s.notebook, stage_params(s, profile, user, declared[s.notebook])) for s in stages)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
     if out_dir is None:  # a new folder, also for two runs started within one second
         out_dir = make_new_dir(config.paths().runs / f"pipeline-{stamp}")
@@ -445,6 +447,7 @@ def run(
             write_json(out_dir / "pipeline.json", status)
             raise StageFailed(error) from None
         entry.update(status="ok", seconds=round(time.perf_counter() - t0, 1), warnings=stage_warnings(executed))
+        freshness.record(stage.name, profile, pipeline=config.relative(out_dir))
         write_json(out_dir / "pipeline.json", status)
         print(f"[{i}/{len(stages)}] {stage.name} ok in {entry['seconds']:.1f} s", flush=True)
         for line in entry["warnings"]:
@@ -452,6 +455,10 @@ def run(
     status["total_seconds"] = round(sum(s["seconds"] for s in status["stages"]), 1)
     status["out_dir"] = config.relative(out_dir)
     status["disk"] = disk_usage(estimate=dry_run)
+    from nblib import machine  # torch: after the stages, which run in their own kernels
+
+    status["machine"] = machine.info()  # where the seconds above were measured, and the load at the end
+    status["stale"] = freshness.stale()
     write_json(out_dir / "pipeline.json", status)
     return status
 
@@ -541,8 +548,14 @@ def closing_summary(status: dict[str, Any]) -> str:
         lines.append(f"  chat transcript:    {config.relative(transcript)}")
     chat_model = config.resolve(config.settings("chat", status["profile"])["model"])
     if chat_model.is_dir():
-        lines.append(f"  chat with it:       python -m nblib.chat --model {config.relative(chat_model)}")
-    figures = headlines(paths.reports / "compare.md") if fresh else []
+        lines.append(f"  chat with it:       {config.python_command()} -m nblib.chat --model {config.relative(chat_model)}")
+    stale = status.get("stale", {})
+    if stale:
+        first = min(stale)
+        lines.append(f"  stale (inputs changed after they ran): {', '.join(sorted(stale))}; e.g. {first}: {stale[first]}")
+        profile = "full --dry-run" if status["profile"] == config.DRY_RUN else status["profile"]
+        lines.append(f"    rerun them: {config.python_command()} -m nblib.pipeline --profile {profile} --from {first}")
+    figures = headlines(paths.reports / "compare.md") if fresh and "06_compare" not in stale else []
     if figures:
         lines.append("  at a glance:")
         lines += [f"    - {f}" for f in figures]

@@ -159,3 +159,14 @@ def test_gpu_evidence_gpu_settings_are_valid():
     assert {(c["n_layer"], c["d_model"], c["max_steps"], c["wandb"]) for c in kv.values()} == {(8, 512, 300, False)}
     assert ev.finetune_settings(s, "runs/pretrain-mha/seed-1337/hf")["steps"] == 100
     assert config.settings("compare", s["compare"], **s["compare_overrides"])["profile"] == "full"
+
+
+def test_bench_half_quick_prints_the_ratio_and_the_rule(mirror):
+    out = subprocess.run([sys.executable, str(SCRIPT.with_name("bench_half.py")), "--quick", "--reps", "1", "--only", "1"],
+                         capture_output=True, text=True, timeout=600, env={**os.environ, "NBLIB_MIRROR": str(mirror)},
+                         check=True).stdout
+    assert "## 1. Matmul per dtype" in out and "CPU 16-bit units from its flags:" in out and "lora-16bit here:" in out
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["half_units"] == list(__import__("nblib.machine").machine.cpu_half_units())
+    (row,) = result["matmul"].values()
+    assert row["bf16_ratio"] == pytest.approx(row["bfloat16"] / row["float32"]) and row["float16"] > 0

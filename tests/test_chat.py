@@ -20,7 +20,7 @@ from nblib.tokenizer import EOT, hf_tokenizer
 REPO = Path(__file__).resolve().parents[1]
 MERGED = "runs/finetune-lora-8bit/seed-1234/merged"
 CLI = ["--model", MERGED, "--profile", "smoke", "--temperature", "0"]
-START = f"model {MERGED} (64-token context: 32 for your message and the history, 32 for each answer); /help for commands"
+START = "(64-token context: 32 for your message and the history, 32 for each answer); /help for commands"
 # The CLI with a 0.3 s pause after each streamed piece, so that a test can type while an answer streams.
 SLOW_CLI = "import sys, time; from nblib import chat; show = chat._print; " \
            "chat._print = lambda text: (show(text), time.sleep(0.3)); sys.exit(chat.main())"
@@ -204,6 +204,33 @@ def spawn(home: Path, *args: str) -> pexpect.spawn:
     """The chat CLI (``python *args``) in a pseudo-terminal, on the fixture model."""
     env = {**os.environ, "NBLIB_HOME": str(home), "PYTHONUNBUFFERED": "1"}
     return pexpect.spawn(sys.executable, [*args, *CLI], env=env, cwd=str(REPO), encoding="utf-8", timeout=120)
+
+
+def test_the_chat_says_what_the_model_is_before_it_speaks(merged, home):
+    """Its fine-tune and base, parameters, pretraining tokens and profile; a smoke model's answers are said to be noise."""
+    model, _ = chat.load(MERGED, device="cpu")
+    params = sum(p.numel() for p in model.parameters())
+    assert chat.about(model, merged) == f"{MERGED}: {params / 1e6:.1f}M parameters (no run summary beside it to say more)"
+    base = home / "runs/pretrain-mha/seed-1337"
+    base.mkdir(parents=True)
+    (base / "summary.json").write_text('{"tokens_seen": 1234567}')
+    for profile in ("smoke", "full"):
+        (merged.parent / "summary.json").write_text(
+            f'{{"label": "LoRA + 8-bit", "profile": "{profile}", "config": {{"base_model": "runs/pretrain-mha/seed-1337/hf"}}}}')
+        (base / "hf").mkdir(exist_ok=True)
+        line = chat.about(model, merged)
+        assert line.startswith(f"LoRA + 8-bit of runs/pretrain-mha/seed-1337/hf ({params / 1e6:.1f}M parameters, pretrained "
+                               f"on 1.23M tokens), {profile} profile")
+        assert ("its answers are not expected to make sense" in line) is (profile == "smoke")
+    cli = spawn(home, "-m", "nblib.chat")
+    cli.expect_exact(f"model {MERGED}: {line}")
+    cli.expect_exact(START)
+    cli.sendline("/exit")
+    cli.expect(pexpect.EOF)
+    cli.close()
+    rows = chat.converse(chat.session(model, chat_tokenizer(), smoke(temperature=0)), ["Name a color."])
+    text = chat.write_transcript(rows, MERGED, smoke(), described=line).read_text(encoding="utf-8")
+    assert f"- model: `{MERGED}`: {line}" in text
 
 
 def test_cli_commands_refusals_and_turns_in_a_pty(merged, home):

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2LMHeadModel
 
-from nblib import config, dialogue, finetune, ftmethods, ftscore, plots, runs
+from nblib import config, dialogue, finetune, ftmethods, ftscore, machine, plots, runs
 from nblib.files import read_json, read_jsonl
 from nblib.tokenizer import EOT, EOT_ID, hf_tokenizer
 from helpers import tiny_finetune_root
@@ -366,13 +366,37 @@ def test_low_precision_trains_after_an_evaluation(root, variant):
     s = finetune.setup(small(variant=variant, steps=2, eval_steps=2))
     if variant == "lora-4bit":
         assert any(isinstance(m, bnb.nn.Linear4bit) for m in s.model.modules())
-    else:
-        assert s.model.base_model.model.transformer.h[0].attn.c_attn.base_layer.weight.dtype == torch.bfloat16
+    else:  # this CPU's 16-bit compute, whichever it is: test_a_16bit_base_is_stored_in_16_bits fakes both
+        stored = s.model.base_model.model.transformer.h[0].attn.c_attn.base_layer
+        assert stored.weight.dtype == machine.half_compute(machine.detect("cpu"))
     assert all(p.dtype == torch.float32 for p in s.model.parameters() if p.requires_grad)
     before = finetune.evaluate(s)
     trained = finetune.train(s)
     assert trained["steps"] == 2
     assert math.isfinite(finetune.evaluate(s)["loss"]) and math.isfinite(before["loss"])
+
+
+@pytest.mark.parametrize("units", [(), ("avx512_bf16",)], ids=["cpu-without-bf16-units", "cpu-with-bf16-units"])
+def test_a_16bit_base_is_stored_in_16_bits_whatever_it_computes_in(root, monkeypatch, units):
+    """A CPU without bf16 units keeps the base in bf16 and computes in fp32 (torch's bf16 GEMM falls back
+    to a slow path there); one with them computes in bf16. Either way the frozen base takes half of fp32's bytes."""
+    monkeypatch.setattr(machine, "cpu_flags", lambda: frozenset({"avx2", *units}))
+    compute = torch.bfloat16 if units else torch.float32
+
+    def frozen_bytes(s):
+        return sum(p.numel() * p.element_size() for p in s.model.parameters() if not p.requires_grad)
+
+    half, full = (finetune.setup(small(variant=v, steps=1, seeds=[3], resume=False), 3) for v in ("lora-16bit", "lora-32bit"))
+    assert frozen_bytes(half) * 2 == frozen_bytes(full)
+    layer = half.model.base_model.model.transformer.h[0].attn.c_attn.base_layer
+    assert layer.weight.dtype == compute and {p.dtype for p in layer.parameters()} == {torch.bfloat16}
+    batch = finetune.Collator(half.tokenizer.pad_token_id)(half.train_set[:2])
+    hidden = half.model(**batch, output_hidden_states=True).hidden_states[-1]
+    assert hidden.dtype == compute
+    expected = "bfloat16" if units else "bfloat16 storage, float32 compute (this CPU has no bfloat16 units)"
+    assert finetune.compute_dtype("16bit", machine.detect("cpu")) == expected
+    if not units:  # fp32 compute on the bf16-rounded weights: the 32-bit run's loss to bf16's rounding
+        assert half.model(**batch).loss.item() == pytest.approx(full.model(**batch).loss.item(), rel=2e-2)
 
 
 @pytest.mark.parametrize("variant", ["lora-8bit", "full"])

@@ -121,6 +121,37 @@ def test_t4_peak_is_fp16_and_has_no_bf16():
         machine.policy("fp8", device=t4)
 
 
+# CPU flags -> (16-bit units read, 16-bit variant's storage dtype, its compute dtype)
+CPU_FLAGS = {
+    "AVX2 only (this suite's CI)": ({"avx", "avx2"}, (), torch.bfloat16, torch.float32),
+    "AVX-512 without BF16": ({"avx2", "avx512f", "avx512_vnni"}, (), torch.bfloat16, torch.float32),
+    "Cooper Lake (AVX512-BF16)": ({"avx512f", "avx512_bf16"}, ("bfloat16",), torch.bfloat16, torch.bfloat16),
+    "Sapphire Rapids (AMX, AVX512-FP16)": ({"amx_bf16", "avx512_fp16", "amx_fp16"}, ("bfloat16", "float16"),
+                                           torch.bfloat16, torch.bfloat16),
+    "fp16 units alone": ({"avx512_fp16"}, ("float16",), torch.float16, torch.float16),
+    "ARM with BF16 (Graviton 3)": ({"asimd", "bf16", "i8mm"}, ("bfloat16",), torch.bfloat16, torch.bfloat16),
+    "no /proc/cpuinfo (macOS)": (set(), (), torch.bfloat16, torch.float32),
+}
+
+
+@pytest.mark.parametrize("name", list(CPU_FLAGS))
+def test_a_cpu_computes_16bit_only_where_it_has_units_for_it(name, monkeypatch):
+    flags, units, stored, computed = CPU_FLAGS[name]
+    monkeypatch.setattr(machine, "cpu_flags", lambda: frozenset(flags))
+    cpu = machine.detect("cpu")
+    assert cpu.half_units == units == machine.cpu_half_units(frozenset(flags)) and machine.info(cpu)["cpu_half_units"] == list(units)
+    assert machine.half_dtype(cpu) == stored and machine.half_compute(cpu) == computed
+    slow = [n for n in machine.policy("bfloat16", device=cpu).notes if "no bfloat16 matmul units" in n]
+    assert bool(slow) is ("bfloat16" not in units)
+    assert machine.policy("auto", device=cpu).dtype == torch.float32  # pretraining stays in fp32 on any CPU
+
+
+@pytest.mark.parametrize("name", ["T4", "P100", "A100", "H100"])
+def test_a_gpu_computes_16bit_in_its_own_16bit_type(name):
+    device = DEVICES[name]
+    assert machine.half_compute(device) == machine.half_dtype(device) == machine.auto_dtype(device)
+
+
 def test_detect_on_this_machine_and_info():
     d = machine.detect()
     assert d.type == ("cuda" if torch.cuda.is_available() else "cpu")

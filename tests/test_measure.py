@@ -79,3 +79,20 @@ def test_decode_sweep_rows():
     assert df.attrs == {"peak_bandwidth_GBps": 10.0, "bandwidth_source": "given"}
     with pytest.raises(ValueError, match="exceed new_tokens"):
         measure.decode_sweep(tiny_variants(), [1], [4], new_tokens=4, repeats=1, device="cpu", bandwidth=(1e10, "given"))
+
+
+def test_compare_measurements_report_progress_like_the_training_stages(tmp_path, monkeypatch):
+    """The compare stage's long measurements write the status line the pipeline shows: which, n of m, ETA."""
+    from nblib import progress
+
+    seen: list[dict] = []
+    monkeypatch.setenv(progress.ENV, str(tmp_path / "status.json"))
+    monkeypatch.setattr(progress, "INTERVAL_S", 0.0)
+    real = progress.write_json
+    monkeypatch.setattr(progress, "write_json", lambda path, status: (seen.append(status), real(path, status)))
+    measure.decode_sweep(tiny_variants(), batches=[1, 2], contexts=[16, 32], new_tokens=4, repeats=1,
+                         device="cpu", bandwidth=(1e10, "given"), desc="cost sweep tiny")
+    assert [(s["desc"], s["n"], s["total"]) for s in seen][-1] == ("cost sweep tiny", 4, 4)
+    assert any(s["eta_s"] is not None for s in seen) and "batch x context" == seen[-1]["unit"]
+    third = next(s for s in seen if s["n"] == 3)
+    assert progress.line(third).startswith("cost sweep tiny: 3/4 batch x context, batch 2, context 16, ETA ")

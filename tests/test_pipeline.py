@@ -124,6 +124,7 @@ def test_stage_progress_shows_live_and_warnings_are_repeated(tiny, tmp_path, cap
         status = pipeline.run("smoke", out_dir=tmp_path / "out", progress=True)
     out = capsys.readouterr().out
     assert re.search(r"01_slow \d+ s \| demo work: [1-3]/3 step, loss 1\.5", out), out
+    assert re.search(rf"01_slow \d+ s \| {re.escape(pipeline.STARTING)}", out), out  # not a bare counter at start
     assert "01_slow: UserWarning: collection skipped" in out  # the notebook's warning, in the pipeline's output
     assert status["stages"][0]["warnings"] and not list((tmp_path / "out").glob(".*progress*"))
 
@@ -360,3 +361,71 @@ def test_sigterm_marks_the_stage_interrupted_and_stops_the_kernel(tiny, tmp_path
         time.sleep(0.25)
     else:
         pytest.fail(f"the stage's kernel (pid {kernel}) still runs after the pipeline ended")
+
+
+def test_an_offline_machine_without_a_mirror_is_refused_before_any_work(home, monkeypatch, mirror):
+    """The README's rerun of 03/04 without NBLIB_MIRROR, offline: refused up front, naming the variable."""
+    from nblib import reach
+
+    tried = []
+    monkeypatch.setattr(reach, "reachable", lambda host: tried.append(host) or False)
+    monkeypatch.delenv("NBLIB_MIRROR", raising=False)
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(home / "no-cache"))
+    with pytest.raises(config.SettingsError, match=r"stage 03_train_mha needs GPT-2's tokenizer ranks from "
+                                                   r"openaipublic\.blob\.core\.windows\.net.*NBLIB_MIRROR is not set.*Makefile"):
+        pipeline.run("smoke", only="03,04", params={"max_steps": 50})
+    assert tried == [reach.TIKTOKEN] and not (home / "runs").exists()  # no pipeline folder, no stage
+    with pytest.raises(config.SettingsError, match="stage 01_ingest needs the Machado de Assis books from www.gutenberg.org"):
+        pipeline.run("smoke", only="01")
+    with pytest.raises(config.SettingsError, match="stage 05_finetune_full needs .*the base model 'gpt2' from huggingface.co"):
+        pipeline.run("full", only="05_finetune_full")
+    monkeypatch.setenv("NBLIB_MIRROR", str(mirror))  # the mirror serves ingest and the tokenizer; 05's folder comes from 03
+    for notebook in ("01_ingest.ipynb", "03_train_mha.ipynb", "05_finetune_lora_8bit.ipynb"):
+        assert reach.fetches(notebook, {"profile": "smoke"}) == []
+    assert reach.fetches("05_finetune_full.ipynb", {"profile": "full"}) == [("the base model 'gpt2'", reach.HUB)]
+
+
+def test_stages_whose_inputs_ran_again_are_stale_in_pipeline_json_and_the_summary(home):
+    """After ``--only 03,04`` the fine-tunes, the report and the chat transcript are stale, and said to be."""
+    from nblib import freshness
+
+    stamps = {"01_ingest": 1, "02_clean": 2, "03_train_mha": 9, "04_train_gqa": 10, "05_finetune_lora_8bit": 5,
+              "05_finetune_full": 6, "06_compare": 7, "07_chat_demo": 8}
+    (home / "runs").mkdir()
+    (home / "runs" / freshness.LEDGER).write_text(json.dumps(
+        {k: {"finished": f"2026-12-07T10:{v:02d}:00+00:00", "profile": "smoke", "order": v} for k, v in stamps.items()}))
+    gone = freshness.stale()
+    assert set(gone) == {"05_finetune_lora_8bit", "05_finetune_full", "06_compare", "07_chat_demo"}
+    assert gone["05_finetune_full"].startswith("03_train_mha ran again at 2026-12-07T10:09:00+00:00, after it")
+    assert gone["07_chat_demo"] == "it read 05_finetune_full, which is stale"
+    assert freshness.report_problems() == [f"06_compare: {gone['06_compare']}"]
+    assert freshness.upstream_warnings("06_compare")[0].startswith("05_finetune_full: 03_train_mha ran again")
+    status = {"stages": [{"name": "03_train_mha"}, {"name": "04_train_gqa"}], "total_seconds": 1.0, "profile": "smoke",
+              "out_dir": "runs/pipeline-x", "stale": gone}
+    summary = pipeline.closing_summary(status)
+    assert "stale (inputs changed after they ran): 05_finetune_full, 05_finetune_lora_8bit, 06_compare, 07_chat_demo" in summary
+    assert re.search(r"rerun them: \S+ -m nblib\.pipeline --profile smoke --from 05_finetune_full", summary)
+    freshness.record("02_clean", "full")  # a stage of another profile: everything after it is stale too
+    assert "in the smoke profile, 02_clean in full" in freshness.stale()["03_train_mha"]
+
+
+def test_printed_commands_run_from_a_shell_without_the_venv_on_path(tmp_path):
+    """The closing summary's and the hints' interpreter is this one, reachable from a plain shell."""
+    import os
+    import shlex
+
+    code = "from nblib import config; print(config.python_command())"
+    plain = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONHOME")}
+    plain["PATH"] = ":".join(p for p in os.environ["PATH"].split(":") if Path(p).resolve() != Path(sys.executable).parent.resolve()
+                             and not (Path(p) / "python").exists()) or "/usr/bin:/bin"
+    repo = Path(__file__).resolve().parents[1]
+    printed = subprocess.run([sys.executable, "-c", code], cwd=repo, env=plain, capture_output=True, text=True,
+                             check=True).stdout.strip()
+    assert printed != "python"  # no python on this PATH: the interpreter is named by its path
+    for command in (f"{printed} -m nblib.chat --help", f"{printed} -m nblib.pipeline --list"):
+        done = subprocess.run(["bash", "-c", command], cwd=repo, env=plain, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, (command, done.stderr[-500:])
+    venv = {**plain, "PATH": f"{Path(sys.executable).parent}:{plain['PATH']}"}  # an activated venv: plain "python"
+    assert subprocess.run([sys.executable, "-c", code], cwd=repo, env=venv, capture_output=True, text=True,
+                          check=True).stdout.strip() == "python"
+    assert shlex.split(printed)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import csv
 import io
+import json
 import re
 import shutil
 import statistics
@@ -215,6 +216,13 @@ def test_a_mismatched_pair_is_refused_or_flagged(home):
     html = rep.html()
     assert "Unmatched pairs" in html and 'class="warning"' in html and "GQA ÷ MHA ⚠" in html and 'class="mismatch"' in html
     assert report.at_a_glance(comparison, pre, None)[0].startswith("**Warning**: 1 compared pair(s) are not matched")
+    assert "Stale inputs" not in html  # no stage ran again after the runs
+    from nblib import freshness
+
+    for stage in ("03_train_mha", "04_train_gqa", "03_train_mha"):  # 03 again: 04's GQA came from the old MHA
+        freshness.record(stage, "smoke")
+    html = report.compose(comparison, config.settings("compare", "smoke"), pre, pre.iloc[:0, :0].rename_axis("prompt")).html()
+    assert "Stale inputs" in html and "04_train_gqa: 03_train_mha ran again at" in html
 
 
 def test_seeds_of_one_variant_must_agree_and_seed_sets_must_match(home):
@@ -607,11 +615,45 @@ def test_markdown_and_csv_hold_the_same_tables(rendered):
 
 
 def test_publish_example_copies_the_report(rendered, tmp_path):
+    from nblib import config, freshness
+
+    with pytest.raises(config.UserError, match="does not show the current runs .*no pipeline run of 06_compare"):
+        publish_example(rendered, tmp_path, label="smoke-cpu")  # rendered by hand: no pipeline record
+    for stage in ("01_ingest", "02_clean", "03_train_mha", "04_train_gqa", "05_finetune_full", "06_compare"):
+        freshness.record(stage, "smoke", rendered)
     written = publish_example(rendered, tmp_path, label="smoke-cpu")
     assert [p.name for p in written] == ["compare-smoke-cpu.html", "compare-smoke-cpu.md", "compare-smoke-cpu.csv"]
     assert written[0].read_bytes() == (rendered / "reports" / "compare.html").read_bytes()
     with pytest.raises(FileNotFoundError, match="run the pipeline"):
         publish_example(tmp_path / "empty", tmp_path)
+    freshness.record("03_train_mha", "smoke", rendered)  # pretraining ran again: the report is stale
+    with pytest.raises(config.UserError, match=r"06_compare: it read 05_finetune_full, which is stale.*--allow-stale"):
+        publish_example(rendered, tmp_path, label="smoke-cpu")
+    assert publish_example(rendered, tmp_path, label="smoke-cpu", allow_stale=True) == written
+    run = rendered / "runs" / "pipeline-x"  # the pipeline run that rendered it: its seconds and machine, no paths
+    run.mkdir(parents=True)
+    (run / "pipeline.json").write_text(json.dumps({
+        "profile": "smoke", "home": str(rendered), "out_dir": "runs/pipeline-x", "total_seconds": 12.5,
+        "stages": [{"name": "06_compare", "seconds": 12.5, "params": {"runs": None}, "status": "ok"}],
+        "machine": {"cpu": "Some CPU", "cpu_cores": 2, "cpu_half_units": [], "load_average": 1.5, "torch": "2.13.0"}}))
+    freshness.record("06_compare", "smoke", rendered, pipeline="runs/pipeline-x")
+    *_, timings = publish_example(rendered, tmp_path, label="smoke-cpu", allow_stale=True)
+    assert timings.name == "pipeline-smoke-cpu.json" and str(rendered) not in timings.read_text()
+    assert json.loads(timings.read_text()) == {
+        "profile": "smoke", "total_seconds": 12.5, "stages": [{"name": "06_compare", "seconds": 12.5}],
+        "machine": {"cpu": "Some CPU", "cpu_cores": 2, "cpu_half_units": [], "load_average": 1.5, "torch": "2.13.0"}}
+
+
+def test_the_readme_quotes_the_published_pipeline_run():
+    """The README's smoke-pipeline times are those of the run that made the example report, on the CPU it names."""
+    repo = Path(__file__).resolve().parents[1]
+    timings = json.loads((repo / "reports" / "examples" / "pipeline-smoke-cpu.json").read_text())
+    readme = (repo / "README.md").read_text(encoding="utf-8")
+    stages = len(timings["stages"])
+    assert f"pipeline finished: {stages} stage(s) in {timings['total_seconds']} s (smoke profile)" in readme
+    how_long = readme[readme.index("**How long it takes.**"):].split("\n\n")[0]
+    assert f"{timings['total_seconds']} s" in how_long and timings["machine"]["cpu"] in how_long
+    assert f"{timings['machine']['cpu_cores']} cores" in how_long
 
 
 # --------------------------------------------------------------------------- headless Chromium

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from nblib import config, lifecycle, optim, runs, train
+from nblib import attention, config, lifecycle, optim, runs, train
 from nblib.files import read_json, read_jsonl
 from nblib.model import GPT, GPTConfig, load_checkpoint
 from helpers import write_corpus
@@ -554,6 +554,20 @@ def test_uptraining_continues_the_source_schedule_and_optimizer(corpus_home: Pat
     hd = source.config.head_dim
     assert torch.equal(new_m[: 4 * hd], src_m[: 4 * hd])  # query rows kept
     torch.testing.assert_close(new_m[4 * hd : 5 * hd], src_m[4 * hd : 6 * hd].view(2, hd, -1).mean(0))  # K heads 0+1
+
+
+def test_the_alpha_sweep_variants_uptrain_for_their_own_alpha(corpus_home: Path):
+    """The GQA paper's Figure 5: each alpha variant runs its own share of the source's steps, whatever
+    the profile's uptrain_fraction, and records it."""
+    cfg = tiny(max_steps=40, eval_interval=40, uptrain_fraction=0.5)
+    assert train.variant_settings(cfg, "gqa-uptrained")["uptrain_fraction"] == 0.5  # no alpha of its own
+    train.run(cfg, progress=False)
+    for key, alpha, steps in (("gqa-uptrained-alpha025", 0.025, 1), ("gqa-uptrained-alpha10", 0.1, 4)):
+        v_cfg = train.variant_settings(cfg, key)
+        assert v_cfg["uptrain_fraction"] == attention.get(key).alpha == alpha
+        up = train.run(v_cfg, name=attention.get(key).folder, progress=False)
+        assert (up["variant"], up["uptrain_fraction"], up["steps"], up["source_steps"]) == (key, alpha, steps, 40)
+        assert up["selection"] == "end of budget" and up["best_step"] == steps
 
 
 def test_equal_parameter_gqa_widens_the_mlp_to_mha_parameters_and_says_so(corpus_home: Path):

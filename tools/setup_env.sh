@@ -4,19 +4,23 @@
 # meeting requirements.txt's lower bounds, plus the test-only packages), then nblib (editable).
 set -euo pipefail
 venv=${1:-.venv}
+here=$(dirname "$0")
+quiet() { bash "$here/quiet.sh" "$@"; }  # output only on failure
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+echo "setting up $venv: torch, the tested packages (requirements-ci.txt) and nblib (downloads the first time)"
 python3 -m venv "$venv"
-"$venv/bin/python" -m pip install -q --upgrade pip
+quiet "$venv/bin/python" -m pip install -q --upgrade pip
 if ! "$venv/bin/python" -c "import torch" 2>/dev/null; then
   # A torch 2.13.0 wheel already on disk (pip's find-links) wins; otherwise the CPU index, or
   # the default (CUDA) build when an NVIDIA GPU is present.
   if "$venv/bin/pip" install -q --no-index --no-deps torch==2.13.0 2>/dev/null; then
-    "$venv/bin/pip" install -q torch==2.13.0
+    quiet "$venv/bin/pip" install -q torch==2.13.0
   elif command -v nvidia-smi >/dev/null 2>&1; then
-    "$venv/bin/pip" install -q torch==2.13.0
+    quiet "$venv/bin/pip" install -q torch==2.13.0
   else
-    "$venv/bin/pip" install -q torch==2.13.0 --extra-index-url https://download.pytorch.org/whl/cpu
+    quiet "$venv/bin/pip" install -q torch==2.13.0 --extra-index-url https://download.pytorch.org/whl/cpu
   fi
 fi
-"$venv/bin/pip" install -q -r requirements-ci.txt
-"$venv/bin/pip" install -q --no-deps -e .
+quiet "$venv/bin/pip" install -q -r requirements-ci.txt
+quiet "$venv/bin/pip" install -q --no-deps -e .
 "$venv/bin/python" -c "import torch, nblib; print(f'torch {torch.__version__}, cuda {torch.cuda.is_available()}, nblib {nblib.__version__}')"

@@ -6,6 +6,7 @@ from typing import Any
 
 import pandas as pd
 
+from nblib import freshness
 from nblib.plots import cost_at_scale
 from nblib.report import figures
 from nblib.report.glance import Calls, at_a_glance, details, report_calls, verdict_lines
@@ -123,6 +124,8 @@ def compose(comparison: Comparison, settings: dict[str, Any], pretrain: pd.DataF
                       "comparisons, called only when the interval excludes 0. Details and every verdict's evidence: "
                       "the sections below the tables.")
     rep.add_warning("Unmatched pairs (compared anyway: allow_mismatch=True)", comparison.mismatches)
+    rep.add_warning("Stale inputs: a stage these runs came from ran again after them (rerun from the first one named)",
+                    freshness.upstream_warnings(freshness.REPORT_STAGE))
     flagged = tuple(f"{other.label}{RATIO}{base.label}" for base, other in pairs(comparison)
                     if any(f"runs/{other.name} " in m and f"runs/{base.name} " in m for m in comparison.mismatches))
     rep.add_table("MHA vs GQA", pretrain, note=PRETRAIN_NOTE, flagged=flagged)
