@@ -137,7 +137,8 @@ def about(model: Any, folder: Path) -> str:
         return f"{config.relative(folder)}: {params / 1e6:.1f}M parameters (no run summary beside it to say more)"
     base = str(run.get("config", {}).get("base_model", "?"))
     pretrained = _summary(config.resolve(base)) if config.resolve(base).is_dir() else {}
-    tokens = f", pretrained on {pretrained['tokens_seen'] / 1e6:.2f}M tokens" if pretrained.get("tokens_seen") else ""
+    seen = pretrained.get("tokens_seen")
+    tokens = f", pretrained on {seen / 1e6:.1f}M tokens" if seen and seen >= 1e6 else f", pretrained on {seen:,} tokens" if seen else ""
     line = (f"{run.get('label', 'a fine-tune')} of {base} ({params / 1e6:.1f}M parameters{tokens}), "
             f"{run.get('profile', '?')} profile")
     if run.get("profile") == "smoke":

@@ -585,6 +585,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.home or args.dry_run:
         os.environ["NBLIB_HOME"] = str(Path(args.home).resolve() if args.home else config.home() / "dry-run")
+    if os.environ.get("NBLIB_MIRROR", "").strip():  # as the user's shell meant it: the stages' kernels run in notebooks/
+        os.environ["NBLIB_MIRROR"] = str(Path(os.environ["NBLIB_MIRROR"]).expanduser().resolve())
     previous = {sig: signal.signal(sig, _stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         with lock.hold("python -m nblib.pipeline " + " ".join(sys.argv[1:] if argv is None else argv)):

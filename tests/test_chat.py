@@ -220,7 +220,7 @@ def test_the_chat_says_what_the_model_is_before_it_speaks(merged, home):
         (base / "hf").mkdir(exist_ok=True)
         line = chat.about(model, merged)
         assert line.startswith(f"LoRA + 8-bit of runs/pretrain-mha/seed-1337/hf ({params / 1e6:.1f}M parameters, pretrained "
-                               f"on 1.23M tokens), {profile} profile")
+                               f"on 1.2M tokens), {profile} profile")
         assert ("its answers are not expected to make sense" in line) is (profile == "smoke")
     cli = spawn(home, "-m", "nblib.chat")
     cli.expect_exact(f"model {MERGED}: {line}")

@@ -429,3 +429,17 @@ def test_printed_commands_run_from_a_shell_without_the_venv_on_path(tmp_path):
     assert subprocess.run([sys.executable, "-c", code], cwd=repo, env=venv, capture_output=True, text=True,
                           check=True).stdout.strip() == "python"
     assert shlex.split(printed)
+
+
+def test_a_relative_mirror_means_the_same_folder_inside_the_stages(tiny, tmp_path, monkeypatch, mirror):
+    """``export NBLIB_MIRROR=../shared/data`` is relative to the user's shell; the stages' kernels run in notebooks/."""
+    import os
+
+    nbs = pipeline.NOTEBOOKS
+    _notebook(nbs / "env.ipynb", 'profile = "auto"',
+              "import os, pathlib\npathlib.Path(os.environ['NBLIB_HOME'], 'mirror.txt').write_text(os.environ['NBLIB_MIRROR'])")
+    monkeypatch.setattr(pipeline, "STAGES", (Stage("01_env", "env.ipynb"),))
+    monkeypatch.chdir(mirror.parent)
+    monkeypatch.setenv("NBLIB_MIRROR", mirror.name)
+    assert pipeline.main(["--out", str(tmp_path / "out"), "--no-progress"]) == 0
+    assert (tiny / "mirror.txt").read_text() == str(mirror) and os.environ["NBLIB_MIRROR"] == str(mirror)
