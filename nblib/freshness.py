@@ -38,7 +38,8 @@ def record(stage: str, profile: str, root: Any = None, pipeline: str | None = No
 
 
 def stale(root: Any = None) -> dict[str, str]:
-    """``{stage: why}`` for each recorded stage whose inputs changed after it ran."""
+    """``{stage: why}`` for each recorded stage whose inputs changed after it ran, in the order the stages
+    last ran (the first is where a rerun with ``--from`` starts)."""
     entries = ledger(root)
     out: dict[str, str] = {}
     for name in sorted(entries):  # stage numbers order them: upstream stages are judged first
@@ -55,7 +56,7 @@ def stale(root: Any = None) -> dict[str, str]:
                 out[name] = f"it read {other}, which is stale"
             if name in out:
                 break
-    return out
+    return {name: out[name] for name in sorted(out, key=lambda n: entries[n]["order"])}
 
 
 def report_problems(root: Any = None) -> list[str]:

@@ -551,8 +551,8 @@ def closing_summary(status: dict[str, Any]) -> str:
         lines.append(f"  chat with it:       {config.python_command()} -m nblib.chat --model {config.relative(chat_model)}")
     stale = status.get("stale", {})
     if stale:
-        first = min(stale)
-        lines.append(f"  stale (inputs changed after they ran): {', '.join(sorted(stale))}; e.g. {first}: {stale[first]}")
+        first = next(iter(stale))  # the first of them to have run: a rerun from it reruns them all
+        lines.append(f"  stale (inputs changed after they ran): {', '.join(stale)}; e.g. {first}: {stale[first]}")
         profile = "full --dry-run" if status["profile"] == config.DRY_RUN else status["profile"]
         lines.append(f"    rerun them: {config.python_command()} -m nblib.pipeline --profile {profile} --from {first}")
     figures = headlines(paths.reports / "compare.md") if fresh and "06_compare" not in stale else []
