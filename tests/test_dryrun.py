@@ -1,8 +1,8 @@
 """The full profile's dry run on a CPU: every stage at full size for a handful of steps.
 
-``python -m nblib.pipeline --profile full --dry-run`` takes over an hour on the loaded 2-core CPU
-this suite is tested on (GPT-2 small's two steps of 16 x 1024 tokens alone take about 20
-minutes), so CI runs its ingest, clean, MHA pretraining (8 x 8 x 512) and LoRA + 8-bit fine-tune
+``python -m nblib.pipeline --profile full --dry-run`` takes about 24 minutes on a 2-core CPU
+(the README gives the measured stage times; GPT-2 small's two steps of 16 x 1024 tokens are 7 of
+them), so CI runs its ingest, clean, MHA pretraining (8 x 8 x 512) and LoRA + 8-bit fine-tune
 (GPT-2 small's shape) stages; ``NBLIB_TEST_DRY_RUN=all`` runs every stage.
 """
 from __future__ import annotations
