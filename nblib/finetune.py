@@ -204,7 +204,7 @@ def setup(cfg: dict[str, Any], seed: int | None = None, name: str | None = None)
     test_records = dialogue.load(paths.dialogues, "test")  # every source; qa_eval scores the first task_eval_per_source of each
     check_weights(weight_files(config.resolve(cfg["base_model"])), "point base_model at a complete model folder "
                   "(03_train_mha exports runs/pretrain-mha/seed-<seed>/hf) or at a hub name such as 'gpt2'")
-    run_dir = runs.claim(name, cfg["seed"], paths)
+    run_dir = runs.claim(name, cfg["seed"], paths, read_files=machine.rank() == 0)
     previous = _check_resume(run_dir, cfg)
     tracking.configure_env(run_dir)
     config.set_seed(cfg["seed"])

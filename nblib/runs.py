@@ -196,14 +196,15 @@ def folder(name: str, seed: int, paths: config.Paths | None = None) -> Path:
 EVIDENCE = ("summary.json", "metrics.jsonl", "ckpt.pt", "ckpt.prev.pt", "best.pt", "checkpoints")
 
 
-def claim(name: str, seed: int, paths: config.Paths | None = None) -> Path:
+def claim(name: str, seed: int, paths: config.Paths | None = None, read_files: bool = True) -> Path:
     """The folder a trainer writes run ``name`` (seed ``seed``) to: ``SettingsError`` when ``name`` is not
     one folder name or the folder lies outside the working root (through a link); ``config.Refused`` when
-    it holds files but none of a run's (:data:`EVIDENCE`, ``files.MARKER``)."""
+    it holds files but none of a run's (:data:`EVIDENCE`, ``files.MARKER``). Under DDP only rank 0 reads
+    the files (``read_files``): it may be moving or emptying the folder while another rank would list it."""
     paths = paths or config.paths()
     run_dir = folder(config.folder_name("name", name), seed, paths)
     config.inside_home(run_dir, "name", paths.home)
-    if not owned(run_dir, EVIDENCE):
+    if read_files and not owned(run_dir, EVIDENCE):
         raise config.Refused(
             f"{config.relative(run_dir, paths.home)} holds files that no run of nblib wrote (no "
             f"{', '.join((*EVIDENCE, MARKER))}); they are not deleted or overwritten: move them away or choose another run name"

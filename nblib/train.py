@@ -284,7 +284,7 @@ def run(
     machine.detect(local_rank=machine.local_rank())  # a GPU this torch cannot run is refused before any file is touched
     ddp = machine.distributed()
     try:
-        run_dir = runs.claim(name, seed, paths)  # one folder under runs/, and not another program's
+        run_dir = runs.claim(name, seed, paths, read_files=ddp.master)  # one folder under runs/, not another program's
         # overwrite: the old run waits aside until the new one is built (token files, tokenizer, model),
         # and comes back if that fails: a failed overwrite must not cost a finished run.
         # Rank 0 alone moves it and puts it back or deletes it (the ranks' clocks may name it apart).
